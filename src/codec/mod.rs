@@ -1,0 +1,5 @@
+//! Encodings of the event model. No I/O here: encoders write into buffers the caller
+//! owns.
+
+pub mod array;
+pub mod json;

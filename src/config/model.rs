@@ -1,0 +1,189 @@
+//! The TOML model: what a user may write, with defaults and a doc comment per key.
+//! Every struct rejects unknown keys. Nothing here derives `Serialize`, so secrets in
+//! URLs cannot be printed by accident.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The main file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Directory whose every `*.toml` file describes one source table, relative to the
+    /// main file.
+    pub tables_dir: Option<PathBuf>,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    pub sink: Option<SinkConfig>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Tables may also be listed inline.
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `postgres://user:password@host:port/db?sslmode=…` of the EHR database.
+    pub url: String,
+    /// Logical replication slot (created with pgoutput when missing).
+    #[serde(default = "default_name")]
+    pub slot: String,
+    /// Publication (created, and extended to the configured tables, when missing).
+    #[serde(default = "default_name")]
+    pub publication: String,
+    /// How often to write a heartbeat message into the WAL, so an idle publication
+    /// does not pin WAL on a busy server. Default 10s.
+    #[serde(default = "default_heartbeat", deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port…]`.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Topics are `<topic_prefix>.<schema>.<table>`.
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// `avro` (default) or `json`.
+    #[serde(default)]
+    pub format: Format,
+    /// Confluent-compatible schema registry URL; empty = schemas on `<prefix>._schemas`.
+    #[serde(default)]
+    pub schema_registry: String,
+    /// Passed to librdkafka as is.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: default_brokers(),
+            topic_prefix: default_prefix(),
+            format: Format::default(),
+            schema_registry: String::new(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Avro,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `postgres://…` of the hospital (target) database.
+    pub url: String,
+    /// Owner name of the checkpoint rows in the target.
+    #[serde(default = "default_consumer")]
+    pub consumer: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty disables the server.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// One source table (a file in `tables_dir` or an entry of `[[tables]]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// `schema.table` on the source.
+    pub source: String,
+    /// `schema.table` on the target; default: the same name.
+    pub target: Option<String>,
+    /// Key columns; default: the primary key.
+    pub key: Option<Vec<String>>,
+    /// Columns that never leave the source.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Source column -> target column.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+}
+
+fn default_name() -> String {
+    "pgferry".into()
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_prefix() -> String {
+    "ehr".into()
+}
+fn default_consumer() -> String {
+    "pgferry".into()
+}
+fn default_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+/// `250ms`, `10s`, `5m`, `1h` (a number and a unit; fractions allowed: `1.5s`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let bad = || format!("invalid duration {text:?}: write a number and a unit (ms, s, m, h), like \"10s\"");
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations_with_units() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        for bad in ["", "10", "s", "10 parsecs", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The one error type of pgferry: a kind that decides the policy, a context that says
+//! what was being done (naming the file, key, table, topic or offset at fault), an
+//! optional hint for the operator, and the underlying cause.
+//!
+//! Policies by kind:
+//! - [`ErrorKind::Transient`]: retry after a delay (network, server restart, broker down).
+//! - [`ErrorKind::Operator`]: an operator must change something (config, grants, server
+//!   settings); retrying will not help. Exit code 2.
+//! - [`ErrorKind::Fatal`]: the stage cannot go on safely (a lost slot, a poison event);
+//!   stop without moving progress past it. Exit code 1.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Worth retrying after a delay.
+    Transient,
+    /// Needs an operator to change configuration, grants or server settings.
+    Operator,
+    /// Stop the stage; progress must not move past the cause.
+    Fatal,
+}
+
+impl ErrorKind {
+    /// A short label for logs and the `kind` label of `pgferry_errors_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Transient => "transient",
+            ErrorKind::Operator => "operator",
+            ErrorKind::Fatal => "fatal",
+        }
+    }
+}
+
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+pub struct Error {
+    kind: ErrorKind,
+    context: String,
+    hint: Option<String>,
+    source: Option<Cause>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, context: impl Into<String>) -> Self {
+        Error {
+            kind,
+            context: context.into(),
+            hint: None,
+            source: None,
+        }
+    }
+
+    pub fn transient(context: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Transient, context)
+    }
+
+    pub fn operator(context: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Operator, context)
+    }
+
+    pub fn fatal(context: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Fatal, context)
+    }
+
+    pub fn with_source(mut self, source: impl Into<Cause>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Wrap a PostgreSQL client error, classifying it by SQLSTATE (mapped once, here).
+    pub fn postgres(context: impl Into<String>, err: tokio_postgres::Error) -> Self {
+        let kind = match err.code() {
+            Some(code) => sqlstate_kind(code.code()),
+            None => ErrorKind::Transient,
+        };
+        let mut e = Self::new(kind, context);
+        if let Some(db) = err.as_db_error() {
+            if let Some(hint) = db.hint() {
+                e.hint = Some(hint.to_string());
+            }
+        }
+        e.with_source(err)
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn hint(&self) -> Option<&str> {
+        self.hint.as_deref()
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+
+    /// Prefix the context with an outer step ("starting replication: …").
+    pub fn context(mut self, outer: impl fmt::Display) -> Self {
+        self.context = format!("{outer}: {}", self.context);
+        self
+    }
+}
+
+/// Classify a SQLSTATE. Connection, resource and shutdown classes are transient;
+/// authorization and privilege problems need the operator; the rest is fatal.
+pub fn sqlstate_kind(code: &str) -> ErrorKind {
+    match code.get(..2).unwrap_or("") {
+        // connection exception, insufficient resources, operator intervention
+        // (admin shutdown, crash recovery), transaction rollback (serialization)
+        "08" | "53" | "57" | "40" => ErrorKind::Transient,
+        // invalid authorization, invalid catalog name (no such database)
+        "28" | "3D" => ErrorKind::Operator,
+        // insufficient privilege, undefined table/object, object in use
+        "42" | "55" => ErrorKind::Operator,
+        _ => ErrorKind::Fatal,
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.context)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+            let mut next = source.source();
+            while let Some(cause) = next {
+                write!(f, ": {cause}")?;
+                next = cause.source();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} error: {self}", self.kind.as_str())?;
+        if let Some(hint) = &self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_policies() {
+        assert_eq!(sqlstate_kind("28P01"), ErrorKind::Operator);
+        assert_eq!(sqlstate_kind("08006"), ErrorKind::Transient);
+        assert_eq!(sqlstate_kind("57P01"), ErrorKind::Transient);
+        assert_eq!(sqlstate_kind("42501"), ErrorKind::Operator);
+        assert_eq!(sqlstate_kind("XX000"), ErrorKind::Fatal);
+    }
+
+    #[test]
+    fn display_chains_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::transient("connecting to 127.0.0.1:1").with_source(io);
+        assert_eq!(e.to_string(), "connecting to 127.0.0.1:1: refused");
+        assert!(e.is_transient());
+    }
+}

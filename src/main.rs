@@ -1,0 +1,181 @@
+//! The `pgferry` command line: parse arguments, load and validate the configuration,
+//! set up logging, run one command, and map its outcome to an exit code
+//! (0 success, 1 a problem was found or the daemon failed, 2 bad usage or config).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pgferry::config::Config;
+use pgferry::error::{Error, ErrorKind};
+use pgferry::lsn::Lsn;
+
+#[derive(Parser)]
+#[command(name = "pgferry", version, about = "Change-data-capture from PostgreSQL to Kafka and into PostgreSQL")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Stage {
+    Source,
+    Sink,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (source and sink stages per config).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Run only one stage.
+        #[arg(long, value_enum)]
+        only: Option<Stage>,
+    },
+    /// Print decoded changes as JSON lines on stdout (no Kafka).
+    Tail {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Read this replication slot instead of the configured one (created if missing).
+        #[arg(long)]
+        slot: Option<String>,
+        /// Stop once everything up to this LSN (X/Y) is printed and confirmed.
+        #[arg(long)]
+        end_lsn: Option<Lsn>,
+    },
+    /// Validate the config, connectivity and server prerequisites; one line per problem.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the Avro key and value schemas of the configured tables.
+    Schema {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (schema.table).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Compare source and target tables (row counts and checksums).
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Show slot, lag and checkpoint summary.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Generate a synthetic EHR workload.
+    Generate {
+        #[arg(long)]
+        url: String,
+        /// Changes per second.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        /// How long to run, e.g. 60s or 5m.
+        #[arg(long, default_value = "60s")]
+        duration: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgferry: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGFERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Arc<Config>, ExitCode> {
+    Config::load(path).map(Arc::new).map_err(|e| {
+        eprintln!("pgferry: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn not_built(command: &str, issue: &str) -> ExitCode {
+    eprintln!("pgferry: `{command}` is not built yet ({issue}); see README.md for what works today");
+    ExitCode::from(2)
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Tail { config, slot, end_lsn } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            report(pgferry::pipeline::tail(config, slot, end_lsn).await)
+        }
+        Command::Check { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let problems = pgferry::source::check::check(&config).await;
+            for p in &problems {
+                println!("{p}");
+            }
+            if problems.is_empty() {
+                println!("ok: {} is ready ({} tables configured)", config.source.url, config.tables.len());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("pgferry: check found {} problem(s)", problems.len());
+                ExitCode::from(1)
+            }
+        }
+        Command::Run { .. } => not_built("pgferry run", "it arrives with the Kafka and sink stages"),
+        Command::Schema { .. } => not_built("pgferry schema", "it arrives with the Avro stage"),
+        Command::Verify { .. } => not_built("pgferry verify", "it arrives with the sink stage"),
+        Command::Status { .. } => not_built("pgferry status", "it arrives with the sink stage"),
+        Command::Generate { .. } => not_built("pgferry generate", "it arrives with the demo"),
+    }
+}
+
+/// Print an error the way an operator needs it, and choose the exit code.
+fn report(result: Result<(), Error>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgferry: error: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("pgferry: hint: {hint}");
+            }
+            match e.kind() {
+                ErrorKind::Operator => ExitCode::from(2),
+                ErrorKind::Transient | ErrorKind::Fatal => ExitCode::from(1),
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The wiring of stages, in one place. Each command that streams builds its pipeline
+//! here: the stages, the bounded channels between them, the durable-LSN feedback, the
+//! HTTP server and the shutdown signal.
+//!
+//! `tail`: source ──Event──▶ stdout writer ──durable LSN──▶ source. A transaction is
+//! durable once its lines are written and flushed to stdout.
+
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::json;
+use crate::config::Config;
+use crate::error::Error;
+use crate::event::Event;
+use crate::health::Health;
+use crate::lsn::Lsn;
+use crate::source::{Downstream, Source};
+
+/// Events buffered between the source and the next stage. Bounded so that a slow
+/// consumer pushes back on the replication connection instead of growing memory.
+pub const EVENT_CHANNEL_CAPACITY: usize = 4096;
+/// Bytes of output gathered before a write to stdout.
+const TAIL_WRITE_CHUNK: usize = 64 * 1024;
+
+/// Cancel `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping gracefully"),
+        }
+        token.cancel();
+    });
+}
+
+async fn start_http(config: &Config, health: &Arc<Health>) -> Result<(), Error> {
+    if let Some(listen) = &config.http_listen {
+        crate::http::serve(listen, health.clone()).await?;
+    }
+    Ok(())
+}
+
+/// `pgferry tail`: decoded changes as JSON lines on stdout.
+pub async fn tail(config: Arc<Config>, slot: Option<String>, end_lsn: Option<Lsn>) -> Result<(), Error> {
+    let health = Arc::new(Health::new(true, false));
+    start_http(&config, &health).await?;
+    let slot = slot.unwrap_or_else(|| config.source.slot.clone());
+    let mut source = Source::prepare(config.clone(), slot).await?;
+    source.stop_at(end_lsn);
+
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let (events_tx, mut events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let downstream = Downstream {
+        events: events_tx,
+        durable: durable_rx,
+    };
+    let source_task = tokio::spawn(source.run(downstream, shutdown.clone(), health));
+
+    let mut stdout = tokio::io::stdout();
+    let mut buf = Vec::with_capacity(TAIL_WRITE_CHUNK * 2);
+    let mut pending: Option<Lsn> = None;
+    let mut write_error = None;
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Change(change) => json::write_tail_line(&change, &mut buf),
+            Event::Commit { end_lsn, .. } => pending = Some(end_lsn),
+            Event::Begin(_) => {}
+        }
+        // Write when a chunk is full or the source has nothing more right now; a
+        // commit is durable only after its lines are flushed.
+        if buf.len() >= TAIL_WRITE_CHUNK || events.is_empty() {
+            let written = async {
+                stdout.write_all(&buf).await?;
+                stdout.flush().await
+            }
+            .await;
+            buf.clear();
+            if let Err(e) = written {
+                write_error = Some(e);
+                break;
+            }
+            if let Some(end) = pending.take() {
+                let _ = durable_tx.send(end);
+            }
+        }
+    }
+    // Dropping the receiver and the durable sender tells the source to confirm what
+    // is durable and stop.
+    drop(events);
+    drop(durable_tx);
+    let result = source_task
+        .await
+        .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
+    match write_error {
+        // A closed pipe (`pgferry tail | head`) is a normal way to stop reading.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => result,
+        Some(e) => Err(Error::fatal("writing to stdout").with_source(e)),
+        None => result,
+    }
+}

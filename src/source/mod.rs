@@ -1,0 +1,435 @@
+//! The source stage: reads the EHR database's logical replication slot and hands
+//! committed transactions, change by change, to the next stage.
+//!
+//! ```text
+//!  PostgreSQL walsender ──XLogData/keepalive──▶ replication ──▶ pgoutput::decode
+//!        ▲                                                          │
+//!        │ status (flush = confirmable LSN)            relation cache (catalog)
+//!        │                                                          ▼
+//!     progress ◀── durable LSN (watch) ◀── next stage ◀── Event (bounded mpsc)
+//! ```
+//!
+//! Progress tracking (see [`progress`]): the slot is confirmed only up to what the
+//! next stage reports durable, or a keepalive position received while nothing was in
+//! flight. A lost connection is retried with capped exponential backoff, resuming
+//! after the last transaction handed on, so nothing is lost; a transaction cut off
+//! mid-way is sent again whole (the next stage may see its first changes twice).
+//!
+//! Backpressure: the event channel is bounded. While it is full the stage stops
+//! reading the socket (TCP pushes back on the walsender) but keeps sending status
+//! updates so `wal_sender_timeout` does not end the connection.
+
+pub mod check;
+pub mod pgoutput;
+pub mod progress;
+pub mod relation;
+pub mod replication;
+pub mod slot;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::event::{Change, Datum, Event, Op, Txn};
+use crate::health::Health;
+use crate::lsn::Lsn;
+use crate::metrics::{metrics, record_error};
+use pgoutput::Message;
+use progress::Progress;
+use relation::RelationCache;
+use replication::{ReplicationConn, ReplicationMessage};
+
+/// How often a status update is considered; it is sent when the flush position moved
+/// or `wal_sender_timeout / 2` passed.
+const STATUS_TICK: Duration = Duration::from_secs(1);
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a graceful stop waits for in-flight events to become durable.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A source that passed its startup checks and is ready to stream.
+pub struct Source {
+    config: Arc<Config>,
+    slot: String,
+    catalog: Client,
+    start: Lsn,
+    status_interval: Duration,
+    /// Stop once this position is confirmed (`tail --end-lsn`).
+    end_lsn: Option<Lsn>,
+}
+
+/// The channels that connect the source to the next stage.
+pub struct Downstream {
+    pub events: mpsc::Sender<Event>,
+    /// Highest commit end LSN that is durable downstream.
+    pub durable: watch::Receiver<Lsn>,
+}
+
+impl Source {
+    /// Check the server, create the publication and slot if missing. Errors here are
+    /// the operator's to fix (wal_level, grants, missing tables) and are not retried.
+    pub async fn prepare(config: Arc<Config>, slot: String) -> Result<Source, Error> {
+        let catalog = crate::pg::connect(&config.source.url, "source catalog").await?;
+        slot::require_logical_wal(&catalog).await?;
+        slot::ensure_publication(&catalog, &config).await?;
+        let info = slot::ensure_slot(&catalog, &slot).await?;
+        let timeout = slot::wal_sender_timeout(&catalog).await?;
+        let status_interval = timeout.map_or(Duration::from_secs(10), |t| (t / 2).min(Duration::from_secs(10)));
+        let start = info.confirmed_flush.unwrap_or_default();
+        tracing::info!(%slot, confirmed_flush_lsn = %start, "source ready");
+        Ok(Source {
+            config,
+            slot,
+            catalog,
+            start,
+            status_interval,
+            end_lsn: None,
+        })
+    }
+
+    pub fn stop_at(&mut self, end: Option<Lsn>) {
+        self.end_lsn = end;
+    }
+
+    /// Stream until `shutdown`, a fatal error, or the next stage going away.
+    pub async fn run(self, mut down: Downstream, shutdown: CancellationToken, health: Arc<Health>) -> Result<(), Error> {
+        let (monitor_tx, mut monitor_rx) = mpsc::channel(1);
+        let monitor = tokio::spawn(monitor(
+            self.config.clone(),
+            self.slot.clone(),
+            monitor_tx,
+            shutdown.child_token(),
+        ));
+        let mut session = Session {
+            source: &self,
+            progress: Progress::new(self.start),
+            relations: RelationCache::new(),
+            shutdown: &shutdown,
+            health: &health,
+        };
+        let mut backoff = BACKOFF_START;
+        let result = loop {
+            match session.stream(&mut down, &mut monitor_rx).await {
+                Ok(()) => break Ok(()),
+                Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    health.set_source_streaming(false);
+                    record_error("source", &e);
+                    session.progress.reset_transaction();
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "source connection lost; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break Ok(()),
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => {
+                    record_error("source", &e);
+                    break Err(e);
+                }
+            }
+            // A session that streamed resets the backoff.
+            if health.ready() {
+                backoff = BACKOFF_START;
+            }
+        };
+        health.set_source_streaming(false);
+        monitor.abort();
+        result
+    }
+}
+
+struct Session<'a> {
+    source: &'a Source,
+    progress: Progress,
+    relations: RelationCache,
+    shutdown: &'a CancellationToken,
+    health: &'a Health,
+}
+
+/// Transaction state while between Begin and Commit.
+struct OpenTxn {
+    txn: Txn,
+    ordinal: u32,
+}
+
+impl Session<'_> {
+    async fn stream(&mut self, down: &mut Downstream, monitor: &mut mpsc::Receiver<Error>) -> Result<(), Error> {
+        let src = self.source;
+        let config = &src.config;
+        let mut conn = ReplicationConn::connect(&config.source.url).await?;
+        let start = self.progress.resume_point();
+        let info = slot::slot_info(&src.catalog, &src.slot)
+            .await?
+            .ok_or_else(|| Error::fatal(format!("replication slot {} was dropped while pgferry used it", src.slot))
+                .with_hint("changes since then are lost to pgferry; recreate the slot and resynchronise the target"))?;
+        slot::check_slot_health(&src.slot, &info)?;
+        if let Some(confirmed) = info.confirmed_flush.filter(|c| *c > start) {
+            return Err(Error::fatal(format!(
+                "replication slot {} was advanced to {confirmed} by someone else while pgferry was at {start}; \
+                 the changes in between were skipped",
+                src.slot
+            ))
+            .with_hint("do not advance or share pgferry's slot; resynchronise the target"));
+        }
+        conn.start_replication(&src.slot, start, &config.source.publication).await?;
+        self.health.set_source_streaming(true);
+        tracing::info!(slot = %src.slot, %start, "streaming");
+
+        let mut tick = tokio::time::interval(STATUS_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = Instant::now();
+        let mut open: Option<OpenTxn> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    return self.finish(conn, down).await;
+                }
+                Some(err) = monitor.recv() => return Err(err),
+                changed = down.durable.changed() => {
+                    if changed.is_err() {
+                        // The next stage is gone: confirm what it made durable and stop.
+                        return self.finish(conn, down).await;
+                    }
+                    self.progress.durable(*down.durable.borrow_and_update());
+                }
+                _ = tick.tick() => {
+                    let flush = self.progress.flush_position();
+                    if flush > self.progress.last_confirmed() || last_status.elapsed() >= src.status_interval {
+                        self.status(&mut conn, false).await?;
+                        last_status = Instant::now();
+                    }
+                    if src.end_lsn.is_some_and(|end| self.progress.last_confirmed() >= end) {
+                        return self.finish(conn, down).await;
+                    }
+                }
+                msg = conn.next_message() => match msg? {
+                    ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                        self.progress.keepalive(wal_end);
+                        if reply_requested {
+                            self.status(&mut conn, false).await?;
+                            last_status = Instant::now();
+                        }
+                    }
+                    ReplicationMessage::XLogData { wal_start, wal_end, payload } => {
+                        self.progress.received(wal_start);
+                        let message = pgoutput::decode(payload).map_err(|e| {
+                            Error::fatal(format!("decoding the change at {wal_start}")).with_source(e)
+                        })?;
+                        self.handle(message, wal_start, wal_end, &mut open, &mut conn, down).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        message: Message,
+        lsn: Lsn,
+        wal_end: Lsn,
+        open: &mut Option<OpenTxn>,
+        conn: &mut ReplicationConn,
+        down: &mut Downstream,
+    ) -> Result<(), Error> {
+        let config = &self.source.config;
+        let (op, relation, before, after) = match message {
+            Message::Begin { final_lsn, commit_ts, xid } => {
+                let txn = Txn { xid, commit_lsn: final_lsn, commit_ts };
+                *open = Some(OpenTxn { txn, ordinal: 0 });
+                self.progress.begin();
+                return self.send(Event::Begin(txn), conn, down).await;
+            }
+            Message::Commit { end_lsn, .. } => {
+                let txn = open
+                    .take()
+                    .ok_or_else(|| Error::fatal(format!("commit at {lsn} without a begin")))?
+                    .txn;
+                self.send(Event::Commit { txn, end_lsn }, conn, down).await?;
+                self.progress.commit(end_lsn);
+                return Ok(());
+            }
+            Message::Relation(rel) => {
+                self.relations.update(&self.source.catalog, config, rel).await?;
+                return Ok(());
+            }
+            Message::Type { oid, .. } => {
+                self.relations.forget_type(oid);
+                return Ok(());
+            }
+            Message::Origin { .. } => return Ok(()),
+            Message::Message { transactional, .. } => {
+                if !transactional && open.is_none() {
+                    self.progress.keepalive(wal_end.max(lsn));
+                }
+                return Ok(());
+            }
+            Message::Truncate { relations, .. } => {
+                for oid in relations {
+                    let state = self.relation(oid, lsn)?;
+                    if state.selected {
+                        let table = state.schema.clone();
+                        state.count(Op::Truncate);
+                        self.change(Op::Truncate, table, None, None, lsn, open, conn, down).await?;
+                    }
+                }
+                return Ok(());
+            }
+            Message::Insert { relation, new } => (Op::Create, relation, None, Some(new)),
+            Message::Update { relation, old, new } => (Op::Update, relation, old, Some(new)),
+            Message::Delete { relation, old } => (Op::Delete, relation, Some(old), None),
+        };
+        let state = self.relation(relation, lsn)?;
+        if !state.selected {
+            return Ok(());
+        }
+        let before = before.map(|o| state.old_row(o)).transpose()?;
+        let mut after = after.map(|t| state.row(t, false)).transpose()?;
+        // An unchanged TOAST value can be filled in from a full old row.
+        if let (Some(after), Some(before)) = (after.as_mut(), before.as_ref().filter(|b| !b.key_only)) {
+            for (a, b) in after.values.iter_mut().zip(&before.values) {
+                if matches!(a, Datum::Unchanged) && matches!(b, Datum::Text(_)) {
+                    *a = b.clone();
+                }
+            }
+        }
+        state.count(op);
+        let table = state.schema.clone();
+        self.change(op, table, before, after, lsn, open, conn, down).await
+    }
+
+    fn relation(&self, oid: u32, lsn: Lsn) -> Result<&relation::RelationState, Error> {
+        self.relations.get(oid).ok_or_else(|| {
+            Error::fatal(format!("change at {lsn} for relation {oid} arrived before its relation message"))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn change(
+        &mut self,
+        op: Op,
+        table: Arc<crate::event::TableSchema>,
+        before: Option<crate::event::Row>,
+        after: Option<crate::event::Row>,
+        lsn: Lsn,
+        open: &mut Option<OpenTxn>,
+        conn: &mut ReplicationConn,
+        down: &mut Downstream,
+    ) -> Result<(), Error> {
+        let o = open
+            .as_mut()
+            .ok_or_else(|| Error::fatal(format!("row change at {lsn} outside a transaction")))?;
+        let change = Change {
+            op,
+            table,
+            xid: o.txn.xid,
+            commit_lsn: o.txn.commit_lsn,
+            lsn,
+            ordinal: o.ordinal,
+            commit_ts: o.txn.commit_ts,
+            before,
+            after,
+        };
+        o.ordinal += 1;
+        self.send(Event::Change(change), conn, down).await
+    }
+
+    /// Hand an event on, waiting for room; status updates continue meanwhile.
+    async fn send(&mut self, event: Event, conn: &mut ReplicationConn, down: &mut Downstream) -> Result<(), Error> {
+        loop {
+            tokio::select! {
+                permit = down.events.reserve() => {
+                    let permit = permit.map_err(|_| Error::fatal("the next stage stopped"))?;
+                    permit.send(event);
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(self.source.status_interval) => {
+                    self.progress.durable(*down.durable.borrow());
+                    self.status(conn, false).await?;
+                }
+            }
+        }
+    }
+
+    async fn status(&mut self, conn: &mut ReplicationConn, reply: bool) -> Result<(), Error> {
+        let flush = self.progress.flush_position();
+        conn.send_status(self.progress.write_position(), flush, reply).await?;
+        self.progress.confirmed(flush);
+        metrics().source_confirmed_lsn.set(flush.0 as i64);
+        Ok(())
+    }
+
+    /// Graceful stop: wait (bounded) until what was handed on is durable, confirm it,
+    /// and end the stream.
+    async fn finish(&mut self, mut conn: ReplicationConn, down: &mut Downstream) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            self.progress.durable(*down.durable.borrow_and_update());
+            if self.progress.flush_position() >= self.progress.resume_point() {
+                break;
+            }
+            tokio::select! {
+                changed = down.durable.changed() => if changed.is_err() { self.progress.durable(*down.durable.borrow()); break },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!("stopping before every event was durable; they will be read again on restart");
+                    break;
+                }
+            }
+        }
+        self.status(&mut conn, false).await?;
+        tracing::info!(confirmed = %self.progress.last_confirmed(), "source stopped");
+        conn.finish().await
+    }
+}
+
+/// Heartbeats and slot health, on its own connection, every `heartbeat_interval`.
+/// A lost or dropped slot is reported as a fatal error; connection trouble is retried.
+async fn monitor(config: Arc<Config>, slot_name: String, errors: mpsc::Sender<Error>, shutdown: CancellationToken) {
+    let mut client: Option<Client> = None;
+    let mut interval = tokio::time::interval(config.source.heartbeat_interval);
+    let mut heartbeat_warned = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            match crate::pg::connect(&config.source.url, "source monitor").await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "slot monitor cannot connect; will retry");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_ref() else { continue };
+        if let Err(e) = slot::heartbeat(c).await {
+            if !heartbeat_warned {
+                tracing::warn!(error = %e, "cannot write heartbeat messages; an idle publication may pin WAL");
+                heartbeat_warned = true;
+            }
+        }
+        match slot::slot_info(c, &slot_name).await {
+            Ok(Some(info)) => {
+                if let Some(lag) = info.lag_bytes {
+                    metrics().source_slot_lag_bytes.set(lag);
+                }
+                if let Err(e) = slot::check_slot_health(&slot_name, &info) {
+                    let _ = errors.send(e).await;
+                    return;
+                }
+            }
+            Ok(None) => {
+                let e = Error::fatal(format!("replication slot {slot_name} was dropped while pgferry used it"));
+                let _ = errors.send(e).await;
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "slot monitor query failed; will retry"),
+        }
+    }
+}

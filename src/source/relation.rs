@@ -1,0 +1,298 @@
+//! The relation cache: turns each pgoutput Relation message into a [`TableSchema`],
+//! re-derived on every R (after reconnects and ALTER TABLE alike), with type names,
+//! modifiers, nullability and the primary key read from the catalog over a normal
+//! connection. Also maps tuples to row images, dropping excluded columns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus::IntCounter;
+use tokio_postgres::Client;
+
+use super::pgoutput::{OldTuple, Relation, Tuple, TupleValue};
+use crate::config::{Config, Table};
+use crate::error::Error;
+use crate::metrics::metrics;
+use crate::event::{Column, Datum, Op, PgType, ReplicaIdentity, Row, TableName, TableSchema, Text, TypeKind};
+
+/// What the source knows about one relation OID.
+pub struct RelationState {
+    pub schema: Arc<TableSchema>,
+    /// For each published column, its position in the relation message's tuples.
+    positions: Vec<usize>,
+    /// Number of columns in the relation message (tuple length to expect).
+    wire_columns: usize,
+    /// False when tables are configured and this one is not: its changes are skipped.
+    pub selected: bool,
+    /// `pgferry_source_changes_total{table,op}` for this table, by [`op_index`].
+    counters: [IntCounter; 4],
+}
+
+/// Index into [`RelationState::count`]'s counters.
+fn op_index(op: Op) -> usize {
+    match op {
+        Op::Create | Op::Read => 0,
+        Op::Update => 1,
+        Op::Delete => 2,
+        Op::Truncate => 3,
+    }
+}
+
+pub struct RelationCache {
+    relations: HashMap<u32, RelationState>,
+    types: HashMap<u32, Arc<PgType>>,
+}
+
+impl Default for RelationCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelationCache {
+    pub fn new() -> Self {
+        RelationCache {
+            relations: HashMap::new(),
+            types: HashMap::new(),
+        }
+    }
+
+    pub fn get(&self, oid: u32) -> Option<&RelationState> {
+        self.relations.get(&oid)
+    }
+
+    /// A Type message: a user type may have changed, so resolve it again next time.
+    pub fn forget_type(&mut self, oid: u32) {
+        self.types.remove(&oid);
+    }
+
+    /// Derive the table schema from a Relation message and the catalog.
+    pub async fn update(&mut self, catalog: &Client, config: &Config, rel: Relation) -> Result<&RelationState, Error> {
+        let name = TableName::new(rel.namespace.clone(), rel.name.clone());
+        let table_cfg = config.table(&name);
+        let selected = config.tables.is_empty() || table_cfg.is_some();
+        let attrs = catalog_columns(catalog, rel.oid).await?;
+        let mut columns = Vec::new();
+        let mut positions = Vec::new();
+        let mut pk = Vec::new();
+        let mut identity_key = Vec::new();
+        for (pos, rc) in rel.columns.iter().enumerate() {
+            if table_cfg.is_some_and(|t| t.exclude.contains(&rc.name)) {
+                continue;
+            }
+            let attr = attrs.iter().find(|a| a.name == rc.name);
+            let ty = self.resolve_type(catalog, rc.type_oid).await?;
+            let type_name = match attr {
+                Some(a) if a.type_oid == rc.type_oid => a.type_name.clone(),
+                _ => ty.name.clone(),
+            };
+            if let Some(a) = attr.filter(|a| a.pk_position.is_some()) {
+                pk.push((a.pk_position.unwrap_or(0), columns.len()));
+            }
+            if rc.is_key() {
+                identity_key.push(columns.len());
+            }
+            columns.push(Column {
+                name: rc.name.clone(),
+                ty,
+                typmod: rc.typmod,
+                type_name,
+                nullable: attr.map_or(true, |a| !a.not_null),
+            });
+            positions.push(pos);
+        }
+        let replica_identity = ReplicaIdentity::from_byte(rel.replica_identity).unwrap_or(ReplicaIdentity::Default);
+        pk.sort();
+        let configured = table_cfg.and_then(|t| t.key.as_ref().map(|k| (t, k)));
+        let key = match configured {
+            Some((table, names)) => configured_key(table, names, &columns)?,
+            None if !pk.is_empty() => pk.into_iter().map(|(_, i)| i).collect(),
+            // FULL flags every column as key: that is not a key.
+            None if replica_identity == ReplicaIdentity::Index => identity_key,
+            None => Vec::new(),
+        };
+        let schema = Arc::new(TableSchema {
+            oid: rel.oid,
+            name,
+            columns,
+            key,
+            replica_identity,
+        });
+        tracing::debug!(table = %schema.name, oid = rel.oid, columns = schema.columns.len(), "relation");
+        let table = schema.name.to_string();
+        let counters = ["c", "u", "d", "t"].map(|op| metrics().source_changes.with_label_values(&[&table, op]));
+        let state = RelationState {
+            schema,
+            positions,
+            wire_columns: rel.columns.len(),
+            selected,
+            counters,
+        };
+        self.relations.insert(rel.oid, state);
+        Ok(&self.relations[&rel.oid])
+    }
+
+    async fn resolve_type(&mut self, catalog: &Client, oid: u32) -> Result<Arc<PgType>, Error> {
+        if let Some(t) = self.types.get(&oid) {
+            return Ok(t.clone());
+        }
+        let row = catalog
+            .query_opt(
+                "select format_type(t.oid, null), t.typtype::text, t.typelem, t.typbasetype, \
+                        t.typdelim::text, t.typcategory::text, t.typlen, t.typname::text \
+                 from pg_type t where t.oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("looking up type {oid} in the source catalog"), e))?
+            .ok_or_else(|| Error::fatal(format!("type OID {oid} is not in the source catalog (dropped?)")))?;
+        let name: String = row.get(0);
+        let typtype: String = row.get(1);
+        let elem: u32 = row.get(2);
+        let base: u32 = row.get(3);
+        let delim: String = row.get(4);
+        let category: String = row.get(5);
+        let typlen: i16 = row.get(6);
+        let typname: String = row.get(7);
+        let kind = if typtype == "d" {
+            // A domain behaves as its base type.
+            Box::pin(self.resolve_type(catalog, base)).await?.kind.clone()
+        } else if category == "A" && typlen == -1 && elem != 0 && typname.starts_with('_') {
+            TypeKind::Array(Box::new((*Box::pin(self.resolve_type(catalog, elem)).await?).clone()))
+        } else if typtype == "e" {
+            TypeKind::Enum
+        } else {
+            builtin_kind(oid, &typname)
+        };
+        let ty = Arc::new(PgType {
+            oid,
+            name,
+            kind,
+            delimiter: delim.bytes().next().unwrap_or(b','),
+        });
+        self.types.insert(oid, ty.clone());
+        Ok(ty)
+    }
+}
+
+impl RelationState {
+    /// Count one change of this table.
+    pub fn count(&self, op: Op) {
+        self.counters[op_index(op)].inc();
+    }
+
+    /// The row image of a tuple, keeping only published columns.
+    pub fn row(&self, tuple: Tuple, key_only: bool) -> Result<Row, Error> {
+        if tuple.len() != self.wire_columns {
+            return Err(Error::fatal(format!(
+                "table {}: a tuple has {} columns but its relation message announced {}",
+                self.schema.name,
+                tuple.len(),
+                self.wire_columns
+            )));
+        }
+        let mut values = Vec::with_capacity(self.positions.len());
+        let mut tuple: Vec<Option<TupleValue>> = tuple.into_iter().map(Some).collect();
+        for (i, &pos) in self.positions.iter().enumerate() {
+            let datum = match tuple[pos].take() {
+                Some(TupleValue::Text(bytes)) => Datum::Text(Text::new(bytes).map_err(|_| {
+                    Error::operator(format!(
+                        "table {} column {}: value is not valid UTF-8",
+                        self.schema.name, self.schema.columns[i].name
+                    ))
+                    .with_hint("pgferry reads with client_encoding UTF8; check the source database encoding")
+                })?),
+                Some(TupleValue::UnchangedToast) => Datum::Unchanged,
+                Some(TupleValue::Null) | None => Datum::Null,
+                Some(TupleValue::Binary(_)) => {
+                    return Err(Error::fatal(format!(
+                        "table {}: the server sent a binary value, which pgferry never asks for",
+                        self.schema.name
+                    )))
+                }
+            };
+            values.push(datum);
+        }
+        Ok(Row { values, key_only })
+    }
+
+    pub fn old_row(&self, old: OldTuple) -> Result<Row, Error> {
+        match old {
+            OldTuple::Key(t) => self.row(t, true),
+            OldTuple::Full(t) => self.row(t, false),
+        }
+    }
+}
+
+struct CatalogColumn {
+    name: String,
+    type_oid: u32,
+    type_name: String,
+    not_null: bool,
+    pk_position: Option<i32>,
+}
+
+async fn catalog_columns(catalog: &Client, rel: u32) -> Result<Vec<CatalogColumn>, Error> {
+    let rows = catalog
+        .query(
+            "select a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                    (select array_position(i.indkey::int2[], a.attnum) from pg_index i \
+                      where i.indrelid = a.attrelid and i.indisprimary) \
+             from pg_attribute a where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped",
+            &[&rel],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading the columns of relation {rel} from the source catalog"), e))?;
+    Ok(rows
+        .iter()
+        .map(|r| CatalogColumn {
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_name: r.get(2),
+            not_null: r.get(3),
+            pk_position: r.get(4),
+        })
+        .collect())
+}
+
+fn configured_key(table: &Table, names: &[String], columns: &[Column]) -> Result<Vec<usize>, Error> {
+    names
+        .iter()
+        .map(|n| {
+            columns.iter().position(|c| &c.name == n).ok_or_else(|| {
+                Error::operator(format!(
+                    "{}: key: table {} has no column {n:?}",
+                    table.origin.display(),
+                    table.source
+                ))
+            })
+        })
+        .collect()
+}
+
+fn builtin_kind(oid: u32, typname: &str) -> TypeKind {
+    match oid {
+        16 => TypeKind::Bool,
+        21 => TypeKind::Int2,
+        23 => TypeKind::Int4,
+        20 => TypeKind::Int8,
+        26 => TypeKind::Oid,
+        700 => TypeKind::Float4,
+        701 => TypeKind::Float8,
+        1700 => TypeKind::Numeric,
+        790 => TypeKind::Money,
+        25 | 1043 | 1042 | 19 | 18 => TypeKind::Text,
+        2950 => TypeKind::Uuid,
+        114 => TypeKind::Json,
+        3802 => TypeKind::Jsonb,
+        1082 => TypeKind::Date,
+        1083 => TypeKind::Time,
+        1114 => TypeKind::Timestamp,
+        1184 => TypeKind::Timestamptz,
+        1266 => TypeKind::Timetz,
+        1186 => TypeKind::Interval,
+        17 => TypeKind::Bytea,
+        _ if typname == "citext" => TypeKind::Text,
+        _ => TypeKind::Other,
+    }
+}

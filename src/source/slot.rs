@@ -1,0 +1,202 @@
+//! Slot and publication management on the source, over a normal connection: create the
+//! publication and slot when missing, extend the publication to the configured tables,
+//! watch the slot's health (`wal_status`, lag), and write heartbeats.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::event::{quote_ident, TableName};
+use crate::lsn::Lsn;
+
+/// The slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotInfo {
+    pub slot_type: String,
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub confirmed_flush: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    pub lag_bytes: Option<i64>,
+}
+
+pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, Error> {
+    let row = client
+        .query_opt(
+            "select slot_type::text, plugin::text, database::text, confirmed_flush_lsn::text, wal_status::text, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+             from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading replication slot {slot}"), e))?;
+    Ok(row.map(|r| SlotInfo {
+        slot_type: r.get(0),
+        plugin: r.get(1),
+        database: r.get(2),
+        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+        wal_status: r.get(4),
+        lag_bytes: r.get(5),
+    }))
+}
+
+/// Fail unless the source is configured for logical decoding.
+pub async fn require_logical_wal(client: &Client) -> Result<(), Error> {
+    let level = show(client, "wal_level").await?;
+    if level != "logical" {
+        return Err(Error::operator(format!("the source server has wal_level = {level}, but logical decoding needs logical"))
+            .with_hint("set wal_level = logical in postgresql.conf and restart PostgreSQL"));
+    }
+    Ok(())
+}
+
+pub async fn show(client: &Client, setting: &str) -> Result<String, Error> {
+    let row = client
+        .query_one("select current_setting($1)", &[&setting])
+        .await
+        .map_err(|e| Error::postgres(format!("reading setting {setting}"), e))?;
+    Ok(row.get(0))
+}
+
+/// `wal_sender_timeout` (0 = disabled, reported as None).
+pub async fn wal_sender_timeout(client: &Client) -> Result<Option<Duration>, Error> {
+    let row = client
+        .query_one("select setting::bigint from pg_settings where name = 'wal_sender_timeout'", &[])
+        .await
+        .map_err(|e| Error::postgres("reading wal_sender_timeout", e))?;
+    let ms: i64 = row.get(0);
+    Ok((ms > 0).then(|| Duration::from_millis(ms as u64)))
+}
+
+/// Create the publication if missing and add configured tables it lacks.
+pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), Error> {
+    let publication = &config.source.publication;
+    for t in &config.tables {
+        let exists = client
+            .query_opt("select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                        where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
+                       &[&t.source.schema, &t.source.name])
+            .await
+            .map_err(|e| Error::postgres("looking up configured tables", e))?
+            .is_some();
+        if !exists {
+            return Err(Error::operator(format!(
+                "{}: table {} does not exist on the source",
+                t.origin.display(),
+                t.source
+            ))
+            .with_hint("create the table, or fix `source` in that file"));
+        }
+    }
+    let all_tables: Option<bool> = client
+        .query_opt("select puballtables from pg_publication where pubname = $1", &[publication])
+        .await
+        .map_err(|e| Error::postgres(format!("reading publication {publication}"), e))?
+        .map(|r| r.get(0));
+    let quoted_pub = quote_ident(publication);
+    let list = |tables: &[&TableName]| tables.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ");
+    match all_tables {
+        None => {
+            let tables: Vec<&TableName> = config.tables.iter().map(|t| &t.source).collect();
+            let sql = if tables.is_empty() {
+                format!("CREATE PUBLICATION {quoted_pub}")
+            } else {
+                format!("CREATE PUBLICATION {quoted_pub} FOR TABLE {}", list(&tables))
+            };
+            client.batch_execute(&sql).await.map_err(|e| publication_error(publication, e))?;
+            tracing::info!(%publication, tables = tables.len(), "created publication");
+        }
+        Some(true) => {}
+        Some(false) => {
+            let rows = client
+                .query("select schemaname::text, tablename::text from pg_publication_tables where pubname = $1", &[publication])
+                .await
+                .map_err(|e| Error::postgres(format!("reading publication {publication}"), e))?;
+            let published: Vec<TableName> = rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect();
+            let missing: Vec<&TableName> = config
+                .tables
+                .iter()
+                .map(|t| &t.source)
+                .filter(|t| !published.contains(t))
+                .collect();
+            if !missing.is_empty() {
+                let sql = format!("ALTER PUBLICATION {quoted_pub} ADD TABLE {}", list(&missing));
+                client.batch_execute(&sql).await.map_err(|e| publication_error(publication, e))?;
+                tracing::info!(%publication, added = missing.len(), "extended publication");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn publication_error(publication: &str, e: tokio_postgres::Error) -> Error {
+    Error::postgres(format!("creating or extending publication {publication}"), e).with_hint(
+        "the role needs CREATE on the database and ownership of the tables; or create the publication \
+         as the table owner (see sql/source_setup.sql)",
+    )
+}
+
+/// Create the slot if it does not exist; check that an existing one is usable.
+/// Returns the slot as it is now.
+pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotInfo, Error> {
+    if slot_info(client, slot).await?.is_none() {
+        client
+            .query_one("select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+            .await
+            .map_err(|e| {
+                Error::postgres(format!("creating replication slot {slot}"), e)
+                    .with_hint("the role needs the REPLICATION attribute, and max_replication_slots a free slot")
+            })?;
+        tracing::info!(%slot, "created replication slot");
+    }
+    let info = slot_info(client, slot)
+        .await?
+        .ok_or_else(|| Error::fatal(format!("replication slot {slot} vanished right after it was created")))?;
+    let current_db: String = client
+        .query_one("select current_database()", &[])
+        .await
+        .map_err(|e| Error::postgres("reading current_database()", e))?
+        .get(0);
+    if info.slot_type != "logical" || info.plugin.as_deref() != Some("pgoutput") {
+        return Err(Error::operator(format!(
+            "replication slot {slot} exists but is not a logical pgoutput slot (type {}, plugin {})",
+            info.slot_type,
+            info.plugin.as_deref().unwrap_or("none")
+        ))
+        .with_hint("configure another source.slot, or drop that slot if nothing uses it"));
+    }
+    if info.database.as_deref() != Some(current_db.as_str()) {
+        return Err(Error::operator(format!(
+            "replication slot {slot} belongs to database {}, not {current_db}",
+            info.database.as_deref().unwrap_or("?")
+        ))
+        .with_hint("configure another source.slot for this database"));
+    }
+    check_slot_health(slot, &info)?;
+    Ok(info)
+}
+
+/// A lost slot means WAL the slot needed was removed: changes are gone. Fail loudly.
+pub fn check_slot_health(slot: &str, info: &SlotInfo) -> Result<(), Error> {
+    if info.wal_status.as_deref() == Some("lost") {
+        return Err(Error::fatal(format!(
+            "replication slot {slot} is lost (wal_status = lost): the server removed WAL it still needed, \
+             so changes have been lost"
+        ))
+        .with_hint("drop and recreate the slot, then resynchronise the target (initial snapshot); \
+                    raise max_slot_wal_keep_size to prevent this"));
+    }
+    Ok(())
+}
+
+/// Write a non-transactional logical message so that an idle publication still gets
+/// traffic, letting the slot advance past WAL written for other tables.
+pub async fn heartbeat(client: &Client) -> Result<(), Error> {
+    client
+        .batch_execute("select pg_logical_emit_message(false, 'pgferry', 'heartbeat')")
+        .await
+        .map_err(|e| Error::postgres("writing the heartbeat message", e))
+}
