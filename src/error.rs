@@ -112,6 +112,11 @@ impl Error {
 /// Classify a SQLSTATE. Connection, resource and shutdown classes are transient;
 /// authorization and privilege problems need the operator; the rest is fatal.
 pub fn sqlstate_kind(code: &str) -> ErrorKind {
+    // object_in_use: e.g. "replication slot is active for PID …" right after a crash,
+    // until the server notices the old connection is gone.
+    if code == "55006" {
+        return ErrorKind::Transient;
+    }
     match code.get(..2).unwrap_or("") {
         // connection exception, insufficient resources, operator intervention
         // (admin shutdown, crash recovery), transaction rollback (serialization)
@@ -161,6 +166,7 @@ mod tests {
         assert_eq!(sqlstate_kind("08006"), ErrorKind::Transient);
         assert_eq!(sqlstate_kind("57P01"), ErrorKind::Transient);
         assert_eq!(sqlstate_kind("42501"), ErrorKind::Operator);
+        assert_eq!(sqlstate_kind("55006"), ErrorKind::Transient);
         assert_eq!(sqlstate_kind("XX000"), ErrorKind::Fatal);
     }
 
