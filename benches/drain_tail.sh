@@ -11,9 +11,9 @@
 #   3. drains slot bench_recv with `pg_recvlogical --start -E <end lsn>` (the
 #      anchor) and slot bench_pgferry with `pgferry tail --end-lsn <end lsn>`,
 #      timing each with wall-clock time; pgferry's output must have 2*ROWS lines;
-#   4. prints rows, changes, seconds, changes/s, peak RSS (via /usr/bin/time -v, if
-#      installed) and the ratio pgferry/pg_recvlogical of changes/s (>1: pgferry is
-#      faster);
+#   4. prints rows, changes, seconds, changes/s, client CPU time and peak RSS (via
+#      /usr/bin/time -v, if installed), when pgferry wrote its last line, and the
+#      ratio pgferry/pg_recvlogical of changes/s (>1: pgferry is faster);
 #   5. drops the slots and the database on exit, whatever happened.
 #
 # Run it (services up and their environment loaded):
@@ -69,6 +69,7 @@ done
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO
+export LC_ALL=C # awk and printf with a '.' decimal point
 
 TIME_V=
 if [[ -x /usr/bin/time ]] && /usr/bin/time -v true >/dev/null 2>&1; then
@@ -201,6 +202,11 @@ log "backlog: ${START_LSN} .. ${END_LSN} (${WAL_MB} MB of WAL)"
 # -------------------------------------------------------------------- measuring --
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+# CPU seconds (user + system) from a `/usr/bin/time -v` report, or "n/a".
+cpu_secs() {
+    [[ -n $TIME_V && -s $1 ]] || { echo n/a; return; }
+    awk -F: '/User time|System time/ { t += $2; n++ } END { if (n == 2) printf "%.2f", t; else print "n/a" }' "$1"
+}
 # Peak RSS in MB from a `/usr/bin/time -v` report, or "n/a".
 peak_rss() {
     [[ -n $TIME_V && -s $1 ]] || { echo n/a; return; }
@@ -216,7 +222,7 @@ timed() { # timed <time -v report file> <command...>
     fi
 }
 
-declare -a RECV_SECS=() RECV_RSS=() FERRY_SECS=() FERRY_RSS=()
+declare -a RECV_SECS=() RECV_RSS=() RECV_CPU=() FERRY_SECS=() FERRY_RSS=() FERRY_CPU=() FERRY_LAST=()
 
 run_recv() { # run_recv <repeat>
     local r=$1 sfx t0 t1
@@ -229,6 +235,7 @@ run_recv() { # run_recv <repeat>
     t1=$(now)
     RECV_SECS+=("$(elapsed "$t0" "$t1")")
     RECV_RSS+=("$(peak_rss "$WORK/recv${sfx}.time")")
+    RECV_CPU+=("$(cpu_secs "$WORK/recv${sfx}.time")")
 }
 
 run_pgferry() { # run_pgferry <repeat>
@@ -263,10 +270,15 @@ TOML
     fi
     FERRY_SECS+=("$(elapsed "$t0" "$t1")")
     FERRY_RSS+=("$(peak_rss "$WORK/pgferry${sfx}.time")")
+    FERRY_CPU+=("$(cpu_secs "$WORK/pgferry${sfx}.time")")
+    # When the last line was written (the file's mtime): pgferry notices that it
+    # reached --end-lsn only on its ~1 s status tick, so its wall time is rounded up.
+    FERRY_LAST+=("$(elapsed "$t0" "$(stat -c %.9Y "$out")")")
     FERRY_OUT_MB=$(awk -v b="$(stat -c %s "$out")" 'BEGIN { printf "%.1f", b / 1e6 }')
     FERRY_SAMPLE=$(head -n 1 "$out" | cut -c 1-300)
 }
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a)
 for ((r = 1; r <= REPEAT; r++)); do
     # Alternate which side reads first, so neither always gets the warmer caches.
     if ((r % 2 == 1)); then
@@ -285,15 +297,21 @@ best() { printf '%s\n' "$@" | sort -g | head -n 1; }
 echo
 echo "drain_tail: ${ROWS} rows, ${CHANGES} changes (insert + update, 2 transactions), ${WAL_MB} MB of WAL"
 echo "            backlog ${START_LSN} .. ${END_LSN} on ${BENCH_URL}"
-printf '%-4s %-15s %9s %12s %14s\n' run side seconds changes/s "peak RSS (MB)"
+echo "            host: $(nproc) CPUs, load average before the runs: ${LOAD_BEFORE}"
+printf '%-4s %-15s %9s %12s %8s %14s %14s\n' run side seconds changes/s "CPU s" "peak RSS (MB)" "last line at s"
 for ((i = 0; i < REPEAT; i++)); do
-    printf '%-4s %-15s %9s %12s %14s\n' "$((i + 1))" pg_recvlogical "${RECV_SECS[i]}" "$(rate "${RECV_SECS[i]}")" "${RECV_RSS[i]}"
-    printf '%-4s %-15s %9s %12s %14s\n' "$((i + 1))" "pgferry tail" "${FERRY_SECS[i]}" "$(rate "${FERRY_SECS[i]}")" "${FERRY_RSS[i]}"
+    printf '%-4s %-15s %9s %12s %8s %14s %14s\n' "$((i + 1))" pg_recvlogical "${RECV_SECS[i]}" \
+        "$(rate "${RECV_SECS[i]}")" "${RECV_CPU[i]}" "${RECV_RSS[i]}" -
+    printf '%-4s %-15s %9s %12s %8s %14s %14s\n' "$((i + 1))" "pgferry tail" "${FERRY_SECS[i]}" \
+        "$(rate "${FERRY_SECS[i]}")" "${FERRY_CPU[i]}" "${FERRY_RSS[i]}" "${FERRY_LAST[i]}"
 done
+echo "(CPU s: user + system of the client process only; the walsender's work is the same for both)"
 RECV_BEST=$(best "${RECV_SECS[@]}")
 FERRY_BEST=$(best "${FERRY_SECS[@]}")
 RATIO=$(awk -v f="$FERRY_BEST" -v r="$RECV_BEST" 'BEGIN { printf "%.2f", r / f }')
 ((REPEAT > 1)) && echo "best of ${REPEAT}: pg_recvlogical ${RECV_BEST} s, pgferry ${FERRY_BEST} s"
 echo "ratio pgferry/pg_recvlogical (changes/s): ${RATIO}  (>1 means pgferry is faster)"
+LAST_BEST=$(best "${FERRY_LAST[@]}")
+echo "ratio to pgferry's last line instead of its exit: $(awk -v f="$LAST_BEST" -v r="$RECV_BEST" 'BEGIN { printf "%.2f", r / f }')"
 echo "pgferry wrote ${FERRY_OUT_MB} MB of JSON; first line: ${FERRY_SAMPLE}"
 [[ -n $TIME_V ]] || echo "peak RSS: skipped, /usr/bin/time is not installed (apt-get install time)"

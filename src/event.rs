@@ -106,7 +106,7 @@ impl Column {
         let m = self.typmod - 4;
         let precision = ((m >> 16) & 0xFFFF) as u32;
         // The scale is an 11-bit signed number since PostgreSQL 15.
-        let scale = (((m & 0x7FF) ^ 1024) - 1024) as i32;
+        let scale = ((m & 0x7FF) ^ 1024) - 1024;
         Some((precision, scale))
     }
 }
@@ -282,7 +282,11 @@ impl Change {
 
     /// Names of the columns whose unchanged TOAST value was not sent.
     pub fn unchanged(&self) -> impl Iterator<Item = &str> {
-        let values = self.after.as_ref().map(|r| r.values.as_slice()).unwrap_or(&[]);
+        let values = self
+            .after
+            .as_ref()
+            .map(|r| r.values.as_slice())
+            .unwrap_or(&[]);
         values
             .iter()
             .zip(&self.table.columns)
@@ -306,7 +310,10 @@ pub enum Event {
     Change(Change),
     /// The transaction is complete. `end_lsn` is what the slot may be confirmed to
     /// once this and every earlier transaction are durable downstream.
-    Commit { txn: Txn, end_lsn: Lsn },
+    Commit {
+        txn: Txn,
+        end_lsn: Lsn,
+    },
 }
 
 #[cfg(test)]
@@ -331,7 +338,10 @@ mod tests {
     #[test]
     fn numeric_typmod_decodes_precision_and_scale() {
         // numeric(10,2)
-        assert_eq!(column((10 << 16 | 2) + 4).numeric_precision_scale(), Some((10, 2)));
+        assert_eq!(
+            column((10 << 16 | 2) + 4).numeric_precision_scale(),
+            Some((10, 2))
+        );
         // numeric(3,-2) is legal since PostgreSQL 15
         let m = (3 << 16) | (-2i32 & 0x7FF);
         assert_eq!(column(m + 4).numeric_precision_scale(), Some((3, -2)));
@@ -340,6 +350,9 @@ mod tests {
 
     #[test]
     fn quotes_identifiers() {
-        assert_eq!(TableName::new("public", "Pa\"t").quoted(), "\"public\".\"Pa\"\"t\"");
+        assert_eq!(
+            TableName::new("public", "Pa\"t").quoted(),
+            "\"public\".\"Pa\"\"t\""
+        );
     }
 }

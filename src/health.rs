@@ -30,8 +30,10 @@ impl Health {
 
     /// Ready when every enabled stage is streaming.
     pub fn ready(&self) -> bool {
-        let source = !self.source_enabled.load(Ordering::Relaxed) || self.source_streaming.load(Ordering::Relaxed);
-        let sink = !self.sink_enabled.load(Ordering::Relaxed) || self.sink_streaming.load(Ordering::Relaxed);
+        let source = !self.source_enabled.load(Ordering::Relaxed)
+            || self.source_streaming.load(Ordering::Relaxed);
+        let sink = !self.sink_enabled.load(Ordering::Relaxed)
+            || self.sink_streaming.load(Ordering::Relaxed);
         source && sink
     }
 }

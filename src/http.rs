@@ -28,7 +28,9 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> Result<std::net::Socket
                 Ok((stream, _)) => {
                     let health = health.clone();
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &health)).await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(10), respond(stream, &health))
+                                .await;
                     });
                 }
                 Err(e) => {
@@ -57,12 +59,28 @@ async fn respond(mut stream: TcpStream, health: &Health) -> std::io::Result<()> 
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", crate::metrics::render()),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            crate::metrics::render(),
+        ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", "/readyz") if health.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
-        ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", "not streaming\n".to_string()),
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not streaming\n".to_string(),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -12,7 +12,11 @@ use pgferry::error::{Error, ErrorKind};
 use pgferry::lsn::Lsn;
 
 #[derive(Parser)]
-#[command(name = "pgferry", version, about = "Change-data-capture from PostgreSQL to Kafka and into PostgreSQL")]
+#[command(
+    name = "pgferry",
+    version,
+    about = "Change-data-capture from PostgreSQL to Kafka and into PostgreSQL"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -97,7 +101,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgferry: cannot start the async runtime: {e}");
@@ -128,13 +135,19 @@ fn load(path: &std::path::Path) -> Result<Arc<Config>, ExitCode> {
 }
 
 fn not_built(command: &str, issue: &str) -> ExitCode {
-    eprintln!("pgferry: `{command}` is not built yet ({issue}); see README.md for what works today");
+    eprintln!(
+        "pgferry: `{command}` is not built yet ({issue}); see README.md for what works today"
+    );
     ExitCode::from(2)
 }
 
 async fn run(command: Command) -> ExitCode {
     match command {
-        Command::Tail { config, slot, end_lsn } => {
+        Command::Tail {
+            config,
+            slot,
+            end_lsn,
+        } => {
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -151,14 +164,20 @@ async fn run(command: Command) -> ExitCode {
                 println!("{p}");
             }
             if problems.is_empty() {
-                println!("ok: {} is ready ({} tables configured)", config.source.url, config.tables.len());
+                println!(
+                    "ok: {} is ready ({} tables configured)",
+                    config.source.url,
+                    config.tables.len()
+                );
                 ExitCode::SUCCESS
             } else {
                 eprintln!("pgferry: check found {} problem(s)", problems.len());
                 ExitCode::from(1)
             }
         }
-        Command::Run { .. } => not_built("pgferry run", "it arrives with the Kafka and sink stages"),
+        Command::Run { .. } => {
+            not_built("pgferry run", "it arrives with the Kafka and sink stages")
+        }
         Command::Schema { .. } => not_built("pgferry schema", "it arrives with the Avro stage"),
         Command::Verify { .. } => not_built("pgferry verify", "it arrives with the sink stage"),
         Command::Status { .. } => not_built("pgferry status", "it arrives with the sink stage"),

@@ -20,7 +20,8 @@ pub struct Metrics {
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).expect("metric definitions are static and valid")
+    IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric definitions are static and valid")
 }
 
 fn gauge(name: &str, help: &str) -> IntGauge {
@@ -65,7 +66,10 @@ pub fn metrics() -> &'static Metrics {
 
 /// Count an error of `stage` by its policy kind.
 pub fn record_error(stage: &str, err: &crate::error::Error) {
-    metrics().errors.with_label_values(&[stage, err.kind().as_str()]).inc();
+    metrics()
+        .errors
+        .with_label_values(&[stage, err.kind().as_str()])
+        .inc();
 }
 
 /// The Prometheus text exposition of every metric.

@@ -28,13 +28,14 @@ const TAIL_WRITE_CHUNK: usize = 64 * 1024;
 /// Cancel `token` on SIGTERM or SIGINT.
 pub fn cancel_on_signals(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping gracefully"),
@@ -51,7 +52,11 @@ async fn start_http(config: &Config, health: &Arc<Health>) -> Result<(), Error> 
 }
 
 /// `pgferry tail`: decoded changes as JSON lines on stdout.
-pub async fn tail(config: Arc<Config>, slot: Option<String>, end_lsn: Option<Lsn>) -> Result<(), Error> {
+pub async fn tail(
+    config: Arc<Config>,
+    slot: Option<String>,
+    end_lsn: Option<Lsn>,
+) -> Result<(), Error> {
     let health = Arc::new(Health::new(true, false));
     start_http(&config, &health).await?;
     let slot = slot.unwrap_or_else(|| config.source.slot.clone());

@@ -25,42 +25,77 @@ fn malformed_config_exits_2_naming_the_file() {
     let f = write(&d, "broken.toml", "[source\nurl = \"postgres://x@y/z\"\n");
     let (code, _, err) = run(&["tail", "--config", &f]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("broken.toml") && err.contains("not valid TOML") && err.contains("line 1"), "{err}");
+    assert!(
+        err.contains("broken.toml") && err.contains("not valid TOML") && err.contains("line 1"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_key_exits_2_naming_file_and_key() {
     let d = scratch("unknown");
     std::fs::create_dir_all(d.join("tables")).unwrap();
-    write(&d.join("tables"), "public.patients.toml", "source = \"public.patients\"\nexclude = [\"ssn\"]\nrenmae = {}\n");
-    let f = write(&d, "main.toml", "tables_dir = \"tables\"\n[source]\nurl = \"postgres://x@y/z\"\n");
+    write(
+        &d.join("tables"),
+        "public.patients.toml",
+        "source = \"public.patients\"\nexclude = [\"ssn\"]\nrenmae = {}\n",
+    );
+    let f = write(
+        &d,
+        "main.toml",
+        "tables_dir = \"tables\"\n[source]\nurl = \"postgres://x@y/z\"\n",
+    );
     let (code, _, err) = run(&["check", "--config", &f]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("public.patients.toml") && err.contains("renmae"), "{err}");
+    assert!(
+        err.contains("public.patients.toml") && err.contains("renmae"),
+        "{err}"
+    );
 
-    let f = write(&d, "main2.toml", "[source]\nurl = \"postgres://x@y/z\"\n[http]\nlisten = \"x\"\nport = 1\n");
+    let f = write(
+        &d,
+        "main2.toml",
+        "[source]\nurl = \"postgres://x@y/z\"\n[http]\nlisten = \"x\"\nport = 1\n",
+    );
     let (code, _, err) = run(&["tail", "--config", &f]);
     assert_eq!(code, 2);
-    assert!(err.contains("main2.toml: http.port: unknown field `port`"), "{err}");
+    assert!(
+        err.contains("main2.toml: http.port: unknown field `port`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_environment_variable_is_named() {
     let d = scratch("env");
-    let f = write(&d, "m.toml", "[source]\nurl = \"postgres://u:${PGFERRY_TEST_NO_SUCH_VAR}@h/d\"\n");
+    let f = write(
+        &d,
+        "m.toml",
+        "[source]\nurl = \"postgres://u:${PGFERRY_TEST_NO_SUCH_VAR}@h/d\"\n",
+    );
     let (code, _, err) = run(&["tail", "--config", &f]);
     assert_eq!(code, 2);
-    assert!(err.contains("source.url") && err.contains("PGFERRY_TEST_NO_SUCH_VAR"), "{err}");
+    assert!(
+        err.contains("source.url") && err.contains("PGFERRY_TEST_NO_SUCH_VAR"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unreachable_server_fails_with_a_hint() {
     let d = scratch("unreachable");
     let port = free_port();
-    let f = write(&d, "m.toml", &format!("[source]\nurl = \"postgres://u@127.0.0.1:{port}/d\"\n[http]\nlisten = \"\"\n"));
+    let f = write(
+        &d,
+        "m.toml",
+        &format!("[source]\nurl = \"postgres://u@127.0.0.1:{port}/d\"\n[http]\nlisten = \"\"\n"),
+    );
     let (code, _, err) = run(&["tail", "--config", &f]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("is the server running"), "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("is the server running"),
+        "{err}"
+    );
     let (code, out, _) = run(&["check", "--config", &f]);
     assert_eq!(code, 1);
     assert!(out.contains("source.url: cannot connect"), "{out}");
@@ -83,7 +118,10 @@ fn wrong_password_exits_2() {
     let (code, _, err) = run(&["tail", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("password authentication failed"), "{err}");
-    assert!(!err.contains("wrong"), "the password must not be printed: {err}");
+    assert!(
+        !err.contains("wrong"),
+        "the password must not be printed: {err}"
+    );
 }
 
 #[test]
@@ -93,7 +131,10 @@ fn wal_level_not_logical_is_refused() {
     let cfg = db.config("p.toml", "s", "[[tables]]\nsource = \"public.t\"\n");
     let (code, _, err) = run(&["tail", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("wal_level = replica") && err.contains("wal_level = logical"), "{err}");
+    assert!(
+        err.contains("wal_level = replica") && err.contains("wal_level = logical"),
+        "{err}"
+    );
     let (code, out, _) = run(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(out.contains("wal_level is replica"), "{out}");
@@ -108,7 +149,11 @@ fn check_reports_each_problem_on_its_own_line() {
          create table full_nokey (id int, v text);
          alter table full_nokey replica identity full;",
     );
-    let ok = db.config("ok.toml", "s_check", "[[tables]]\nsource = \"public.good\"\nexclude = [\"ssn\"]\n");
+    let ok = db.config(
+        "ok.toml",
+        "s_check",
+        "[[tables]]\nsource = \"public.good\"\nexclude = [\"ssn\"]\n",
+    );
     let (code, out, err) = run(&["check", "--config", ok.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ok:"), "{out}");
@@ -125,12 +170,19 @@ fn check_reports_each_problem_on_its_own_line() {
     assert_eq!(code, 1, "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 4, "{out}");
-    assert!(lines[0].contains("public.nokey") && lines[0].contains("no primary key") && lines[0].contains("REPLICA IDENTITY FULL"));
+    assert!(
+        lines[0].contains("public.nokey")
+            && lines[0].contains("no primary key")
+            && lines[0].contains("REPLICA IDENTITY FULL")
+    );
     assert!(lines[1].contains("public.missing") && lines[1].contains("does not exist"));
     assert!(lines[2].contains("public.full_nokey") && lines[2].contains("key = [...]"));
     assert!(lines[3].contains("public.good") && lines[3].contains("sssn"));
     for l in &lines {
-        assert!(l.contains("bad.toml"), "each table problem names its file: {l}");
+        assert!(
+            l.contains("bad.toml"),
+            "each table problem names its file: {l}"
+        );
     }
 
     // A role without REPLICATION and without SELECT.
@@ -139,7 +191,12 @@ fn check_reports_each_problem_on_its_own_line() {
          alter role pgferry_plainrole noreplication;",
     );
     let url = db.url.replace("postgres@", "pgferry_plainrole@");
-    let cfg = db.config_with_url("role.toml", &url, "s_check", "[[tables]]\nsource = \"public.good\"\n");
+    let cfg = db.config_with_url(
+        "role.toml",
+        &url,
+        "s_check",
+        "[[tables]]\nsource = \"public.good\"\n",
+    );
     let (code, out, _) = run(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(out.contains("neither REPLICATION nor SUPERUSER"), "{out}");
@@ -151,7 +208,9 @@ fn check_reports_a_slot_of_the_wrong_kind() {
     let db = TestDb::new("wrongslot");
     db.sql("create table t (id int primary key)");
     let slot = db.slot("s_lost");
-    db.sql(&format!("select pg_create_logical_replication_slot('{slot}', 'test_decoding')"));
+    db.sql(&format!(
+        "select pg_create_logical_replication_slot('{slot}', 'test_decoding')"
+    ));
     let cfg = db.config("p.toml", "s_lost", "[[tables]]\nsource = \"public.t\"\n");
     let (code, out, _) = run(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 1);
@@ -189,18 +248,48 @@ fn authentication_methods_and_tls_modes_stream() {
     let ca = format!("{}/ca.crt", service_env("PGFERRY_SERVICES_DIR"));
     let cases = [
         ("trust", db.url.clone()),
-        ("password", db.url.replace("postgres@", "pgferry_password:pw-cleartext@")),
+        (
+            "password",
+            db.url
+                .replace("postgres@", "pgferry_password:pw-cleartext@"),
+        ),
         ("md5", db.url.replace("postgres@", "pgferry_md5:pw-md5@")),
-        ("scram", db.url.replace("postgres@", "pgferry_scram:pw-scram@")),
-        ("require", format!("{}?sslmode=require", db.url.replace("postgres@", "pgferry_scram:pw-scram@"))),
-        ("verifyfull", format!("{}?sslmode=verify-full&sslrootcert={ca}", db.url.replace("127.0.0.1", "localhost"))),
-        ("verifyca", format!("{}?sslmode=verify-ca&sslrootcert={ca}", db.url)),
+        (
+            "scram",
+            db.url.replace("postgres@", "pgferry_scram:pw-scram@"),
+        ),
+        (
+            "require",
+            format!(
+                "{}?sslmode=require",
+                db.url.replace("postgres@", "pgferry_scram:pw-scram@")
+            ),
+        ),
+        (
+            "verifyfull",
+            format!(
+                "{}?sslmode=verify-full&sslrootcert={ca}",
+                db.url.replace("127.0.0.1", "localhost")
+            ),
+        ),
+        (
+            "verifyca",
+            format!("{}?sslmode=verify-ca&sslrootcert={ca}", db.url),
+        ),
         ("disable", format!("{}?sslmode=disable", db.url)),
     ];
     for (i, (name, url)) in cases.iter().enumerate() {
         let tag = format!("a_{name}");
-        let cfg = db.config_with_url(&format!("{name}.toml"), url, &tag, "[[tables]]\nsource = \"public.t\"\n");
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(&format!("publication = \"{}\"", db.slot(&tag)), "publication = \"pub_auth\"");
+        let cfg = db.config_with_url(
+            &format!("{name}.toml"),
+            url,
+            &tag,
+            "[[tables]]\nsource = \"public.t\"\n",
+        );
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("publication = \"{}\"", db.slot(&tag)),
+            "publication = \"pub_auth\"",
+        );
         std::fs::write(&cfg, text).unwrap();
         let mut tail = Pgferry::tail(&cfg, &[]);
         wait_streaming(&db, &tag);
@@ -213,7 +302,11 @@ fn authentication_methods_and_tls_modes_stream() {
             db.slot(&tag)
         ));
         let expect_tls = !matches!(*name, "disable");
-        assert_eq!(tls_rows.as_deref() == Some("1"), expect_tls, "{name}: TLS in use? {tls_rows:?}");
+        assert_eq!(
+            tls_rows.as_deref() == Some("1"),
+            expect_tls,
+            "{name}: TLS in use? {tls_rows:?}"
+        );
         assert!(tail.terminate().success(), "{name}: {}", tail.stderr_text());
     }
 }
@@ -224,7 +317,17 @@ fn verify_full_rejects_a_certificate_from_another_ca() {
     db.sql("create table t (id int primary key)");
     let other_ca = db.dir.join("other-ca.crt");
     let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=not-our-ca"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=not-our-ca",
+        ])
         .arg("-keyout")
         .arg(db.dir.join("other-ca.key"))
         .arg("-out")
@@ -233,9 +336,16 @@ fn verify_full_rejects_a_certificate_from_another_ca() {
         .status()
         .expect("openssl");
     assert!(status.success());
-    let url = format!("{}?sslmode=verify-full&sslrootcert={}", db.url, other_ca.display());
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        db.url,
+        other_ca.display()
+    );
     let cfg = db.config_with_url("p.toml", &url, "s", "");
     let (code, _, err) = run(&["tail", "--config", cfg.to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{err}");
+    assert!(
+        err.contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
 }

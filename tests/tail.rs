@@ -15,7 +15,10 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(60);
 
 fn tables(names: &[&str]) -> String {
-    names.iter().map(|n| format!("[[tables]]\nsource = \"{n}\"\n")).collect()
+    names
+        .iter()
+        .map(|n| format!("[[tables]]\nsource = \"{n}\"\n"))
+        .collect()
 }
 
 #[test]
@@ -33,7 +36,9 @@ fn commit_order_and_images_for_default_and_full_identity() {
         &format!("{}\n", tables(&["public.a", "public.b"])).replace("[http]", ""),
     );
     // Serve metrics on a port of our own.
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
     std::fs::write(&cfg, text).unwrap();
     let mut tail = Pgferry::tail(&cfg, &[]);
     wait_streaming(&db, "s_order");
@@ -50,13 +55,30 @@ fn commit_order_and_images_for_default_and_full_identity() {
          truncate a, b;",
     );
     let l = tail.json(9, T);
-    let ops: Vec<(&str, &str)> = l.iter().map(|v| (v["op"].as_str().unwrap(), v["table"].as_str().unwrap())).collect();
+    let ops: Vec<(&str, &str)> = l
+        .iter()
+        .map(|v| (v["op"].as_str().unwrap(), v["table"].as_str().unwrap()))
+        .collect();
     assert_eq!(
         ops,
-        [("c", "a"), ("c", "b"), ("u", "a"), ("u", "b"), ("u", "a"), ("d", "b"), ("d", "a"), ("t", "a"), ("t", "b")]
+        [
+            ("c", "a"),
+            ("c", "b"),
+            ("u", "a"),
+            ("u", "b"),
+            ("u", "a"),
+            ("d", "b"),
+            ("d", "a"),
+            ("t", "a"),
+            ("t", "b")
+        ]
     );
     for (i, v) in l[..7].iter().enumerate() {
-        assert_eq!(v["ordinal"], json!(i), "ordinals count changes inside the transaction");
+        assert_eq!(
+            v["ordinal"],
+            json!(i),
+            "ordinals count changes inside the transaction"
+        );
         assert_eq!(v["commit_lsn"], l[0]["commit_lsn"]);
         assert_eq!(v["xid"], l[0]["xid"]);
         assert_eq!(v["schema"], "public");
@@ -82,7 +104,10 @@ fn commit_order_and_images_for_default_and_full_identity() {
     assert_eq!(l[6]["before"], json!({"id": 2}));
     assert_eq!(l[6]["key"], json!({"id": 2}));
     // truncates
-    assert_eq!((l[7]["before"].clone(), l[7]["after"].clone()), (Value::Null, Value::Null));
+    assert_eq!(
+        (l[7]["before"].clone(), l[7]["after"].clone()),
+        (Value::Null, Value::Null)
+    );
     for v in &l {
         assert_eq!(v["unchanged"], json!([]));
         assert!(v["commit_ts"].as_str().unwrap().ends_with('Z'));
@@ -107,25 +132,37 @@ fn commit_order_and_images_for_default_and_full_identity() {
 
     // Graceful stop confirms everything that was printed.
     let status = tail.terminate();
-    assert!(status.success(), "SIGTERM should exit 0: {status:?}\n{}", tail.stderr_text());
+    assert!(
+        status.success(),
+        "SIGTERM should exit 0: {status:?}\n{}",
+        tail.stderr_text()
+    );
     let confirmed = lsn(&db.confirmed_flush("s_order").unwrap());
-    assert!(confirmed > lsn(l[8]["commit_lsn"].as_str().unwrap()), "the truncate's commit is confirmed");
+    assert!(
+        confirmed > lsn(l[8]["commit_lsn"].as_str().unwrap()),
+        "the truncate's commit is confirmed"
+    );
 }
 
 /// About 20 kB of incompressible text, stored out of line.
-const BIG: &str = "(select string_agg(md5(g::text || random()::text), '') from generate_series(1, 640) g)";
+const BIG: &str =
+    "(select string_agg(md5(g::text || random()::text), '') from generate_series(1, 640) g)";
 
 #[test]
 fn unchanged_toast_columns_are_listed_never_null() {
     let db = TestDb::new("toast");
-    db.sql(&format!(
+    db.sql(
         "create table doc (id int primary key, counter int not null, scan text);
          alter table doc alter column scan set storage external;
          create table doc_full (id int primary key, counter int not null, scan text);
          alter table doc_full alter column scan set storage external;
-         alter table doc_full replica identity full;"
-    ));
-    let cfg = db.config("p.toml", "s_toast", &tables(&["public.doc", "public.doc_full"]));
+         alter table doc_full replica identity full;",
+    );
+    let cfg = db.config(
+        "p.toml",
+        "s_toast",
+        &tables(&["public.doc", "public.doc_full"]),
+    );
     let mut tail = Pgferry::tail(&cfg, &[]);
     wait_streaming(&db, "s_toast");
     db.sql(&format!(
@@ -136,11 +173,19 @@ fn unchanged_toast_columns_are_listed_never_null() {
     ));
     let l = tail.json(4, T);
     let scan = l[0]["after"]["scan"].as_str().unwrap().to_string();
-    assert!(scan.len() > 8000, "the value is TOASTed ({} bytes)", scan.len());
+    assert!(
+        scan.len() > 8000,
+        "the value is TOASTed ({} bytes)",
+        scan.len()
+    );
     // DEFAULT identity: the server does not send the value; we list it.
     assert_eq!(l[2]["op"], "u");
     assert_eq!(l[2]["unchanged"], json!(["scan"]));
-    assert_eq!(l[2]["after"], json!({"id": 1, "counter": 1}), "never null, never a placeholder");
+    assert_eq!(
+        l[2]["after"],
+        json!({"id": 1, "counter": 1}),
+        "never null, never a placeholder"
+    );
     // FULL identity: the old row has it, so the after image is complete.
     let full_scan = l[1]["after"]["scan"].as_str().unwrap();
     assert_eq!(l[3]["unchanged"], json!([]));
@@ -181,7 +226,10 @@ fn every_type_is_printed_faithfully() {
          insert into types (id) values (2);"#,
     );
     let raw = tail.lines(2, T);
-    let l: Vec<Value> = raw.iter().map(|r| serde_json::from_str(r).unwrap()).collect();
+    let l: Vec<Value> = raw
+        .iter()
+        .map(|r| serde_json::from_str(r).unwrap())
+        .collect();
     let a = &l[0]["after"];
     let expected = json!({
         "id": 1, "b": true, "i2": -32768, "i4": 2147483647, "i8": 9223372036854775807_i64, "o": 4294967295_u64,
@@ -204,16 +252,31 @@ fn every_type_is_printed_faithfully() {
     }
     assert_eq!(got.len(), want.len(), "no extra columns: {a}");
     // json keeps its text exactly (whitespace and key order included).
-    assert!(raw[0].contains(r#""j":{"b": 1,  "a": [1, 2]}"#), "{}", raw[0]);
+    assert!(
+        raw[0].contains(r#""j":{"b": 1,  "a": [1, 2]}"#),
+        "{}",
+        raw[0]
+    );
     let nulls = l[1]["after"].as_object().unwrap();
     assert_eq!(nulls.len(), want.len());
-    assert!(nulls.iter().filter(|(k, _)| *k != "id").all(|(_, v)| v.is_null()), "{nulls:?}");
+    assert!(
+        nulls
+            .iter()
+            .filter(|(k, _)| *k != "id")
+            .all(|(_, v)| v.is_null()),
+        "{nulls:?}"
+    );
 }
 
 fn ids_with_commits(lines: &[Value]) -> Vec<(i64, u64)> {
     lines
         .iter()
-        .map(|v| (v["after"]["id"].as_i64().unwrap(), lsn(v["commit_lsn"].as_str().unwrap())))
+        .map(|v| {
+            (
+                v["after"]["id"].as_i64().unwrap(),
+                lsn(v["commit_lsn"].as_str().unwrap()),
+            )
+        })
         .collect()
 }
 
@@ -249,20 +312,35 @@ fn sigkill_mid_stream_loses_nothing_and_repeats_only_unconfirmed() {
         all.insert(batch[0]["after"]["id"].as_i64().unwrap());
         second_lines.extend(batch);
     }
-    second_lines.extend(second.drain(Duration::from_secs(2)).iter().map(|l| serde_json::from_str(l).unwrap()));
+    second_lines.extend(
+        second
+            .drain(Duration::from_secs(2))
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap()),
+    );
     assert_eq!(all.len(), txns * per, "every change arrived");
     let first_set: BTreeMap<i64, u64> = first_ids.into_iter().collect();
     let mut repeats = 0;
     for (id, commit) in ids_with_commits(&second_lines) {
         if first_set.contains_key(&id) {
             repeats += 1;
-            assert!(commit >= confirmed, "id {id} (commit {commit:X}) was confirmed ({confirmed:X}) yet sent again");
+            assert!(
+                commit >= confirmed,
+                "id {id} (commit {commit:X}) was confirmed ({confirmed:X}) yet sent again"
+            );
         }
     }
     // Within one run, nothing repeats.
-    let second_ids: BTreeSet<i64> = second_lines.iter().map(|v| v["after"]["id"].as_i64().unwrap()).collect();
+    let second_ids: BTreeSet<i64> = second_lines
+        .iter()
+        .map(|v| v["after"]["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(second_ids.len(), second_lines.len());
-    eprintln!("kill -9 test: {} lines before the kill, {} after, {repeats} repeated", seen_first.len(), second_lines.len());
+    eprintln!(
+        "kill -9 test: {} lines before the kill, {} after, {repeats} repeated",
+        seen_first.len(),
+        second_lines.len()
+    );
 }
 
 #[test]
@@ -274,8 +352,13 @@ fn reconnects_after_the_walsender_is_killed_without_loss() {
     wait_streaming(&db, "s_reconnect");
     db.sql("insert into r select generate_series(1, 50)");
     tail.json(50, T);
-    db.sql(&format!("select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = '{}'", db.slot("s_reconnect")));
-    let workload: String = (51..=100).map(|i| format!("insert into r values ({i});\n")).collect();
+    db.sql(&format!(
+        "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = '{}'",
+        db.slot("s_reconnect")
+    ));
+    let workload: String = (51..=100)
+        .map(|i| format!("insert into r values ({i});\n"))
+        .collect();
     db.sql(&workload);
     let mut ids = BTreeSet::new();
     while ids.len() < 50 {
@@ -283,8 +366,15 @@ fn reconnects_after_the_walsender_is_killed_without_loss() {
         ids.insert(v["after"]["id"].as_i64().unwrap());
     }
     assert_eq!(ids, (51..=100).collect());
-    assert!(tail.stderr_text().contains("reconnecting"), "{}", tail.stderr_text());
-    assert!(tail.child.try_wait().unwrap().is_none(), "tail keeps running");
+    assert!(
+        tail.stderr_text().contains("reconnecting"),
+        "{}",
+        tail.stderr_text()
+    );
+    assert!(
+        tail.child.try_wait().unwrap().is_none(),
+        "tail keeps running"
+    );
 }
 
 #[test]
@@ -300,10 +390,14 @@ fn idle_publication_still_advances_the_slot() {
     }
     let noise_end = lsn(&db.value("select pg_current_wal_lsn()::text").unwrap());
     assert!(noise_end > start);
-    let confirmed = wait_for("confirmed_flush_lsn to pass the noise", Duration::from_secs(45), || {
-        let c = lsn(&db.confirmed_flush("s_idle").unwrap());
-        (c >= noise_end).then_some(c)
-    });
+    let confirmed = wait_for(
+        "confirmed_flush_lsn to pass the noise",
+        Duration::from_secs(45),
+        || {
+            let c = lsn(&db.confirmed_flush("s_idle").unwrap());
+            (c >= noise_end).then_some(c)
+        },
+    );
     assert!(confirmed >= noise_end);
 }
 
@@ -319,10 +413,17 @@ fn a_100k_row_transaction_streams_with_bounded_memory() {
     let peak = tail.peak_rss_kib();
     let last: Value = serde_json::from_str(&lines[99_999]).unwrap();
     assert_eq!(last["ordinal"], 99_999);
-    eprintln!("100k-row transaction: peak RSS of pgferry tail = {} MiB", peak / 1024);
+    eprintln!(
+        "100k-row transaction: peak RSS of pgferry tail = {} MiB",
+        peak / 1024
+    );
     // The transaction's text alone is ~20 MB and its JSON ~30 MB; a bounded pipeline
     // holds a small window of it.
-    assert!(peak > 0 && peak < 96 * 1024, "peak RSS {} MiB is not bounded", peak / 1024);
+    assert!(
+        peak > 0 && peak < 96 * 1024,
+        "peak RSS {} MiB is not bounded",
+        peak / 1024
+    );
 }
 
 #[test]
@@ -336,11 +437,20 @@ fn slot_flag_reads_another_slot_and_restart_resumes() {
     assert_eq!(tail.json(1, T)[0]["after"]["id"], 1);
     assert!(tail.terminate().success());
     let main_slot = db.slot("s_main");
-    let count = db.value(&format!("select count(*) from pg_replication_slots where slot_name = '{main_slot}'"));
-    assert_eq!(count.as_deref(), Some("0"), "the configured slot was not used");
+    let count = db.value(&format!(
+        "select count(*) from pg_replication_slots where slot_name = '{main_slot}'"
+    ));
+    assert_eq!(
+        count.as_deref(),
+        Some("0"),
+        "the configured slot was not used"
+    );
     // A restart resumes after what was printed and confirmed.
     db.sql("insert into s values (2)");
     let mut again = Pgferry::tail(&cfg, &["--slot", &db.slot("s_other")]);
     assert_eq!(again.json(1, T)[0]["after"]["id"], 2);
-    assert!(again.drain(Duration::from_secs(2)).is_empty(), "nothing is repeated after a graceful stop");
+    assert!(
+        again.drain(Duration::from_secs(2)).is_empty(),
+        "nothing is repeated after a graceful stop"
+    );
 }

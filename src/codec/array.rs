@@ -98,10 +98,20 @@ mod tests {
 
     #[test]
     fn parses_nulls_quotes_and_escapes() {
-        assert_eq!(parse("{1,NULL,3}", b',').unwrap(), vec![v("1"), Null, v("3")]);
+        assert_eq!(
+            parse("{1,NULL,3}", b',').unwrap(),
+            vec![v("1"), Null, v("3")]
+        );
         assert_eq!(
             parse(r#"{"a b","NULL",NULL,"q\"uote","back\\slash",""}"#, b',').unwrap(),
-            vec![v("a b"), v("NULL"), Null, v("q\"uote"), v("back\\slash"), v("")]
+            vec![
+                v("a b"),
+                v("NULL"),
+                Null,
+                v("q\"uote"),
+                v("back\\slash"),
+                v("")
+            ]
         );
         assert_eq!(parse("{}", b',').unwrap(), vec![]);
     }
@@ -112,7 +122,10 @@ mod tests {
             parse("{{1,2},{3,NULL}}", b',').unwrap(),
             vec![Array(vec![v("1"), v("2")]), Array(vec![v("3"), Null])]
         );
-        assert_eq!(parse("{(1,1),(0,0);(2,2),(1,1)}", b';').unwrap(), vec![v("(1,1),(0,0)"), v("(2,2),(1,1)")]);
+        assert_eq!(
+            parse("{(1,1),(0,0);(2,2),(1,1)}", b';').unwrap(),
+            vec![v("(1,1),(0,0)"), v("(2,2),(1,1)")]
+        );
     }
 
     #[test]

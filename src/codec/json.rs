@@ -165,7 +165,10 @@ mod tests {
 
     #[test]
     fn values_map_as_designed() {
-        assert_eq!(render(TypeKind::Int8, "-9223372036854775808"), "-9223372036854775808");
+        assert_eq!(
+            render(TypeKind::Int8, "-9223372036854775808"),
+            "-9223372036854775808"
+        );
         assert_eq!(render(TypeKind::Bool, "f"), "false");
         assert_eq!(render(TypeKind::Numeric, "NaN"), "\"NaN\"");
         assert_eq!(render(TypeKind::Float8, "-0"), "\"-0\"");
@@ -175,7 +178,10 @@ mod tests {
         assert_eq!(render(ints.clone(), "{{1,NULL},{3,4}}"), "[[1,null],[3,4]]");
         assert_eq!(render(ints, "[0:1]={1,2}"), "\"[0:1]={1,2}\"");
         let texts = TypeKind::Array(Box::new((*ty(TypeKind::Text)).clone()));
-        assert_eq!(render(texts, r#"{"a b",NULL,"NULL"}"#), r#"["a b",null,"NULL"]"#);
+        assert_eq!(
+            render(texts, r#"{"a b",NULL,"NULL"}"#),
+            r#"["a b",null,"NULL"]"#
+        );
     }
 
     #[test]
@@ -183,7 +189,11 @@ mod tests {
         let table = Arc::new(TableSchema {
             oid: 1,
             name: TableName::new("public", "patients"),
-            columns: vec![col("id", TypeKind::Int4), col("name", TypeKind::Text), col("scan", TypeKind::Text)],
+            columns: vec![
+                col("id", TypeKind::Int4),
+                col("name", TypeKind::Text),
+                col("scan", TypeKind::Text),
+            ],
             key: vec![0],
             replica_identity: ReplicaIdentity::Default,
         });

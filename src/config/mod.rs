@@ -94,7 +94,11 @@ impl Config {
             heartbeat_interval: raw.source.heartbeat_interval,
         };
         if source.heartbeat_interval < Duration::from_millis(100) {
-            return Err(err(path, "source.heartbeat_interval", "must be at least 100ms"));
+            return Err(err(
+                path,
+                "source.heartbeat_interval",
+                "must be at least 100ms",
+            ));
         }
         let sink = match raw.sink {
             Some(s) => Some(Sink {
@@ -117,7 +121,11 @@ impl Config {
         if let Some(dir) = &raw.tables_dir {
             let dir = base.join(dir);
             let entries = std::fs::read_dir(&dir).map_err(|e| {
-                err(path, "tables_dir", format!("cannot read directory {}: {e}", dir.display()))
+                err(
+                    path,
+                    "tables_dir",
+                    format!("cannot read directory {}: {e}", dir.display()),
+                )
             })?;
             let mut files: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -135,7 +143,11 @@ impl Config {
                 return Err(err(
                     &t.origin,
                     "source",
-                    format!("table {} is already configured in {}; configure each table once", t.source, first.display()),
+                    format!(
+                        "table {} is already configured in {}; configure each table once",
+                        t.source,
+                        first.display()
+                    ),
                 ));
             }
         }
@@ -163,7 +175,8 @@ fn topic_char(c: char) -> bool {
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| err(path, "", format!("cannot read the file: {e}")))?;
-    let mut table: toml::Table = toml::from_str(&text).map_err(|e| err(path, "", format!("not valid TOML: {e}")))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| err(path, "", format!("not valid TOML: {e}")))?;
     for (k, v) in table.iter_mut() {
         interpolate(path, k, v)?;
     }
@@ -214,7 +227,9 @@ fn expand_env(s: &str) -> Result<String, String> {
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !name.starts_with(|c: char| c.is_ascii_digit());
             if !valid {
-                return Err(format!("${{{name}}} is not a valid environment variable name"));
+                return Err(format!(
+                    "${{{name}}} is not a valid environment variable name"
+                ));
             }
             match (std::env::var(name), default) {
                 (Ok(v), _) => out.push_str(&v),
@@ -249,7 +264,9 @@ fn non_empty(file: &Path, key: &str, v: String) -> Result<String, ConfigError> {
 fn validate_slot(file: &Path, slot: &str) -> Result<String, ConfigError> {
     let ok = !slot.is_empty()
         && slot.len() <= 63
-        && slot.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok {
         return Err(err(
             file,
@@ -286,7 +303,9 @@ pub fn parse_table_name(text: &str) -> Result<TableName, String> {
                 parts.push(std::mem::take(&mut cur));
                 quoted_part = false;
             }
-            c if quoted_part => return Err(format!("unexpected {c:?} after a quoted name in {text:?}")),
+            c if quoted_part => {
+                return Err(format!("unexpected {c:?} after a quoted name in {text:?}"))
+            }
             c => cur.push(c),
         }
     }
@@ -309,24 +328,44 @@ fn validate_table(file: &Path, prefix: &str, t: TableConfig) -> Result<Table, Co
     let exclude: BTreeSet<String> = t.exclude.into_iter().collect();
     if let Some(k) = &t.key {
         if k.is_empty() {
-            return Err(err(file, key("key"), "must name at least one column (or leave it out to use the primary key)"));
+            return Err(err(
+                file,
+                key("key"),
+                "must name at least one column (or leave it out to use the primary key)",
+            ));
         }
         if let Some(c) = k.iter().find(|c| exclude.contains(*c)) {
-            return Err(err(file, key("key"), format!("key column {c:?} is also in exclude; a key column must be published")));
+            return Err(err(
+                file,
+                key("key"),
+                format!("key column {c:?} is also in exclude; a key column must be published"),
+            ));
         }
     }
     for (from, to) in &t.rename {
         if exclude.contains(from) {
-            return Err(err(file, key("rename"), format!("column {from:?} is excluded, so it cannot be renamed")));
+            return Err(err(
+                file,
+                key("rename"),
+                format!("column {from:?} is excluded, so it cannot be renamed"),
+            ));
         }
         if to.is_empty() {
-            return Err(err(file, key("rename"), format!("column {from:?} is renamed to an empty name")));
+            return Err(err(
+                file,
+                key("rename"),
+                format!("column {from:?} is renamed to an empty name"),
+            ));
         }
     }
     let mut targets = BTreeSet::new();
     for to in t.rename.values() {
         if !targets.insert(to) {
-            return Err(err(file, key("rename"), format!("two columns are renamed to {to:?}")));
+            return Err(err(
+                file,
+                key("rename"),
+                format!("two columns are renamed to {to:?}"),
+            ));
         }
     }
     Ok(Table {
@@ -386,14 +425,26 @@ source = "public.visits"
     #[test]
     fn unknown_keys_name_file_and_key() {
         let d = tempdir("unknown");
-        let main = write(&d, "main.toml", "[source]\nurl = \"postgres://u@h/d\"\nslott = \"x\"\n");
+        let main = write(
+            &d,
+            "main.toml",
+            "[source]\nurl = \"postgres://u@h/d\"\nslott = \"x\"\n",
+        );
         let e = Config::load(&main).unwrap_err();
         assert!(e.file.ends_with("main.toml"));
         assert_eq!(e.key, "source.slott");
         assert!(e.message.contains("unknown field `slott`"), "{e}");
 
-        write(&d, "t/x.toml", "source = \"public.a\"\nexclude = [\"b\"]\nrenamed = {}\n");
-        let main = write(&d, "main2.toml", "tables_dir = \"t\"\n[source]\nurl = \"postgres://u@h/d\"\n");
+        write(
+            &d,
+            "t/x.toml",
+            "source = \"public.a\"\nexclude = [\"b\"]\nrenamed = {}\n",
+        );
+        let main = write(
+            &d,
+            "main2.toml",
+            "tables_dir = \"t\"\n[source]\nurl = \"postgres://u@h/d\"\n",
+        );
         let e = Config::load(&main).unwrap_err();
         assert!(e.file.ends_with("t/x.toml"), "{e}");
         assert!(e.message.contains("renamed"), "{e}");
@@ -405,11 +456,17 @@ source = "public.visits"
         assert_eq!(expand_env("a${PGFERRY_TEST_PW}b").unwrap(), "as3cretb");
         assert_eq!(expand_env("${PGFERRY_TEST_UNSET:-x}").unwrap(), "x");
         assert_eq!(expand_env("$$5 and $x").unwrap(), "$5 and $x");
-        assert!(expand_env("${PGFERRY_TEST_UNSET}").unwrap_err().contains("PGFERRY_TEST_UNSET"));
+        assert!(expand_env("${PGFERRY_TEST_UNSET}")
+            .unwrap_err()
+            .contains("PGFERRY_TEST_UNSET"));
         assert!(expand_env("${oops").is_err());
 
         let d = tempdir("env");
-        let main = write(&d, "m.toml", "[source]\nurl = \"postgres://u:${PGFERRY_TEST_MISSING}@h/d\"\n");
+        let main = write(
+            &d,
+            "m.toml",
+            "[source]\nurl = \"postgres://u:${PGFERRY_TEST_MISSING}@h/d\"\n",
+        );
         let e = Config::load(&main).unwrap_err();
         assert_eq!(e.key, "source.url");
         assert!(e.message.contains("PGFERRY_TEST_MISSING"));
@@ -447,9 +504,29 @@ source = "public.visits"
 
     #[test]
     fn parses_quoted_table_names() {
-        assert_eq!(parse_table_name("\"My\".\"T.x\"").unwrap(), TableName::new("My", "T.x"));
-        assert_eq!(parse_table_name("patients").unwrap(), TableName::new("public", "patients"));
+        assert_eq!(
+            parse_table_name("\"My\".\"T.x\"").unwrap(),
+            TableName::new("My", "T.x")
+        );
+        assert_eq!(
+            parse_table_name("patients").unwrap(),
+            TableName::new("public", "patients")
+        );
         assert!(parse_table_name("a.").is_err());
         assert!(parse_table_name("\"a").is_err());
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgferry.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.tables.len(), 1);
+        assert_eq!(c.tables[0].rename["name"], "full_name");
+        assert!(c.sink.is_some());
     }
 }

@@ -158,7 +158,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let bad = || format!("invalid duration {text:?}: write a number and a unit (ms, s, m, h), like \"10s\"");
+    let bad = || {
+        format!("invalid duration {text:?}: write a number and a unit (ms, s, m, h), like \"10s\"")
+    };
     let value: f64 = number.parse().map_err(|_| bad())?;
     let secs = match unit.trim() {
         "ms" => value / 1000.0,

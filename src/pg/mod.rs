@@ -34,9 +34,9 @@ fn connect_error(url: &PgUrl, purpose: &str, e: tokio_postgres::Error) -> Error 
         crate::error::ErrorKind::Transient if err.hint().is_none() => {
             err.with_hint("is the server running and reachable at that host and port?")
         }
-        crate::error::ErrorKind::Operator if err.hint().is_none() => {
-            err.with_hint("check the user, password and database in the URL, and pg_hba.conf on the server")
-        }
+        crate::error::ErrorKind::Operator if err.hint().is_none() => err.with_hint(
+            "check the user, password and database in the URL, and pg_hba.conf on the server",
+        ),
         _ => err,
     }
 }

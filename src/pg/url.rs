@@ -140,7 +140,9 @@ impl PgUrl {
                 }
             }
         }
-        if matches!(url.sslmode, SslMode::VerifyCa | SslMode::VerifyFull) && url.sslrootcert.is_none() {
+        if matches!(url.sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
+            && url.sslrootcert.is_none()
+        {
             let home_cert = std::env::var_os("HOME")
                 .map(|h| PathBuf::from(h).join(".postgresql/root.crt"))
                 .filter(|p| p.exists());
@@ -158,7 +160,10 @@ impl PgUrl {
     /// by the connector built from this URL (see [`super::tls`]).
     pub fn tokio_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
-        c.host(&self.host).port(self.port).user(&self.user).dbname(&self.dbname);
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname);
         if let Some(pw) = &self.password {
             c.password(pw);
         }
@@ -181,7 +186,11 @@ impl fmt::Display for PgUrl {
         } else {
             self.host.clone()
         };
-        write!(f, "postgres://{}@{host}:{}/{}", self.user, self.port, self.dbname)
+        write!(
+            f,
+            "postgres://{}@{host}:{}/{}",
+            self.user, self.port, self.dbname
+        )
     }
 }
 
@@ -204,7 +213,9 @@ fn split_host_port(hostport: &str) -> Result<(String, u16), UrlError> {
         return Ok((host.to_string(), port));
     }
     if hostport.contains(',') {
-        return Err(UrlError("several hosts in one URL are not supported: name one host".into()));
+        return Err(UrlError(
+            "several hosts in one URL are not supported: name one host".into(),
+        ));
     }
     match hostport.rsplit_once(':') {
         Some((h, p)) => Ok((non_empty_host(h), p.parse().map_err(|_| bad_port(p))?)),
@@ -238,7 +249,8 @@ fn decode(s: &str) -> Result<String, UrlError> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| UrlError("the URL is not valid UTF-8 after %-decoding".into()))
+    String::from_utf8(out)
+        .map_err(|_| UrlError("the URL is not valid UTF-8 after %-decoding".into()))
 }
 
 #[cfg(test)]
@@ -247,8 +259,10 @@ mod tests {
 
     #[test]
     fn parses_a_full_url() {
-        let u = PgUrl::parse("postgres://ehr%40x:p%2Fw@db.example:6543/ehr?sslmode=require&application_name=a")
-            .unwrap();
+        let u = PgUrl::parse(
+            "postgres://ehr%40x:p%2Fw@db.example:6543/ehr?sslmode=require&application_name=a",
+        )
+        .unwrap();
         assert_eq!(u.user, "ehr@x");
         assert_eq!(u.password.as_deref(), Some("p/w"));
         assert_eq!((u.host.as_str(), u.port), ("db.example", 6543));
@@ -260,7 +274,10 @@ mod tests {
     #[test]
     fn defaults_port_db_and_sslmode() {
         let u = PgUrl::parse("postgresql://bob@[::1]").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.dbname.as_str()), ("::1", 5432, "bob"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.dbname.as_str()),
+            ("::1", 5432, "bob")
+        );
         assert_eq!(u.sslmode, SslMode::Prefer);
     }
 

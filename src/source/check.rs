@@ -12,7 +12,10 @@ pub async fn check(config: &Config) -> Vec<String> {
     let client = match crate::pg::connect(&config.source.url, "check").await {
         Ok(c) => c,
         Err(e) => {
-            let hint = e.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default();
+            let hint = e
+                .hint()
+                .map(|h| format!(" (hint: {h})"))
+                .unwrap_or_default();
             return vec![format!("source.url: cannot connect: {e}{hint}")];
         }
     };
@@ -27,7 +30,11 @@ fn pg(context: &str) -> impl FnOnce(tokio_postgres::Error) -> Error + '_ {
     move |e| Error::postgres(context.to_string(), e)
 }
 
-async fn run_checks(client: &Client, config: &Config, problems: &mut Vec<String>) -> Result<(), Error> {
+async fn run_checks(
+    client: &Client,
+    config: &Config,
+    problems: &mut Vec<String>,
+) -> Result<(), Error> {
     let source = &config.source;
     let level = slot::show(client, "wal_level").await?;
     if level != "logical" {
@@ -140,9 +147,17 @@ async fn run_checks(client: &Client, config: &Config, problems: &mut Vec<String>
             .await
             .map_err(pg("reading table columns"))?;
         let names: Vec<String> = attrs.iter().map(|r| r.get(0)).collect();
-        for c in t.key.iter().flatten().chain(&t.exclude).chain(t.rename.keys()) {
+        for c in t
+            .key
+            .iter()
+            .flatten()
+            .chain(&t.exclude)
+            .chain(t.rename.keys())
+        {
             if !names.contains(c) {
-                problems.push(format!("table {at}: has no column {c:?} (named in its key, exclude or rename)"));
+                problems.push(format!(
+                    "table {at}: has no column {c:?} (named in its key, exclude or rename)"
+                ));
             }
         }
     }
@@ -158,7 +173,10 @@ async fn run_checks(client: &Client, config: &Config, problems: &mut Vec<String>
             ));
         }
         if info.slot_type != "logical" || info.plugin.as_deref() != Some("pgoutput") {
-            problems.push(format!("source.slot: slot {} exists but is not a logical pgoutput slot", source.slot));
+            problems.push(format!(
+                "source.slot: slot {} exists but is not a logical pgoutput slot",
+                source.slot
+            ));
         }
     }
     Ok(())

@@ -79,7 +79,9 @@ impl Source {
         slot::ensure_publication(&catalog, &config).await?;
         let info = slot::ensure_slot(&catalog, &slot).await?;
         let timeout = slot::wal_sender_timeout(&catalog).await?;
-        let status_interval = timeout.map_or(Duration::from_secs(10), |t| (t / 2).min(Duration::from_secs(10)));
+        let status_interval = timeout.map_or(Duration::from_secs(10), |t| {
+            (t / 2).min(Duration::from_secs(10))
+        });
         let start = info.confirmed_flush.unwrap_or_default();
         tracing::info!(%slot, confirmed_flush_lsn = %start, "source ready");
         Ok(Source {
@@ -97,7 +99,12 @@ impl Source {
     }
 
     /// Stream until `shutdown`, a fatal error, or the next stage going away.
-    pub async fn run(self, mut down: Downstream, shutdown: CancellationToken, health: Arc<Health>) -> Result<(), Error> {
+    pub async fn run(
+        self,
+        mut down: Downstream,
+        shutdown: CancellationToken,
+        health: Arc<Health>,
+    ) -> Result<(), Error> {
         let (monitor_tx, mut monitor_rx) = mpsc::channel(1);
         let monitor = tokio::spawn(monitor(
             self.config.clone(),
@@ -158,7 +165,11 @@ struct OpenTxn {
 }
 
 impl Session<'_> {
-    async fn stream(&mut self, down: &mut Downstream, monitor: &mut mpsc::Receiver<Error>) -> Result<(), Error> {
+    async fn stream(
+        &mut self,
+        down: &mut Downstream,
+        monitor: &mut mpsc::Receiver<Error>,
+    ) -> Result<(), Error> {
         let src = self.source;
         let config = &src.config;
         let mut conn = ReplicationConn::connect(&config.source.url).await?;
@@ -176,7 +187,8 @@ impl Session<'_> {
             ))
             .with_hint("do not advance or share pgferry's slot; resynchronise the target"));
         }
-        conn.start_replication(&src.slot, start, &config.source.publication).await?;
+        conn.start_replication(&src.slot, start, &config.source.publication)
+            .await?;
         self.health.set_source_streaming(true);
         tracing::info!(slot = %src.slot, %start, "streaming");
 
@@ -239,8 +251,16 @@ impl Session<'_> {
     ) -> Result<(), Error> {
         let config = &self.source.config;
         let (op, relation, before, after) = match message {
-            Message::Begin { final_lsn, commit_ts, xid } => {
-                let txn = Txn { xid, commit_lsn: final_lsn, commit_ts };
+            Message::Begin {
+                final_lsn,
+                commit_ts,
+                xid,
+            } => {
+                let txn = Txn {
+                    xid,
+                    commit_lsn: final_lsn,
+                    commit_ts,
+                };
                 *open = Some(OpenTxn { txn, ordinal: 0 });
                 self.progress.begin();
                 return self.send(Event::Begin(txn), conn, down).await;
@@ -250,12 +270,15 @@ impl Session<'_> {
                     .take()
                     .ok_or_else(|| Error::fatal(format!("commit at {lsn} without a begin")))?
                     .txn;
-                self.send(Event::Commit { txn, end_lsn }, conn, down).await?;
+                self.send(Event::Commit { txn, end_lsn }, conn, down)
+                    .await?;
                 self.progress.commit(end_lsn);
                 return Ok(());
             }
             Message::Relation(rel) => {
-                self.relations.update(&self.source.catalog, config, rel).await?;
+                self.relations
+                    .update(&self.source.catalog, config, rel)
+                    .await?;
                 return Ok(());
             }
             Message::Type { oid, .. } => {
@@ -275,7 +298,8 @@ impl Session<'_> {
                     if state.selected {
                         let table = state.schema.clone();
                         state.count(Op::Truncate);
-                        self.change(Op::Truncate, table, None, None, lsn, open, conn, down).await?;
+                        self.change(Op::Truncate, table, None, None, lsn, open, conn, down)
+                            .await?;
                     }
                 }
                 return Ok(());
@@ -291,7 +315,9 @@ impl Session<'_> {
         let before = before.map(|o| state.old_row(o)).transpose()?;
         let mut after = after.map(|t| state.row(t, false)).transpose()?;
         // An unchanged TOAST value can be filled in from a full old row.
-        if let (Some(after), Some(before)) = (after.as_mut(), before.as_ref().filter(|b| !b.key_only)) {
+        if let (Some(after), Some(before)) =
+            (after.as_mut(), before.as_ref().filter(|b| !b.key_only))
+        {
             for (a, b) in after.values.iter_mut().zip(&before.values) {
                 if matches!(a, Datum::Unchanged) && matches!(b, Datum::Text(_)) {
                     *a = b.clone();
@@ -300,12 +326,15 @@ impl Session<'_> {
         }
         state.count(op);
         let table = state.schema.clone();
-        self.change(op, table, before, after, lsn, open, conn, down).await
+        self.change(op, table, before, after, lsn, open, conn, down)
+            .await
     }
 
     fn relation(&self, oid: u32, lsn: Lsn) -> Result<&relation::RelationState, Error> {
         self.relations.get(oid).ok_or_else(|| {
-            Error::fatal(format!("change at {lsn} for relation {oid} arrived before its relation message"))
+            Error::fatal(format!(
+                "change at {lsn} for relation {oid} arrived before its relation message"
+            ))
         })
     }
 
@@ -340,7 +369,12 @@ impl Session<'_> {
     }
 
     /// Hand an event on, waiting for room; status updates continue meanwhile.
-    async fn send(&mut self, event: Event, conn: &mut ReplicationConn, down: &mut Downstream) -> Result<(), Error> {
+    async fn send(
+        &mut self,
+        event: Event,
+        conn: &mut ReplicationConn,
+        down: &mut Downstream,
+    ) -> Result<(), Error> {
         loop {
             tokio::select! {
                 permit = down.events.reserve() => {
@@ -358,7 +392,8 @@ impl Session<'_> {
 
     async fn status(&mut self, conn: &mut ReplicationConn, reply: bool) -> Result<(), Error> {
         let flush = self.progress.flush_position();
-        conn.send_status(self.progress.write_position(), flush, reply).await?;
+        conn.send_status(self.progress.write_position(), flush, reply)
+            .await?;
         self.progress.confirmed(flush);
         metrics().source_confirmed_lsn.set(flush.0 as i64);
         Ok(())
@@ -366,7 +401,11 @@ impl Session<'_> {
 
     /// Graceful stop: wait (bounded) until what was handed on is durable, confirm it,
     /// and end the stream.
-    async fn finish(&mut self, mut conn: ReplicationConn, down: &mut Downstream) -> Result<(), Error> {
+    async fn finish(
+        &mut self,
+        mut conn: ReplicationConn,
+        down: &mut Downstream,
+    ) -> Result<(), Error> {
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         loop {
             self.progress.durable(*down.durable.borrow_and_update());
@@ -389,7 +428,12 @@ impl Session<'_> {
 
 /// Heartbeats and slot health, on its own connection, every `heartbeat_interval`.
 /// A lost or dropped slot is reported as a fatal error; connection trouble is retried.
-async fn monitor(config: Arc<Config>, slot_name: String, errors: mpsc::Sender<Error>, shutdown: CancellationToken) {
+async fn monitor(
+    config: Arc<Config>,
+    slot_name: String,
+    errors: mpsc::Sender<Error>,
+    shutdown: CancellationToken,
+) {
     let mut client: Option<Client> = None;
     let mut interval = tokio::time::interval(config.source.heartbeat_interval);
     let mut heartbeat_warned = false;
@@ -425,7 +469,9 @@ async fn monitor(config: Arc<Config>, slot_name: String, errors: mpsc::Sender<Er
                 }
             }
             Ok(None) => {
-                let e = Error::fatal(format!("replication slot {slot_name} was dropped while pgferry used it"));
+                let e = Error::fatal(format!(
+                    "replication slot {slot_name} was dropped while pgferry used it"
+                ));
                 let _ = errors.send(e).await;
                 return;
             }

@@ -365,7 +365,9 @@ impl Reader {
                         TupleValue::Binary(data)
                     }
                 }
-                other => return Err(self.error(format!("unknown tuple column kind {:?}", other as char))),
+                other => {
+                    return Err(self.error(format!("unknown tuple column kind {:?}", other as char)))
+                }
             };
             values.push(v);
         }

@@ -12,8 +12,10 @@ use tokio_postgres::Client;
 use super::pgoutput::{OldTuple, Relation, Tuple, TupleValue};
 use crate::config::{Config, Table};
 use crate::error::Error;
+use crate::event::{
+    Column, Datum, Op, PgType, ReplicaIdentity, Row, TableName, TableSchema, Text, TypeKind,
+};
 use crate::metrics::metrics;
-use crate::event::{Column, Datum, Op, PgType, ReplicaIdentity, Row, TableName, TableSchema, Text, TypeKind};
 
 /// What the source knows about one relation OID.
 pub struct RelationState {
@@ -67,7 +69,12 @@ impl RelationCache {
     }
 
     /// Derive the table schema from a Relation message and the catalog.
-    pub async fn update(&mut self, catalog: &Client, config: &Config, rel: Relation) -> Result<&RelationState, Error> {
+    pub async fn update(
+        &mut self,
+        catalog: &Client,
+        config: &Config,
+        rel: Relation,
+    ) -> Result<&RelationState, Error> {
         let name = TableName::new(rel.namespace.clone(), rel.name.clone());
         let table_cfg = config.table(&name);
         let selected = config.tables.is_empty() || table_cfg.is_some();
@@ -97,11 +104,12 @@ impl RelationCache {
                 ty,
                 typmod: rc.typmod,
                 type_name,
-                nullable: attr.map_or(true, |a| !a.not_null),
+                nullable: attr.is_none_or(|a| !a.not_null),
             });
             positions.push(pos);
         }
-        let replica_identity = ReplicaIdentity::from_byte(rel.replica_identity).unwrap_or(ReplicaIdentity::Default);
+        let replica_identity =
+            ReplicaIdentity::from_byte(rel.replica_identity).unwrap_or(ReplicaIdentity::Default);
         pk.sort();
         let configured = table_cfg.and_then(|t| t.key.as_ref().map(|k| (t, k)));
         let key = match configured {
@@ -120,7 +128,8 @@ impl RelationCache {
         });
         tracing::debug!(table = %schema.name, oid = rel.oid, columns = schema.columns.len(), "relation");
         let table = schema.name.to_string();
-        let counters = ["c", "u", "d", "t"].map(|op| metrics().source_changes.with_label_values(&[&table, op]));
+        let counters = ["c", "u", "d", "t"]
+            .map(|op| metrics().source_changes.with_label_values(&[&table, op]));
         let state = RelationState {
             schema,
             positions,
@@ -144,8 +153,14 @@ impl RelationCache {
                 &[&oid],
             )
             .await
-            .map_err(|e| Error::postgres(format!("looking up type {oid} in the source catalog"), e))?
-            .ok_or_else(|| Error::fatal(format!("type OID {oid} is not in the source catalog (dropped?)")))?;
+            .map_err(|e| {
+                Error::postgres(format!("looking up type {oid} in the source catalog"), e)
+            })?
+            .ok_or_else(|| {
+                Error::fatal(format!(
+                    "type OID {oid} is not in the source catalog (dropped?)"
+                ))
+            })?;
         let name: String = row.get(0);
         let typtype: String = row.get(1);
         let elem: u32 = row.get(2);
@@ -156,9 +171,14 @@ impl RelationCache {
         let typname: String = row.get(7);
         let kind = if typtype == "d" {
             // A domain behaves as its base type.
-            Box::pin(self.resolve_type(catalog, base)).await?.kind.clone()
+            Box::pin(self.resolve_type(catalog, base))
+                .await?
+                .kind
+                .clone()
         } else if category == "A" && typlen == -1 && elem != 0 && typname.starts_with('_') {
-            TypeKind::Array(Box::new((*Box::pin(self.resolve_type(catalog, elem)).await?).clone()))
+            TypeKind::Array(Box::new(
+                (*Box::pin(self.resolve_type(catalog, elem)).await?).clone(),
+            ))
         } else if typtype == "e" {
             TypeKind::Enum
         } else {
@@ -255,7 +275,11 @@ async fn catalog_columns(catalog: &Client, rel: u32) -> Result<Vec<CatalogColumn
         .collect())
 }
 
-fn configured_key(table: &Table, names: &[String], columns: &[Column]) -> Result<Vec<usize>, Error> {
+fn configured_key(
+    table: &Table,
+    names: &[String],
+    columns: &[Column],
+) -> Result<Vec<usize>, Error> {
     names
         .iter()
         .map(|n| {

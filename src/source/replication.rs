@@ -86,9 +86,11 @@ impl ReplicationConn {
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
-                return Err(Error::transient(format!("connecting to {url} (replication)"))
-                    .with_source(e)
-                    .with_hint("is the server running and reachable at that host and port?"))
+                return Err(
+                    Error::transient(format!("connecting to {url} (replication)"))
+                        .with_source(e)
+                        .with_hint("is the server running and reachable at that host and port?"),
+                )
             }
             Err(_) => {
                 return Err(Error::transient(format!(
@@ -111,7 +113,11 @@ impl ReplicationConn {
     }
 
     async fn startup(&mut self) -> Result<(), Error> {
-        let app = self.url.application_name.clone().unwrap_or_else(|| "pgferry".into());
+        let app = self
+            .url
+            .application_name
+            .clone()
+            .unwrap_or_else(|| "pgferry".into());
         let params = [
             ("user", self.url.user.as_str()),
             ("database", self.url.dbname.as_str()),
@@ -119,7 +125,8 @@ impl ReplicationConn {
             ("application_name", app.as_str()),
             ("options", SESSION_OPTIONS),
         ];
-        frontend::startup_message(params.iter().copied(), &mut self.write).map_err(|e| self.io_error(e))?;
+        frontend::startup_message(params.iter().copied(), &mut self.write)
+            .map_err(|e| self.io_error(e))?;
         self.flush().await?;
         let mut scram: Option<sasl::ScramSha256> = None;
         loop {
@@ -131,13 +138,19 @@ impl ReplicationConn {
                 backend::Message::AuthenticationOk => {}
                 backend::Message::AuthenticationCleartextPassword => {
                     let pw = self.password()?;
-                    frontend::password_message(pw.as_bytes(), &mut self.write).map_err(|e| self.io_error(e))?;
+                    frontend::password_message(pw.as_bytes(), &mut self.write)
+                        .map_err(|e| self.io_error(e))?;
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
                     let pw = self.password()?;
-                    let hash = authentication::md5_hash(self.url.user.as_bytes(), pw.as_bytes(), body.salt());
-                    frontend::password_message(hash.as_bytes(), &mut self.write).map_err(|e| self.io_error(e))?;
+                    let hash = authentication::md5_hash(
+                        self.url.user.as_bytes(),
+                        pw.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.write)
+                        .map_err(|e| self.io_error(e))?;
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationSasl(body) => {
@@ -155,31 +168,44 @@ impl ReplicationConn {
                     let pw = self.password()?;
                     // No channel binding: we do not hash the server certificate; the
                     // server accepts SCRAM without it.
-                    let s = sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.write)
-                        .map_err(|e| self.io_error(e))?;
+                    let s =
+                        sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.write,
+                    )
+                    .map_err(|e| self.io_error(e))?;
                     scram = Some(s);
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| self.protocol("SASL continue without SASL start"))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol("SASL continue without SASL start"))?;
                     s.update(body.data()).map_err(|e| self.auth_error(e))?;
-                    frontend::sasl_response(s.message(), &mut self.write).map_err(|e| self.io_error(e))?;
+                    frontend::sasl_response(s.message(), &mut self.write)
+                        .map_err(|e| self.io_error(e))?;
                     self.flush().await?;
                 }
                 backend::Message::AuthenticationSaslFinal(body) => {
-                    let s = scram.as_mut().ok_or_else(|| self.protocol("SASL final without SASL start"))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol("SASL final without SASL start"))?;
                     s.finish(body.data()).map_err(|e| self.auth_error(e))?;
                 }
                 backend::Message::ParameterStatus(body) => {
                     let name = body.name().map_err(|e| self.io_error(e))?;
                     if name == "server_version" {
-                        self.server_version = parse_server_version(body.value().map_err(|e| self.io_error(e))?);
+                        self.server_version =
+                            parse_server_version(body.value().map_err(|e| self.io_error(e))?);
                     }
                 }
                 backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
                 backend::Message::ReadyForQuery(_) => return Ok(()),
-                backend::Message::ErrorResponse(body) => return Err(self.server_error("authenticating", &body)),
+                backend::Message::ErrorResponse(body) => {
+                    return Err(self.server_error("authenticating", &body))
+                }
                 backend::Message::AuthenticationGss
                 | backend::Message::AuthenticationKerberosV5
                 | backend::Message::AuthenticationScmCredential
@@ -188,7 +214,9 @@ impl ReplicationConn {
                         "{}: the server asks for an authentication method pgferry does not support",
                         self.url
                     ))
-                    .with_hint("use trust, password, md5 or scram-sha-256 in pg_hba.conf for this role"))
+                    .with_hint(
+                        "use trust, password, md5 or scram-sha-256 in pg_hba.conf for this role",
+                    ))
                 }
                 _ => return Err(self.protocol("unexpected message during startup")),
             }
@@ -222,7 +250,8 @@ impl ReplicationConn {
                         rows.push(row);
                     }
                     backend::Message::ErrorResponse(body) => {
-                        failure = Some(self.server_error(&format!("running {}", first_word(sql)), &body))
+                        failure =
+                            Some(self.server_error(&format!("running {}", first_word(sql)), &body))
                     }
                     backend::Message::ReadyForQuery(_) => {
                         return match failure {
@@ -238,7 +267,9 @@ impl ReplicationConn {
 
     pub async fn identify_system(&mut self) -> Result<SystemId, Error> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows.first().ok_or_else(|| self.protocol("IDENTIFY_SYSTEM returned no row"))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| self.protocol("IDENTIFY_SYSTEM returned no row"))?;
         let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         Ok(SystemId {
             system_id: col(0),
@@ -262,7 +293,12 @@ impl ReplicationConn {
     }
 
     /// `START_REPLICATION` with pgoutput v1 and logical messages; switches to CopyBoth.
-    pub async fn start_replication(&mut self, slot: &str, start: Lsn, publication: &str) -> Result<(), Error> {
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<(), Error> {
         // publication_names is parsed as an identifier list: quote it.
         let pub_ident = format!("\"{}\"", publication.replace('"', "\"\"")).replace('\'', "''");
         let sql = format!(
@@ -281,7 +317,9 @@ impl ReplicationConn {
                     return Err(err);
                 }
                 Incoming::Message(backend::Message::NoticeResponse(_)) => {}
-                Incoming::Message(_) => return Err(self.protocol("unexpected reply to START_REPLICATION")),
+                Incoming::Message(_) => {
+                    return Err(self.protocol("unexpected reply to START_REPLICATION"))
+                }
             }
         }
     }
@@ -303,7 +341,10 @@ impl ReplicationConn {
                     return parse_copy_data(body.into_bytes()).map_err(|m| self.protocol(&m));
                 }
                 Incoming::Message(backend::Message::CopyDone) => {
-                    return Err(Error::transient(format!("{}: the server ended the replication stream", self.url)))
+                    return Err(Error::transient(format!(
+                        "{}: the server ended the replication stream",
+                        self.url
+                    )))
                 }
                 Incoming::Message(backend::Message::ErrorResponse(body)) => {
                     return Err(self.server_error("streaming", &body))
@@ -317,7 +358,12 @@ impl ReplicationConn {
     }
 
     /// Send a standby status update. `flush` is what the slot may be confirmed to.
-    pub async fn send_status(&mut self, write: Lsn, flush: Lsn, reply_requested: bool) -> Result<(), Error> {
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), Error> {
         self.write.put_u8(b'd');
         self.write.put_i32(4 + 1 + 8 * 4 + 1);
         self.write.put_u8(STANDBY_STATUS_UPDATE);
@@ -350,7 +396,10 @@ impl ReplicationConn {
 
     async fn flush(&mut self) -> Result<(), Error> {
         let buf = self.write.split();
-        self.stream.write_all(&buf).await.map_err(|e| self.io_error(e))?;
+        self.stream
+            .write_all(&buf)
+            .await
+            .map_err(|e| self.io_error(e))?;
         self.stream.flush().await.map_err(|e| self.io_error(e))
     }
 
@@ -359,7 +408,9 @@ impl ReplicationConn {
             if let Some(header) = Header::parse(&self.read).map_err(|e| self.io_error(e))? {
                 let len = header.len() as usize + 1;
                 if len > MAX_FRAME {
-                    return Err(self.protocol(&format!("a {len}-byte message exceeds the 1 GiB limit")));
+                    return Err(
+                        self.protocol(&format!("a {len}-byte message exceeds the 1 GiB limit"))
+                    );
                 }
                 if self.read.len() >= len {
                     if header.tag() == COPY_BOTH_RESPONSE {
@@ -375,9 +426,16 @@ impl ReplicationConn {
             } else {
                 self.read.reserve(64 * 1024);
             }
-            let n = self.stream.read_buf(&mut self.read).await.map_err(|e| self.io_error(e))?;
+            let n = self
+                .stream
+                .read_buf(&mut self.read)
+                .await
+                .map_err(|e| self.io_error(e))?;
             if n == 0 {
-                return Err(Error::transient(format!("{}: the server closed the replication connection", self.url)));
+                return Err(Error::transient(format!(
+                    "{}: the server closed the replication connection",
+                    self.url
+                )));
             }
         }
     }
@@ -419,7 +477,8 @@ impl ReplicationConn {
         if let Some(h) = hint {
             err = err.with_hint(h);
         } else if kind == ErrorKind::Operator && code.starts_with("28") {
-            err = err.with_hint("check the user and password in the URL, and pg_hba.conf on the server");
+            err = err
+                .with_hint("check the user and password in the URL, and pg_hba.conf on the server");
         }
         err
     }
@@ -520,7 +579,11 @@ mod tests {
         b.put_i64(0);
         b.put_slice(b"BODY");
         match parse_copy_data(b.freeze()).unwrap() {
-            ReplicationMessage::XLogData { wal_start, wal_end, payload } => {
+            ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                payload,
+            } => {
                 assert_eq!((wal_start, wal_end), (Lsn(0x10), Lsn(0x20)));
                 assert_eq!(&payload[..], b"BODY");
             }
@@ -533,7 +596,10 @@ mod tests {
         b.put_u8(1);
         assert!(matches!(
             parse_copy_data(b.freeze()).unwrap(),
-            ReplicationMessage::Keepalive { wal_end: Lsn(0x30), reply_requested: true }
+            ReplicationMessage::Keepalive {
+                wal_end: Lsn(0x30),
+                reply_requested: true
+            }
         ));
     }
 
@@ -547,7 +613,10 @@ mod tests {
 
     #[test]
     fn parses_server_versions() {
-        assert_eq!(parse_server_version("15.4 (Debian 15.4-1.pgdg120+1)"), 150004);
+        assert_eq!(
+            parse_server_version("15.4 (Debian 15.4-1.pgdg120+1)"),
+            150004
+        );
         assert_eq!(parse_server_version("16beta1"), 160001);
         assert_eq!(parse_server_version("9.6.3"), 90603);
     }

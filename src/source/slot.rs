@@ -47,8 +47,10 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
 pub async fn require_logical_wal(client: &Client) -> Result<(), Error> {
     let level = show(client, "wal_level").await?;
     if level != "logical" {
-        return Err(Error::operator(format!("the source server has wal_level = {level}, but logical decoding needs logical"))
-            .with_hint("set wal_level = logical in postgresql.conf and restart PostgreSQL"));
+        return Err(Error::operator(format!(
+            "the source server has wal_level = {level}, but logical decoding needs logical"
+        ))
+        .with_hint("set wal_level = logical in postgresql.conf and restart PostgreSQL"));
     }
     Ok(())
 }
@@ -64,7 +66,10 @@ pub async fn show(client: &Client, setting: &str) -> Result<String, Error> {
 /// `wal_sender_timeout` (0 = disabled, reported as None).
 pub async fn wal_sender_timeout(client: &Client) -> Result<Option<Duration>, Error> {
     let row = client
-        .query_one("select setting::bigint from pg_settings where name = 'wal_sender_timeout'", &[])
+        .query_one(
+            "select setting::bigint from pg_settings where name = 'wal_sender_timeout'",
+            &[],
+        )
         .await
         .map_err(|e| Error::postgres("reading wal_sender_timeout", e))?;
     let ms: i64 = row.get(0);
@@ -76,9 +81,11 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
     let publication = &config.source.publication;
     for t in &config.tables {
         let exists = client
-            .query_opt("select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+            .query_opt(
+                "select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace \
                         where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
-                       &[&t.source.schema, &t.source.name])
+                &[&t.source.schema, &t.source.name],
+            )
             .await
             .map_err(|e| Error::postgres("looking up configured tables", e))?
             .is_some();
@@ -92,21 +99,36 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
         }
     }
     let all_tables: Option<bool> = client
-        .query_opt("select puballtables from pg_publication where pubname = $1", &[publication])
+        .query_opt(
+            "select puballtables from pg_publication where pubname = $1",
+            &[publication],
+        )
         .await
         .map_err(|e| Error::postgres(format!("reading publication {publication}"), e))?
         .map(|r| r.get(0));
     let quoted_pub = quote_ident(publication);
-    let list = |tables: &[&TableName]| tables.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ");
+    let list = |tables: &[&TableName]| {
+        tables
+            .iter()
+            .map(|t| t.quoted())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match all_tables {
         None => {
             let tables: Vec<&TableName> = config.tables.iter().map(|t| &t.source).collect();
             let sql = if tables.is_empty() {
                 format!("CREATE PUBLICATION {quoted_pub}")
             } else {
-                format!("CREATE PUBLICATION {quoted_pub} FOR TABLE {}", list(&tables))
+                format!(
+                    "CREATE PUBLICATION {quoted_pub} FOR TABLE {}",
+                    list(&tables)
+                )
             };
-            client.batch_execute(&sql).await.map_err(|e| publication_error(publication, e))?;
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| publication_error(publication, e))?;
             tracing::info!(%publication, tables = tables.len(), "created publication");
         }
         Some(true) => {}
@@ -115,7 +137,10 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
                 .query("select schemaname::text, tablename::text from pg_publication_tables where pubname = $1", &[publication])
                 .await
                 .map_err(|e| Error::postgres(format!("reading publication {publication}"), e))?;
-            let published: Vec<TableName> = rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect();
+            let published: Vec<TableName> = rows
+                .iter()
+                .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect();
             let missing: Vec<&TableName> = config
                 .tables
                 .iter()
@@ -123,8 +148,14 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
                 .filter(|t| !published.contains(t))
                 .collect();
             if !missing.is_empty() {
-                let sql = format!("ALTER PUBLICATION {quoted_pub} ADD TABLE {}", list(&missing));
-                client.batch_execute(&sql).await.map_err(|e| publication_error(publication, e))?;
+                let sql = format!(
+                    "ALTER PUBLICATION {quoted_pub} ADD TABLE {}",
+                    list(&missing)
+                );
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| publication_error(publication, e))?;
                 tracing::info!(%publication, added = missing.len(), "extended publication");
             }
         }
@@ -152,9 +183,11 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotInfo, Error>
             })?;
         tracing::info!(%slot, "created replication slot");
     }
-    let info = slot_info(client, slot)
-        .await?
-        .ok_or_else(|| Error::fatal(format!("replication slot {slot} vanished right after it was created")))?;
+    let info = slot_info(client, slot).await?.ok_or_else(|| {
+        Error::fatal(format!(
+            "replication slot {slot} vanished right after it was created"
+        ))
+    })?;
     let current_db: String = client
         .query_one("select current_database()", &[])
         .await

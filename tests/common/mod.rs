@@ -35,25 +35,31 @@ pub fn with_db(url: &str, db: &str) -> String {
         None => (url, String::new()),
     };
     let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let slash = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
+    let slash = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
     format!("{}/{db}{query}", &base[..slash])
 }
 
 /// Run SQL with the simple query protocol; rows come back as text.
 pub fn sql(url: &str, query: &str) -> Vec<Vec<Option<String>>> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
         let handle = tokio::spawn(conn);
-        let msgs = client
-            .simple_query(query)
-            .await
-            .unwrap_or_else(|e| {
-                let detail = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
-                panic!("running SQL on {url}: {e}: {detail}\n{query}")
-            });
+        let msgs = client.simple_query(query).await.unwrap_or_else(|e| {
+            let detail = e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default();
+            panic!("running SQL on {url}: {e}: {detail}\n{query}")
+        });
         drop(client);
         let _ = handle.await;
         msgs.into_iter()
@@ -69,7 +75,10 @@ pub fn sql(url: &str, query: &str) -> Vec<Vec<Option<String>>> {
 
 /// The single value of a one-row, one-column query.
 pub fn sql_value(url: &str, query: &str) -> Option<String> {
-    sql(url, query).into_iter().next().and_then(|r| r.into_iter().next().flatten())
+    sql(url, query)
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten())
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -91,7 +100,10 @@ impl TestDb {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("pgft_{tag}_{}_{n}", std::process::id());
         let admin_url = with_db(server_url, "postgres");
-        sql(&admin_url, &format!("drop database if exists {name} with (force)"));
+        sql(
+            &admin_url,
+            &format!("drop database if exists {name} with (force)"),
+        );
         sql(&admin_url, &format!("create database {name}"));
         let dir = std::env::temp_dir().join(&name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -162,7 +174,10 @@ impl Drop for TestDb {
                     self.name
                 ),
             );
-            sql(&self.admin_url, &format!("drop database if exists {} with (force)", self.name));
+            sql(
+                &self.admin_url,
+                &format!("drop database if exists {} with (force)", self.name),
+            );
         });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -199,14 +214,19 @@ impl Pgferry {
                 }
             }
         });
-        Pgferry { child, lines: rx, stderr }
+        Pgferry {
+            child,
+            lines: rx,
+            stderr,
+        }
     }
 
     /// `pgferry tail --config FILE [extra args]`.
     pub fn tail(config: &std::path::Path, extra: &[&str]) -> Pgferry {
         let mut args = vec!["tail", "--config", config.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let stderr = config.with_extension(format!("stderr.{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let stderr =
+            config.with_extension(format!("stderr.{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
         Pgferry::spawn(&args, stderr)
     }
 
@@ -260,7 +280,9 @@ impl Pgferry {
 
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -268,7 +290,10 @@ impl Pgferry {
             }
             if Instant::now() > deadline {
                 self.kill9();
-                panic!("pgferry did not stop within 40s of SIGTERM; stderr:\n{}", self.stderr_text());
+                panic!(
+                    "pgferry did not stop within 40s of SIGTERM; stderr:\n{}",
+                    self.stderr_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -276,7 +301,8 @@ impl Pgferry {
 
     /// Peak resident memory (VmHWM) in KiB, read from /proc.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
@@ -296,7 +322,10 @@ impl Drop for Pgferry {
 
 /// Run `pgferry ARGS` to completion: (exit code, stdout, stderr).
 pub fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("running pgferry");
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("running pgferry");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -326,18 +355,30 @@ pub fn lsn(text: &str) -> u64 {
 
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// GET `path` from a local HTTP server: (status code, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the HTTP server");
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the HTTP server");
     write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -351,7 +392,9 @@ pub fn wait_streaming(db: &TestDb, tag: &str) {
         "select count(*) from pg_stat_replication r join pg_replication_slots s on s.active_pid = r.pid \
          where s.slot_name = '{slot}'"
     );
-    wait_for(&format!("slot {slot} to be streamed"), Duration::from_secs(60), || {
-        (db.value(&query).as_deref() == Some("1")).then_some(())
-    });
+    wait_for(
+        &format!("slot {slot} to be streamed"),
+        Duration::from_secs(60),
+        || (db.value(&query).as_deref() == Some("1")).then_some(()),
+    );
 }

@@ -10,7 +10,10 @@ fn payloads() -> Vec<Bytes> {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            let hex = l.split_whitespace().nth(1).expect("fixture line: <lsn> <hex>");
+            let hex = l
+                .split_whitespace()
+                .nth(1)
+                .expect("fixture line: <lsn> <hex>");
             let bytes: Vec<u8> = (0..hex.len())
                 .step_by(2)
                 .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
@@ -21,7 +24,10 @@ fn payloads() -> Vec<Bytes> {
 }
 
 fn messages() -> Vec<Message> {
-    payloads().into_iter().map(|p| decode(p).expect("fixture decodes")).collect()
+    payloads()
+        .into_iter()
+        .map(|p| decode(p).expect("fixture decodes"))
+        .collect()
 }
 
 fn text(v: &TupleValue) -> &str {
@@ -49,7 +55,10 @@ fn tag_of(m: &Message) -> char {
 #[test]
 fn decodes_the_whole_workload_in_order() {
     let tags: String = messages().iter().map(tag_of).collect();
-    assert_eq!(tags, "BYRIIRIUUUDDC BYRRTC BRIIC BRIC BUC M BMYRIC".replace(' ', ""));
+    assert_eq!(
+        tags,
+        "BYRIIRIUUUDDC BYRRTC BRIIC BRIC BUC M BMYRIC".replace(' ', "")
+    );
 }
 
 #[test]
@@ -62,7 +71,11 @@ fn begin_and_commit_agree_on_the_commit_lsn() {
                 assert!(*xid > 0);
                 open = Some(*final_lsn);
             }
-            Message::Commit { commit_lsn, end_lsn, .. } => {
+            Message::Commit {
+                commit_lsn,
+                end_lsn,
+                ..
+            } => {
                 assert_eq!(Some(*commit_lsn), open.take());
                 assert!(end_lsn > commit_lsn);
             }
@@ -74,50 +87,97 @@ fn begin_and_commit_agree_on_the_commit_lsn() {
 #[test]
 fn relation_messages_describe_columns_and_identity() {
     let msgs = messages();
-    let Message::Type { namespace, name, .. } = &msgs[1] else { panic!("{:?}", msgs[1]) };
+    let Message::Type {
+        namespace, name, ..
+    } = &msgs[1]
+    else {
+        panic!("{:?}", msgs[1])
+    };
     assert_eq!((namespace.as_str(), name.as_str()), ("fixtures", "mood"));
-    let Message::Relation(patients) = &msgs[2] else { panic!() };
-    assert_eq!((patients.namespace.as_str(), patients.name.as_str()), ("fixtures", "patients"));
+    let Message::Relation(patients) = &msgs[2] else {
+        panic!()
+    };
+    assert_eq!(
+        (patients.namespace.as_str(), patients.name.as_str()),
+        ("fixtures", "patients")
+    );
     assert_eq!(patients.replica_identity, b'd');
     let names: Vec<&str> = patients.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["id", "name", "mood", "notes"]);
     assert!(patients.columns[0].is_key() && !patients.columns[1].is_key());
     assert_eq!(patients.columns[0].type_oid, 23);
     assert!(patients.columns[2].type_oid >= 16384, "enum is a user type");
-    let Message::Relation(audit) = &msgs[5] else { panic!() };
+    let Message::Relation(audit) = &msgs[5] else {
+        panic!()
+    };
     assert_eq!(audit.replica_identity, b'f');
-    assert!(audit.columns.iter().all(|c| c.is_key()), "FULL flags every column");
+    assert!(
+        audit.columns.iter().all(|c| c.is_key()),
+        "FULL flags every column"
+    );
 }
 
 #[test]
 fn row_changes_carry_the_right_images() {
     let msgs = messages();
-    let Message::Insert { new, .. } = &msgs[3] else { panic!() };
+    let Message::Insert { new, .. } = &msgs[3] else {
+        panic!()
+    };
     assert_eq!(text(&new[1]), "Ada");
     assert_eq!(text(&new[2]), "calm");
     assert_eq!(new[3], TupleValue::Null);
     // update of a non-key column, identity DEFAULT: no old tuple
-    let Message::Update { old: None, new, .. } = &msgs[7] else { panic!("{:?}", msgs[7]) };
+    let Message::Update { old: None, new, .. } = &msgs[7] else {
+        panic!("{:?}", msgs[7])
+    };
     assert_eq!(text(&new[3]), "seen");
     // update of the key: old key tuple with only the key set
-    let Message::Update { old: Some(OldTuple::Key(old)), new, .. } = &msgs[8] else { panic!("{:?}", msgs[8]) };
+    let Message::Update {
+        old: Some(OldTuple::Key(old)),
+        new,
+        ..
+    } = &msgs[8]
+    else {
+        panic!("{:?}", msgs[8])
+    };
     assert_eq!(text(&old[0]), "2");
     assert_eq!(old[1], TupleValue::Null);
     assert_eq!(text(&new[0]), "3");
     // identity FULL: whole old row
-    let Message::Update { old: Some(OldTuple::Full(old)), new, .. } = &msgs[9] else { panic!("{:?}", msgs[9]) };
+    let Message::Update {
+        old: Some(OldTuple::Full(old)),
+        new,
+        ..
+    } = &msgs[9]
+    else {
+        panic!("{:?}", msgs[9])
+    };
     assert_eq!(text(&old[1]), "created");
     assert_eq!(text(&new[1]), "changed");
-    let Message::Delete { old: OldTuple::Key(old), .. } = &msgs[10] else { panic!("{:?}", msgs[10]) };
+    let Message::Delete {
+        old: OldTuple::Key(old),
+        ..
+    } = &msgs[10]
+    else {
+        panic!("{:?}", msgs[10])
+    };
     assert_eq!(text(&old[0]), "1");
-    let Message::Delete { old: OldTuple::Full(old), .. } = &msgs[11] else { panic!("{:?}", msgs[11]) };
+    let Message::Delete {
+        old: OldTuple::Full(old),
+        ..
+    } = &msgs[11]
+    else {
+        panic!("{:?}", msgs[11])
+    };
     assert_eq!(text(&old[2]), "small");
 }
 
 #[test]
 fn truncate_lists_every_relation() {
     let msgs = messages();
-    let Message::Truncate { relations, options } = &msgs[17] else { panic!("{:?}", msgs[17]) };
+    let Message::Truncate { relations, options } = &msgs[17] else {
+        panic!("{:?}", msgs[17])
+    };
     assert_eq!(relations.len(), 2);
     assert_eq!(*options, 0);
 }
@@ -125,7 +185,9 @@ fn truncate_lists_every_relation() {
 #[test]
 fn values_are_the_servers_text() {
     let msgs = messages();
-    let Message::Insert { new, .. } = &msgs[21] else { panic!("{:?}", msgs[21]) };
+    let Message::Insert { new, .. } = &msgs[21] else {
+        panic!("{:?}", msgs[21])
+    };
     let values: Vec<&str> = new.iter().map(text).collect();
     assert_eq!(values[1], "t");
     assert_eq!(values[2], "-32768");
@@ -141,17 +203,23 @@ fn values_are_the_servers_text() {
     assert_eq!(values[15], r"\x00ff00");
     assert_eq!(values[16], "{1,NULL,3}");
     assert_eq!(values[17], r#"{"a b","NULL",NULL,"q\"uote"}"#);
-    let Message::Insert { new, .. } = &msgs[22] else { panic!() };
+    let Message::Insert { new, .. } = &msgs[22] else {
+        panic!()
+    };
     assert!(new[1..].iter().all(|v| *v == TupleValue::Null));
 }
 
 #[test]
 fn unchanged_toast_is_marked_not_sent() {
     let msgs = messages();
-    let Message::Insert { new, .. } = &msgs[26] else { panic!("{:?}", msgs[26]) };
+    let Message::Insert { new, .. } = &msgs[26] else {
+        panic!("{:?}", msgs[26])
+    };
     assert!(text(&new[2]).len() > 8000);
     // Same decoding session: the relation was already sent, so no R before the update.
-    let Message::Update { new, .. } = &msgs[29] else { panic!("{:?}", msgs[29]) };
+    let Message::Update { new, .. } = &msgs[29] else {
+        panic!("{:?}", msgs[29])
+    };
     assert_eq!(text(&new[1]), "1");
     assert_eq!(new[2], TupleValue::UnchangedToast);
 }
@@ -159,13 +227,33 @@ fn unchanged_toast_is_marked_not_sent() {
 #[test]
 fn logical_messages_and_unicode() {
     let msgs = messages();
-    let Message::Message { transactional, prefix, content, .. } = &msgs[31] else { panic!("{:?}", msgs[31]) };
+    let Message::Message {
+        transactional,
+        prefix,
+        content,
+        ..
+    } = &msgs[31]
+    else {
+        panic!("{:?}", msgs[31])
+    };
     assert!(!transactional);
-    assert_eq!((prefix.as_str(), &content[..]), ("pgferry", &b"heartbeat"[..]));
-    let Message::Message { transactional, prefix, .. } = &msgs[33] else { panic!("{:?}", msgs[33]) };
+    assert_eq!(
+        (prefix.as_str(), &content[..]),
+        ("pgferry", &b"heartbeat"[..])
+    );
+    let Message::Message {
+        transactional,
+        prefix,
+        ..
+    } = &msgs[33]
+    else {
+        panic!("{:?}", msgs[33])
+    };
     assert!(*transactional);
     assert_eq!(prefix, "app");
-    let Message::Insert { new, .. } = &msgs[36] else { panic!("{:?}", msgs[36]) };
+    let Message::Insert { new, .. } = &msgs[36] else {
+        panic!("{:?}", msgs[36])
+    };
     assert_eq!(text(&new[1]), "Émilie 🩺");
 }
 
@@ -173,7 +261,10 @@ fn logical_messages_and_unicode() {
 fn every_truncation_is_an_error_not_a_panic() {
     for payload in payloads() {
         for len in 0..payload.len() {
-            assert!(decode(payload.slice(..len)).is_err(), "prefix of {len} bytes decoded");
+            assert!(
+                decode(payload.slice(..len)).is_err(),
+                "prefix of {len} bytes decoded"
+            );
         }
     }
 }
