@@ -23,6 +23,7 @@
 //! ```text
 //! cargo bench --bench decode
 //! DECODE_MESSAGES=500000 DECODE_ROUNDS=3 cargo bench --bench decode   # quicker
+//! DECODE_ONLY=begin cargo bench --bench decode                          # one case
 //! ```
 
 use std::hint::black_box;
@@ -303,7 +304,9 @@ fn main() {
             step: decode_to_datums,
         },
     ];
-    for case in &cases {
+    // DECODE_ONLY=<substring> runs only the matching cases (handy under a profiler).
+    let only = std::env::var("DECODE_ONLY").unwrap_or_default();
+    for case in cases.iter().filter(|c| c.name.contains(only.as_str())) {
         run(case, &settings);
     }
 }

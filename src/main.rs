@@ -175,8 +175,18 @@ async fn run(command: Command) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Command::Run { .. } => {
-            not_built("pgferry run", "it arrives with the Kafka and sink stages")
+        Command::Run { config, only } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match only {
+                Some(Stage::Source) => report(pgferry::pipeline::run_source(config).await),
+                Some(Stage::Sink) | None => not_built(
+                    "the sink stage of `pgferry run`",
+                    "it arrives with the sink stage; `--only source` works",
+                ),
+            }
         }
         Command::Schema { .. } => not_built("pgferry schema", "it arrives with the Avro stage"),
         Command::Verify { .. } => not_built("pgferry verify", "it arrives with the sink stage"),

@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -15,6 +15,12 @@ pub struct Metrics {
     /// `pgferry_source_slot_lag_bytes`: WAL between the server's insert position and
     /// the slot's `confirmed_flush_lsn` (what the slot pins).
     pub source_slot_lag_bytes: IntGauge,
+    /// `pgferry_kafka_produced_total{topic}`: messages acknowledged by Kafka.
+    pub kafka_produced: IntCounterVec,
+    /// `pgferry_kafka_delivery_errors_total`: messages Kafka finally refused.
+    pub kafka_delivery_errors: IntCounter,
+    /// `pgferry_kafka_in_flight_messages`: handed to the producer, not yet acknowledged.
+    pub kafka_in_flight: IntGauge,
     /// `pgferry_errors_total{stage,kind}`: errors by stage and policy kind.
     pub errors: IntCounterVec,
 }
@@ -44,6 +50,20 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "pgferry_source_slot_lag_bytes",
             "Bytes of WAL between the server's current position and the slot's confirmed_flush_lsn.",
         ),
+        kafka_produced: counter_vec(
+            "pgferry_kafka_produced_total",
+            "Messages acknowledged by Kafka (acks=all).",
+            &["topic"],
+        ),
+        kafka_delivery_errors: IntCounter::new(
+            "pgferry_kafka_delivery_errors_total",
+            "Messages whose delivery to Kafka finally failed.",
+        )
+        .expect("metric definitions are static and valid"),
+        kafka_in_flight: gauge(
+            "pgferry_kafka_in_flight_messages",
+            "Messages handed to the producer and not yet acknowledged.",
+        ),
         errors: counter_vec("pgferry_errors_total", "Errors by stage and kind.", &["stage", "kind"]),
         registry,
     };
@@ -51,6 +71,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.source_changes.clone()),
         Box::new(m.source_confirmed_lsn.clone()),
         Box::new(m.source_slot_lag_bytes.clone()),
+        Box::new(m.kafka_produced.clone()),
+        Box::new(m.kafka_delivery_errors.clone()),
+        Box::new(m.kafka_in_flight.clone()),
         Box::new(m.errors.clone()),
         Box::new(prometheus::process_collector::ProcessCollector::for_self()),
     ];

@@ -115,3 +115,33 @@ pub async fn tail(
         None => result,
     }
 }
+
+/// `pgferry run --only source`: source ──Event──▶ Kafka producer ──durable LSN──▶
+/// source. A transaction is durable once Kafka acknowledged all its messages and
+/// those of every earlier transaction.
+pub async fn run_source(config: Arc<Config>) -> Result<(), Error> {
+    let health = Arc::new(Health::new(true, false));
+    start_http(&config, &health).await?;
+    let source = Source::prepare(config.clone(), config.source.slot.clone()).await?;
+    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let kafka = crate::kafka::producer::KafkaStage::new(config.clone(), durable_tx).await?;
+
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    let downstream = Downstream {
+        events: events_tx,
+        durable: durable_rx,
+    };
+    let source_task = tokio::spawn(source.run(downstream, shutdown.clone(), health));
+    let kafka_result = kafka.run(events).await;
+    if kafka_result.is_err() {
+        // The producer (and with it the durable channel) is gone: the source stops
+        // without confirming anything more.
+        shutdown.cancel();
+    }
+    let source_result = source_task
+        .await
+        .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
+    kafka_result.and(source_result)
+}

@@ -219,8 +219,11 @@ fn check_reports_a_slot_of_the_wrong_kind() {
 
 #[test]
 fn commands_not_built_yet_say_so_and_exit_2() {
+    let d = scratch("notbuilt");
+    let cfg = write(&d, "m.toml", "[source]\nurl = \"postgres://u@h/d\"\n");
     for args in [
-        vec!["run", "--config", "x.toml"],
+        vec!["run", "--config", cfg.as_str()],
+        vec!["run", "--only", "sink", "--config", cfg.as_str()],
         vec!["verify", "--config", "x.toml"],
         vec!["generate", "--url", "postgres://x@y/z"],
     ] {

@@ -6,7 +6,8 @@
 use std::io::Write;
 
 use super::array::{self, Element};
-use crate::event::{Change, Column, Datum, PgType, Row, TypeKind};
+use crate::event::{Change, Column, Datum, Op, PgType, Row, TypeKind};
+use crate::timestamp::PgTimestamp;
 
 /// Append one `tail` line (with its newline) for `change` to `out`.
 pub fn write_tail_line(change: &Change, out: &mut Vec<u8>) {
@@ -22,20 +23,8 @@ pub fn write_tail_line(change: &Change, out: &mut Vec<u8>) {
         ",\"xid\":{},\"commit_lsn\":\"{}\",\"lsn\":\"{}\",\"ordinal\":{},\"commit_ts\":\"{}\",\"key\":",
         change.xid, change.commit_lsn, change.lsn, change.ordinal, change.commit_ts
     );
-    match change.key() {
-        Some(key) => {
-            out.push(b'{');
-            for (i, (col, datum)) in key.enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(out, &col.name);
-                out.push(b':');
-                write_datum(out, col, datum);
-            }
-            out.push(b'}');
-        }
-        None => out.extend_from_slice(b"null"),
+    if !write_key_object(change, out) {
+        out.extend_from_slice(b"null");
     }
     out.extend_from_slice(b",\"before\":");
     write_row(out, &table.columns, &table.key, change.before.as_ref());
@@ -49,6 +38,73 @@ pub fn write_tail_line(change: &Change, out: &mut Vec<u8>) {
         write_str(out, name);
     }
     out.extend_from_slice(b"]}\n");
+}
+
+/// The key columns as a JSON object. Writes nothing and returns false when the change
+/// has no key (truncates, keyless tables).
+pub fn write_key_object(change: &Change, out: &mut Vec<u8>) -> bool {
+    let Some(key) = change.key() else { return false };
+    out.push(b'{');
+    for (i, (col, datum)) in key.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, &col.name);
+        out.push(b':');
+        write_datum(out, col, datum);
+    }
+    out.push(b'}');
+    true
+}
+
+/// The Debezium JSON envelope without an embedded schema (`kafka.format = "json"`):
+/// `before`, `after`, `source`, `op`, `ts_ms`, `ts_us`, and `unchanged`. Values are
+/// written as in `tail` lines.
+pub fn write_debezium_envelope(change: &Change, name: &str, db: &str, now: PgTimestamp, out: &mut Vec<u8>) {
+    let table = &change.table;
+    out.extend_from_slice(b"{\"before\":");
+    write_row(out, &table.columns, &table.key, change.before.as_ref());
+    out.extend_from_slice(b",\"after\":");
+    write_row(out, &table.columns, &table.key, change.after.as_ref());
+    let _ = write!(
+        out,
+        ",\"source\":{{\"version\":\"{}\",\"connector\":\"postgresql\",\"name\":",
+        env!("CARGO_PKG_VERSION")
+    );
+    write_str(out, name);
+    let _ = write!(
+        out,
+        ",\"ts_ms\":{},\"snapshot\":\"{}\",\"db\":",
+        change.commit_ts.unix_millis(),
+        if change.op == Op::Read { "true" } else { "false" }
+    );
+    write_str(out, db);
+    let _ = write!(
+        out,
+        ",\"sequence\":\"[\\\"{}\\\",\\\"{}\\\"]\",\"ts_us\":{},\"schema\":",
+        change.commit_lsn.0,
+        change.lsn.0,
+        change.commit_ts.unix_micros()
+    );
+    write_str(out, &table.name.schema);
+    out.extend_from_slice(b",\"table\":");
+    write_str(out, &table.name.name);
+    let _ = write!(
+        out,
+        ",\"txId\":{},\"lsn\":{},\"xmin\":null}},\"op\":\"{}\",\"ts_ms\":{},\"ts_us\":{},\"unchanged\":[",
+        change.xid,
+        change.lsn.0,
+        change.op.as_str(),
+        now.unix_millis(),
+        now.unix_micros()
+    );
+    for (i, name) in change.unchanged().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, name);
+    }
+    out.extend_from_slice(b"]}");
 }
 
 /// A row image as a JSON object. Unchanged TOAST columns are left out (they are listed
@@ -130,9 +186,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::event::{Op, ReplicaIdentity, TableName, TableSchema, Text};
+    use crate::event::{ReplicaIdentity, TableName, TableSchema, Text};
     use crate::lsn::Lsn;
-    use crate::timestamp::PgTimestamp;
 
     fn ty(kind: TypeKind) -> Arc<PgType> {
         Arc::new(PgType {
@@ -222,5 +277,16 @@ mod tests {
         );
         let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(parsed["unchanged"][0], "scan");
+
+        let mut env = Vec::new();
+        write_debezium_envelope(&change, "ehr", "ehrdb", PgTimestamp(1_000_000), &mut env);
+        let env: serde_json::Value = serde_json::from_slice(&env).expect("valid JSON");
+        assert_eq!(env["op"], "u");
+        assert_eq!(env["after"]["name"], "Ada");
+        assert_eq!(env["source"]["db"], "ehrdb");
+        assert_eq!(env["source"]["sequence"], "[\"27440068\",\"27439872\"]");
+        assert_eq!(env["source"]["txId"], 771);
+        assert_eq!(env["ts_ms"], 946_684_801_000_i64);
+        assert_eq!(env["unchanged"][0], "scan");
     }
 }

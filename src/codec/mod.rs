@@ -2,4 +2,6 @@
 //! owns.
 
 pub mod array;
+pub mod avro;
 pub mod json;
+pub mod pgtext;

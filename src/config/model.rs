@@ -58,9 +58,21 @@ pub struct KafkaConfig {
     /// Confluent-compatible schema registry URL; empty = schemas on `<prefix>._schemas`.
     #[serde(default)]
     pub schema_registry: String,
-    /// Passed to librdkafka as is.
+    /// Passed to librdkafka as is (after pgferry's defaults, so they win).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Partitions of the topics pgferry creates. Default 1.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor of created topics; -1 = the broker's default.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Follow each delete with a tombstone (null value) for log compaction. Default true.
+    #[serde(default = "default_true")]
+    pub tombstones: bool,
+    /// Create missing topics through the admin API. Default true.
+    #[serde(default = "default_true")]
+    pub create_topics: bool,
 }
 
 impl Default for KafkaConfig {
@@ -71,6 +83,10 @@ impl Default for KafkaConfig {
             format: Format::default(),
             schema_registry: String::new(),
             properties: BTreeMap::new(),
+            partitions: default_partitions(),
+            replication_factor: default_replication_factor(),
+            tombstones: true,
+            create_topics: true,
         }
     }
 }
@@ -138,6 +154,15 @@ fn default_brokers() -> String {
 }
 fn default_prefix() -> String {
     "ehr".into()
+}
+fn default_partitions() -> i32 {
+    1
+}
+fn default_replication_factor() -> i32 {
+    -1
+}
+fn default_true() -> bool {
+    true
 }
 fn default_consumer() -> String {
     "pgferry".into()

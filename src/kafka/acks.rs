@@ -1,0 +1,148 @@
+//! Durable-ack tracking: a transaction's commit end LSN becomes durable when all of
+//! its messages, and those of every earlier transaction, are acknowledged by Kafka
+//! (`acks=all`). Only then may the source confirm it to the slot (DESIGN §1).
+//!
+//! Pure bookkeeping; the producer calls it from its delivery callback.
+
+use std::collections::VecDeque;
+
+use crate::lsn::Lsn;
+
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    outstanding: u64,
+    /// Set when the transaction's commit was seen.
+    end: Option<Lsn>,
+}
+
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    pending: VecDeque<Pending>,
+    next_seq: u64,
+    durable: Lsn,
+}
+
+impl AckTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A transaction begins; returns its sequence number.
+    pub fn begin(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.push_back(Pending {
+            seq,
+            outstanding: 0,
+            end: None,
+        });
+        seq
+    }
+
+    fn get(&mut self, seq: u64) -> Option<&mut Pending> {
+        let front = self.pending.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(front)?).ok()?;
+        self.pending.get_mut(index)
+    }
+
+    /// A message of transaction `seq` was handed to the producer.
+    pub fn sent(&mut self, seq: u64) {
+        if let Some(p) = self.get(seq) {
+            p.outstanding += 1;
+        }
+    }
+
+    /// A message of `seq` was acknowledged. Returns the new durable LSN if it moved.
+    pub fn acked(&mut self, seq: u64) -> Option<Lsn> {
+        if let Some(p) = self.get(seq) {
+            p.outstanding = p.outstanding.saturating_sub(1);
+        }
+        self.advance()
+    }
+
+    /// Transaction `seq` is complete and ends at `end`. Returns the new durable LSN if
+    /// it moved (a transaction without messages is durable at once, in order).
+    pub fn commit(&mut self, seq: u64, end: Lsn) -> Option<Lsn> {
+        if let Some(p) = self.get(seq) {
+            p.end = Some(end);
+        }
+        self.advance()
+    }
+
+    fn advance(&mut self) -> Option<Lsn> {
+        let before = self.durable;
+        while let Some(front) = self.pending.front() {
+            match front.end {
+                Some(end) if front.outstanding == 0 => {
+                    self.durable = self.durable.max(end);
+                    self.pending.pop_front();
+                }
+                _ => break,
+            }
+        }
+        (self.durable > before).then_some(self.durable)
+    }
+
+    pub fn durable(&self) -> Lsn {
+        self.durable
+    }
+
+    /// Messages handed over and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.pending.iter().map(|p| p.outstanding).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_is_durable_when_all_its_messages_are_acked() {
+        let mut t = AckTracker::new();
+        let a = t.begin();
+        t.sent(a);
+        t.sent(a);
+        assert_eq!(t.commit(a, Lsn(100)), None);
+        assert_eq!(t.acked(a), None);
+        assert_eq!(t.acked(a), Some(Lsn(100)));
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_later_transaction_waits_for_earlier_ones() {
+        let mut t = AckTracker::new();
+        let a = t.begin();
+        t.sent(a);
+        t.commit(a, Lsn(100));
+        let b = t.begin();
+        t.sent(b);
+        t.commit(b, Lsn(200));
+        assert_eq!(t.acked(b), None, "b is acked but a is not");
+        assert_eq!(t.durable(), Lsn(0));
+        assert_eq!(t.acked(a), Some(Lsn(200)), "both become durable together");
+    }
+
+    #[test]
+    fn empty_transactions_are_durable_in_order() {
+        let mut t = AckTracker::new();
+        let a = t.begin();
+        t.sent(a);
+        t.commit(a, Lsn(100));
+        let b = t.begin();
+        assert_eq!(t.commit(b, Lsn(200)), None);
+        assert_eq!(t.acked(a), Some(Lsn(200)));
+        let c = t.begin();
+        assert_eq!(t.commit(c, Lsn(300)), Some(Lsn(300)));
+    }
+
+    #[test]
+    fn an_open_transaction_is_never_durable() {
+        let mut t = AckTracker::new();
+        let a = t.begin();
+        t.sent(a);
+        assert_eq!(t.acked(a), None);
+        assert_eq!(t.durable(), Lsn(0));
+    }
+}

@@ -1,0 +1,481 @@
+//! The Kafka stage of the source side: encodes each change (Avro or JSON), produces it
+//! to `<prefix>.<schema>.<table>` with the key as message key (so per-key order holds),
+//! and reports the durable LSN back to the source.
+//!
+//! Durability: rdkafka runs with idempotence and `acks=all`; a transaction's end LSN
+//! becomes durable only when every message of it and of all earlier transactions is
+//! acknowledged (see [`super::acks`]). Retriable errors are retried by librdkafka
+//! without reordering (idempotence keeps order with up to 5 requests in flight);
+//! `message.timeout.ms = 0` makes it wait for brokers indefinitely. A delivery that
+//! fails anyway is fatal: the stage stops and the slot stays unconfirmed.
+//!
+//! Backpressure: librdkafka's local queue is bounded (`queue.buffering.max.kbytes`).
+//! When it is full, this stage waits for deliveries to free room and stops taking
+//! events, so the bounded event channel fills and the source stops reading.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::acks::AckTracker;
+use super::registry::Registry;
+use crate::codec::avro::{self, Framing, SourceInfo, TableSchemas};
+use crate::codec::json;
+use crate::config::{Config, Format};
+use crate::error::Error;
+use crate::event::{Change, Event, Op, TableSchema};
+use crate::lsn::Lsn;
+use crate::metrics::{metrics, record_error};
+use crate::timestamp::PgTimestamp;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// State shared with librdkafka's delivery callback thread.
+struct Shared {
+    tracker: Mutex<AckTracker>,
+    durable: watch::Sender<Lsn>,
+    failure: Mutex<Option<String>>,
+    /// Woken on every delivery: room in the local queue, or a failure to report.
+    delivered: Notify,
+}
+
+struct AckContext(Arc<Shared>);
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    /// The transaction sequence number of the message.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let m = metrics();
+        m.kafka_in_flight.dec();
+        match result {
+            Ok(msg) => {
+                m.kafka_produced.with_label_values(&[msg.topic()]).inc();
+                let moved = self.0.tracker.lock().map(|mut t| t.acked(seq as u64)).unwrap_or(None);
+                if let Some(lsn) = moved {
+                    self.0.durable.send_replace(lsn);
+                }
+            }
+            Err((e, msg)) => {
+                m.kafka_delivery_errors.inc();
+                m.errors.with_label_values(&["kafka", "fatal"]).inc();
+                let text = format!(
+                    "delivery to topic {} partition {} failed: {e}",
+                    msg.topic(),
+                    msg.partition()
+                );
+                if let Ok(mut f) = self.0.failure.lock() {
+                    f.get_or_insert(text);
+                }
+            }
+        }
+        self.0.delivered.notify_waiters();
+    }
+}
+
+/// Encoding state of one table version.
+struct TableCodec {
+    table: Arc<TableSchema>,
+    schemas: TableSchemas,
+    topic: String,
+    partitions: i32,
+    key_framing: Option<Framing>,
+    value_framing: Framing,
+}
+
+pub struct KafkaStage {
+    config: Arc<Config>,
+    producer: ThreadedProducer<AckContext>,
+    admin: AdminClient<DefaultClientContext>,
+    shared: Arc<Shared>,
+    codecs: HashMap<u32, TableCodec>,
+    /// Partition counts of topics known to exist.
+    topics: HashMap<String, i32>,
+    /// Fingerprints already on the schema topic.
+    published: HashSet<[u8; 8]>,
+    registry: Option<Registry>,
+    source: SourceInfo,
+    key_buf: Vec<u8>,
+    value_buf: Vec<u8>,
+}
+
+/// The librdkafka configuration: our defaults, then `[kafka.properties]` as given.
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "0")
+        .set("queue.buffering.max.kbytes", "65536")
+        .set("linger.ms", "5")
+        .set("client.id", "pgferry");
+    for (k, v) in &config.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl KafkaStage {
+    /// Connect to the brokers (failing fast if none answers) and prepare the stage.
+    /// `durable` receives the durable LSN as acknowledgements arrive.
+    pub async fn new(config: Arc<Config>, durable: watch::Sender<Lsn>) -> Result<KafkaStage, Error> {
+        let shared = Arc::new(Shared {
+            tracker: Mutex::new(AckTracker::new()),
+            durable,
+            failure: Mutex::new(None),
+            delivered: Notify::new(),
+        });
+        let client = client_config(&config);
+        let producer: ThreadedProducer<AckContext> = client
+            .create_with_context(AckContext(shared.clone()))
+            .map_err(|e| kafka_config_error(&config, e))?;
+        let admin: AdminClient<DefaultClientContext> = client.create().map_err(|e| kafka_config_error(&config, e))?;
+        let brokers = config.kafka.brokers.clone();
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, METADATA_TIMEOUT))
+            .await
+            .map_err(|e| Error::fatal("checking the Kafka connection").with_source(e))?
+            .map_err(|e| {
+                Error::transient(format!("cannot reach the Kafka brokers {brokers} (kafka.brokers)"))
+                    .with_source(e)
+                    .with_hint("are the brokers running and is kafka.brokers right?")
+            })?;
+        let registry = match config.kafka.schema_registry.as_str() {
+            "" => None,
+            url => Some(Registry::new(url)?),
+        };
+        let source = SourceInfo {
+            name: config.kafka.topic_prefix.clone(),
+            db: config.source.url.dbname.clone(),
+        };
+        Ok(KafkaStage {
+            config,
+            producer,
+            admin,
+            shared,
+            codecs: HashMap::new(),
+            topics: HashMap::new(),
+            published: HashSet::new(),
+            registry,
+            source,
+            key_buf: Vec::with_capacity(256),
+            value_buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Produce events until the source closes the channel, then flush.
+    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<(), Error> {
+        let mut open: Option<u64> = None;
+        let result = loop {
+            let Some(event) = events.recv().await else { break Ok(()) };
+            if let Err(e) = self.check_failure() {
+                break Err(e);
+            }
+            let step = match event {
+                Event::Begin(_) => {
+                    // A Begin while a transaction is open means the source reconnected
+                    // mid-transaction and sends it again whole: keep counting its
+                    // messages under the same sequence number.
+                    if open.is_none() {
+                        open = Some(self.lock_tracker().begin());
+                    }
+                    Ok(())
+                }
+                Event::Change(change) => match open {
+                    Some(seq) => self.produce_change(&change, seq).await,
+                    None => Err(Error::fatal("a change arrived outside a transaction")),
+                },
+                Event::Commit { end_lsn, .. } => {
+                    if let Some(seq) = open.take() {
+                        let moved = self.lock_tracker().commit(seq, end_lsn);
+                        if let Some(lsn) = moved {
+                            self.shared.durable.send_replace(lsn);
+                        }
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = step {
+                break Err(e);
+            }
+        };
+        let producer = self.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT)).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "not every message was delivered before stopping; the slot stays unconfirmed for them");
+        }
+        result?;
+        self.check_failure()
+    }
+
+    fn lock_tracker(&self) -> std::sync::MutexGuard<'_, AckTracker> {
+        // The callback never panics while holding the lock; recover the data if it did.
+        self.shared.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_failure(&self) -> Result<(), Error> {
+        let failure = self.shared.failure.lock().ok().and_then(|f| f.clone());
+        match failure {
+            Some(text) => Err(Error::fatal(text)
+                .with_hint("the slot was not confirmed past the failed message; fix the cause and restart")),
+            None => Ok(()),
+        }
+    }
+
+    async fn produce_change(&mut self, change: &Change, seq: u64) -> Result<(), Error> {
+        self.ensure_codec(change, seq).await?;
+        let codec = &self.codecs[&change.table.oid];
+        let now = PgTimestamp::now();
+        self.key_buf.clear();
+        self.value_buf.clear();
+        let has_key = match self.config.kafka.format {
+            Format::Avro => {
+                if let Some(f) = &codec.key_framing {
+                    f.write_header(&mut self.key_buf);
+                }
+                let has_key = avro::encode_key(change, &codec.schemas, &mut self.key_buf).map_err(encode_error)?;
+                codec.value_framing.write_header(&mut self.value_buf);
+                avro::encode_value(change, &codec.schemas, &self.source, now, &mut self.value_buf)
+                    .map_err(encode_error)?;
+                has_key
+            }
+            Format::Json => {
+                let has_key = json::write_key_object(change, &mut self.key_buf);
+                json::write_debezium_envelope(change, &self.source.name, &self.source.db, now, &mut self.value_buf);
+                has_key
+            }
+        };
+        if !has_key {
+            self.key_buf.clear();
+        }
+        let topic = codec.topic.clone();
+        let partitions = codec.partitions;
+        let headers = headers(change);
+        let key = has_key.then(|| self.key_buf.clone());
+        let value = std::mem::take(&mut self.value_buf);
+        if change.op == Op::Truncate {
+            // A truncate concerns every key: each partition gets it, in its place.
+            for p in 0..partitions.max(1) {
+                self.send(&topic, Some(p), None, Some(&value), headers.clone(), seq).await?;
+            }
+        } else {
+            // Keyless tables keep their order on one partition.
+            let partition = if key.is_none() { Some(0) } else { None };
+            self.send(&topic, partition, key.as_deref(), Some(&value), headers.clone(), seq).await?;
+            if change.op == Op::Delete && self.config.kafka.tombstones && key.is_some() {
+                self.send(&topic, partition, key.as_deref(), None, headers, seq).await?;
+            }
+        }
+        self.value_buf = value;
+        Ok(())
+    }
+
+    /// Hand one message to librdkafka, waiting while its queue is full.
+    async fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+        seq: u64,
+    ) -> Result<(), Error> {
+        let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, seq as usize).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        // Count before sending: the delivery may be reported before `send` returns.
+        self.lock_tracker().sent(seq);
+        metrics().kafka_in_flight.inc();
+        loop {
+            let delivered = self.shared.delivered.notified();
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    self.check_failure()?;
+                    let _ = tokio::time::timeout(Duration::from_millis(100), delivered).await;
+                }
+                Err((e, _)) => {
+                    metrics().kafka_in_flight.dec();
+                    record_error("kafka", &Error::fatal(""));
+                    return Err(Error::fatal(format!("producing to topic {topic}")).with_source(e));
+                }
+            }
+        }
+    }
+
+    /// Make sure the codec for `change.table` is current: topic created, schemas
+    /// derived and registered or published.
+    async fn ensure_codec(&mut self, change: &Change, seq: u64) -> Result<(), Error> {
+        let table = &change.table;
+        if let Some(c) = self.codecs.get_mut(&table.oid) {
+            if Arc::ptr_eq(&c.table, table) {
+                return Ok(());
+            }
+            // A relation message after a reconnect repeats an unchanged schema.
+            if c.table.columns == table.columns && c.table.key == table.key && c.table.name == table.name {
+                c.table = table.clone();
+                return Ok(());
+            }
+        }
+        let prefix = self.config.kafka.topic_prefix.clone();
+        let topic = format!("{prefix}.{}.{}", table.name.schema, table.name.name);
+        let partitions = self.ensure_topic(&topic, false).await?;
+        let schemas = avro::derive(table, &prefix);
+        let (key_framing, value_framing) = match self.config.kafka.format {
+            Format::Json => (None, Framing::Registry(0)),
+            Format::Avro => {
+                let key = match &schemas.key {
+                    Some(k) => Some(self.schema_framing(&topic, "key", k, seq).await?),
+                    None => None,
+                };
+                (key, self.schema_framing(&topic, "value", &schemas.value, seq).await?)
+            }
+        };
+        tracing::info!(table = %table.name, %topic, "new schema version in use");
+        self.codecs.insert(
+            table.oid,
+            TableCodec {
+                table: table.clone(),
+                schemas,
+                topic,
+                partitions,
+                key_framing,
+                value_framing,
+            },
+        );
+        Ok(())
+    }
+
+    /// Register the schema (registry mode) or publish it to `<prefix>._schemas`.
+    async fn schema_framing(&mut self, topic: &str, part: &str, schema: &serde_json::Value, seq: u64) -> Result<Framing, Error> {
+        let subject = format!("{topic}-{part}");
+        let text = schema.to_string();
+        if let Some(registry) = &mut self.registry {
+            return Ok(Framing::Registry(registry.register(&subject, &text).await?));
+        }
+        let (fp, _) = avro::fingerprint(schema)
+            .map_err(|e| Error::fatal(format!("the derived Avro schema of {subject} is invalid")).with_source(e))?;
+        if !self.published.contains(&fp) {
+            let schema_topic = format!("{}._schemas", self.config.kafka.topic_prefix);
+            self.ensure_topic(&schema_topic, true).await?;
+            let key = fingerprint_hex(&fp);
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "pgferry.subject",
+                value: Some(subject.as_str()),
+            });
+            self.send(&schema_topic, Some(0), Some(key.as_bytes()), Some(text.as_bytes()), headers, seq)
+                .await?;
+            self.published.insert(fp);
+        }
+        Ok(Framing::SingleObject(fp))
+    }
+
+    /// Create the topic if missing; returns its partition count.
+    async fn ensure_topic(&mut self, topic: &str, compacted: bool) -> Result<i32, Error> {
+        if let Some(p) = self.topics.get(topic) {
+            return Ok(*p);
+        }
+        if self.config.kafka.create_topics {
+            let partitions = if compacted { 1 } else { self.config.kafka.partitions };
+            let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.config.kafka.replication_factor));
+            if compacted {
+                new = new.set("cleanup.policy", "compact");
+            }
+            let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+            let results = self
+                .admin
+                .create_topics([&new], &opts)
+                .await
+                .map_err(|e| Error::transient(format!("creating topic {topic}")).with_source(e))?;
+            for r in results {
+                match r {
+                    Ok(_) => tracing::info!(%topic, partitions, "created topic"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        return Err(Error::operator(format!("creating topic {topic}: {code}"))
+                            .with_hint("create it yourself, or check the broker's ACLs and limits"))
+                    }
+                }
+            }
+        }
+        let producer = self.producer.clone();
+        let name = topic.to_string();
+        let meta = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), METADATA_TIMEOUT))
+            .await
+            .map_err(|e| Error::fatal("reading topic metadata").with_source(e))?
+            .map_err(|e| Error::transient(format!("reading the metadata of topic {topic}")).with_source(e))?;
+        let partitions = meta
+            .topics()
+            .first()
+            .map(|t| t.partitions().len() as i32)
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                Error::operator(format!("topic {topic} does not exist"))
+                    .with_hint("create it, or set kafka.create_topics = true")
+            })?;
+        self.topics.insert(topic.to_string(), partitions);
+        Ok(partitions)
+    }
+}
+
+fn headers(change: &Change) -> OwnedHeaders {
+    let commit_lsn = change.commit_lsn.to_string();
+    let ordinal = change.ordinal.to_string();
+    let mut h = OwnedHeaders::new()
+        .insert(Header {
+            key: "pgferry.commit_lsn",
+            value: Some(commit_lsn.as_str()),
+        })
+        .insert(Header {
+            key: "pgferry.ordinal",
+            value: Some(ordinal.as_str()),
+        });
+    let unchanged: Vec<&str> = change.unchanged().collect();
+    if !unchanged.is_empty() {
+        let list = unchanged.join(",");
+        h = h.insert(Header {
+            key: "pgferry.unchanged",
+            value: Some(list.as_str()),
+        });
+    }
+    h
+}
+
+pub fn fingerprint_hex(fp: &[u8; 8]) -> String {
+    fp.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode_error(e: avro::EncodeError) -> Error {
+    Error::fatal("encoding a change as Avro")
+        .with_source(e)
+        .with_hint("this is a pgferry bug or an unsupported value; the slot was not confirmed past it")
+}
+
+fn kafka_config_error(config: &Config, e: KafkaError) -> Error {
+    Error::operator(format!(
+        "{}: [kafka] / [kafka.properties]: librdkafka rejected the configuration",
+        config.path.display()
+    ))
+    .with_source(e)
+}

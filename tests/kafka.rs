@@ -1,0 +1,352 @@
+//! `pgferry run --only source` against the real broker (tansu, from
+//! scripts/services.sh) and rdkafka's mock cluster for faults: events decode with the
+//! published schemas, every envelope field and type is right, a crash loses nothing,
+//! broker outages stall confirmation without growing memory, retries keep key order.
+#![recursion_limit = "256"]
+
+mod common;
+mod kafka_support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::*;
+use kafka_support::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(90);
+
+/// Config for `run --only source` into `brokers` with a unique topic prefix.
+fn kafka_config(db: &TestDb, slot: &str, brokers: &str, prefix: &str, extra_kafka: &str, tables: &[&str]) -> std::path::PathBuf {
+    let tables: String = tables.iter().map(|t| format!("[[tables]]\nsource = \"{t}\"\n")).collect();
+    db.config(
+        &format!("{slot}.toml"),
+        slot,
+        &format!("[kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\n{extra_kafka}\n{tables}"),
+    )
+}
+
+fn run_source(config: &std::path::Path) -> Pgferry {
+    let stderr = config.with_extension("run.stderr");
+    Pgferry::spawn(&["run", "--only", "source", "--config", config.to_str().unwrap()], stderr)
+}
+
+fn envelope(records: &[Record], schemas: &HashMap<String, apache_avro::Schema>) -> Vec<(Record, Value)> {
+    records
+        .iter()
+        .filter(|r| r.value.is_some())
+        .map(|r| (r.clone(), to_json(&decode_single_object(r.value.as_ref().unwrap(), schemas).1)))
+        .collect()
+}
+
+#[test]
+fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
+    let db = TestDb::new("kavro");
+    db.sql(
+        "create type mood as enum ('calm', 'tense');
+         create table types (
+           id int primary key, b bool, i2 int2, i8 int8, o oid, f4 float4, f8 float8, f8z float8,
+           n numeric(12,4), nneg numeric(12,4), nn numeric, nbig numeric, nnan numeric, m money,
+           t text, e mood, iv interval, u uuid, j jsonb, d date, dinf date, tm time, ts timestamp,
+           tsinf timestamp, tz timestamptz, ttz timetz, by bytea, ai int[], a2 int[], an numeric[], scan text
+         );
+         alter table types alter column scan set storage external;",
+    );
+    let prefix = format!("t{}", db.name);
+    let cfg = kafka_config(&db, "s_kavro", &brokers(), &prefix, "", &["public.types"]);
+    let mut run = run_source(&cfg);
+    wait_streaming(&db, "s_kavro");
+    db.sql(
+        r#"insert into types values (
+           1, true, -32768, 9223372036854775807, 4294967295, 'NaN', '-Infinity', '-0',
+           12345678.1234, -0.5, 3.14159, '123456789012345678901234567890.123456789', 'NaN', -1234.56,
+           'Émilie 🩺', 'calm', '1 year 2 mons', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"k": [1]}',
+           '2026-11-22', 'infinity', '04:05:06.789', '2026-11-22 01:02:03.123456', '-infinity',
+           '2026-11-22 01:02:03.123456+02', '04:05:06+02', '\x00ff00', '{1,NULL,3}', '{{1,2},{3,4}}',
+           '{1.5,NaN,NULL}', (select string_agg(md5(g::text), '') from generate_series(1, 400) g));
+         insert into types (id) values (2);
+         update types set i2 = 7 where id = 1;
+         delete from types where id = 2;
+         truncate types;"#,
+    );
+    let topic = format!("{prefix}.public.types");
+    // insert, insert, update, delete + tombstone, truncate
+    let records = consume(&brokers(), &topic, 6, T);
+    let schemas = schema_topic(&brokers(), &prefix, 2);
+    let events = envelope(&records, &schemas);
+    assert_eq!(events.len(), 5);
+    let ops: Vec<&str> = events.iter().map(|(_, v)| v["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["c", "c", "u", "d", "t"]);
+
+    let (rec, first) = &events[0];
+    let after = &first["after"];
+    let expected = json!({
+        "id": 1, "b": true, "i2": -32768, "i8": 9223372036854775807_i64, "o": 4294967295_u64,
+        "f4": "NaN", "f8": "-Infinity", "f8z": "-0",
+        "n": {"unscaled": "123456781234"}, "nneg": {"unscaled": "-5000"},
+        "nn": {"scale": 5, "unscaled": "314159"},
+        "nbig": {"scale": 9, "unscaled": "123456789012345678901234567890123456789"},
+        "nnan": "NaN", "m": {"scale": 2, "unscaled": "-123456"},
+        "t": "Émilie 🩺", "e": "calm", "iv": "1 year 2 mons", "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "j": "{\"k\": [1]}", "d": 20_779, "dinf": i32::MAX, "tm": 14_706_789_000_i64,
+        "ts": 1_795_309_323_123_456_i64, "tsinf": i64::MIN, "tz": "2026-11-21T23:02:03.123456Z",
+        "ttz": "04:05:06+02", "by": "00ff00", "ai": [1, null, 3], "a2": "{{1,2},{3,4}}",
+        "an": [{"scale": 1, "unscaled": "15"}, "NaN", null]
+    });
+    for (k, v) in expected.as_object().unwrap() {
+        assert_eq!(&after[k], v, "column {k}");
+    }
+    assert!(after["scan"].as_str().unwrap().len() > 8000);
+    assert_eq!(first["before"], Value::Null);
+    let source = &first["source"];
+    assert_eq!(source["connector"], "postgresql");
+    assert_eq!(source["name"], prefix.as_str());
+    assert_eq!(source["db"], db.name.as_str());
+    assert_eq!(source["schema"], "public");
+    assert_eq!(source["table"], "types");
+    assert_eq!(source["snapshot"], "false");
+    assert!(source["txId"].as_i64().unwrap() > 0);
+    assert!(source["lsn"].as_i64().unwrap() > 0);
+    assert!(source["ts_ms"].as_i64().unwrap() > 1_700_000_000_000);
+    assert!(source["ts_us"].as_i64().unwrap() / 1000 == source["ts_ms"].as_i64().unwrap());
+    let seq: Vec<String> = serde_json::from_str(source["sequence"].as_str().unwrap()).unwrap();
+    assert_eq!(seq.len(), 2);
+    assert!(first["ts_ms"].as_i64().unwrap() >= source["ts_ms"].as_i64().unwrap());
+    assert_eq!(first["unchanged"], json!([]));
+    assert_eq!(rec.headers["pgferry.ordinal"], "0");
+    assert!(rec.headers["pgferry.commit_lsn"].contains('/'));
+    // The key is the Key record.
+    let key_schema_fp: String = rec.key.as_ref().unwrap()[2..10].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(schemas.contains_key(&key_schema_fp));
+    let (_, key) = decode_single_object(rec.key.as_ref().unwrap(), &schemas);
+    assert_eq!(to_json(&key), json!({"id": 1}));
+
+    // All-NULL row.
+    let nulls = events[1].1["after"].as_object().unwrap();
+    assert!(nulls.iter().filter(|(k, _)| *k != "id").all(|(_, v)| v.is_null()), "{nulls:?}");
+
+    // Update leaving the TOASTed column unchanged: the Unchanged branch, never null.
+    let (urec, update) = &events[2];
+    assert_eq!(update["after"]["scan"], json!({"$unchanged": true}));
+    assert_eq!(update["after"]["i2"], 7);
+    assert_eq!(update["unchanged"], json!(["scan"]));
+    assert_eq!(urec.headers["pgferry.unchanged"], "scan");
+
+    // Delete: key-only before image, then a tombstone with the same key.
+    let (drec, delete) = &events[3];
+    assert_eq!(delete["before"]["id"], 2);
+    assert_eq!(delete["after"], Value::Null);
+    let tomb = records.iter().find(|r| r.value.is_none()).expect("a tombstone");
+    assert_eq!(tomb.key, drec.key);
+    assert_eq!(tomb.offset, drec.offset + 1);
+
+    // Truncate: an event without key.
+    let (trec, _) = &events[4];
+    assert!(trec.key.is_none());
+
+    // The slot is confirmed past what Kafka acknowledged; SIGTERM exits 0.
+    let last_commit = lsn(&events[4].0.headers["pgferry.commit_lsn"]);
+    wait_for("the slot to confirm the truncate", Duration::from_secs(30), || {
+        (lsn(&db.confirmed_flush("s_kavro").unwrap()) > last_commit).then_some(())
+    });
+    assert!(run.terminate().success(), "{}", run.stderr_text());
+}
+
+#[test]
+fn schema_change_mid_stream_uses_a_new_version() {
+    let db = TestDb::new("kddl");
+    db.sql("create table p (id int primary key, name text)");
+    let prefix = format!("t{}", db.name);
+    let cfg = kafka_config(&db, "s_kddl", &brokers(), &prefix, "", &["public.p"]);
+    let _run = run_source(&cfg);
+    wait_streaming(&db, "s_kddl");
+    db.sql("insert into p values (1, 'a')");
+    db.sql("alter table p add column ward text");
+    db.sql("insert into p values (2, 'b', 'icu')");
+    let records = consume(&brokers(), &format!("{prefix}.public.p"), 2, T);
+    // key v1 (unchanged by ADD COLUMN), value v1, value v2
+    let schemas = schema_topic(&brokers(), &prefix, 3);
+    let (fp1, v1) = decode_single_object(records[0].value.as_ref().unwrap(), &schemas);
+    let (fp2, v2) = decode_single_object(records[1].value.as_ref().unwrap(), &schemas);
+    assert_ne!(fp1, fp2, "a new schema version after ADD COLUMN");
+    assert_eq!(to_json(&v1)["after"], json!({"id": 1, "name": "a"}));
+    assert_eq!(to_json(&v2)["after"], json!({"id": 2, "name": "b", "ward": "icu"}));
+}
+
+#[test]
+fn json_format_writes_the_debezium_envelope() {
+    let db = TestDb::new("kjson");
+    db.sql("create table p (id int primary key, name text)");
+    let prefix = format!("t{}", db.name);
+    let cfg = kafka_config(&db, "s_kjson", &brokers(), &prefix, "format = \"json\"\ntombstones = false", &["public.p"]);
+    let _run = run_source(&cfg);
+    wait_streaming(&db, "s_kjson");
+    db.sql("insert into p values (1, 'a'); delete from p;");
+    let records = consume(&brokers(), &format!("{prefix}.public.p"), 2, T);
+    let v: Value = serde_json::from_slice(records[0].value.as_ref().unwrap()).unwrap();
+    assert_eq!(v["op"], "c");
+    assert_eq!(v["after"], json!({"id": 1, "name": "a"}));
+    assert_eq!(v["source"]["table"], "p");
+    let k: Value = serde_json::from_slice(records[0].key.as_ref().unwrap()).unwrap();
+    assert_eq!(k, json!({"id": 1}));
+    let d: Value = serde_json::from_slice(records[1].value.as_ref().unwrap()).unwrap();
+    assert_eq!(d["op"], "d");
+    let more = consume_all(&brokers(), &format!("{prefix}.public.p"), 2, T, Duration::from_secs(3));
+    assert_eq!(more.len(), 2, "no tombstone when disabled");
+}
+
+/// Per key, the counter values seen in order, and the commit LSN of each message.
+fn per_key(events: &[(Record, Value)]) -> BTreeMap<i64, Vec<(i64, u64)>> {
+    let mut m: BTreeMap<i64, Vec<(i64, u64)>> = BTreeMap::new();
+    for (r, v) in events {
+        let after = &v["after"];
+        m.entry(after["id"].as_i64().unwrap())
+            .or_default()
+            .push((after["counter"].as_i64().unwrap(), lsn(&r.headers["pgferry.commit_lsn"])));
+    }
+    m
+}
+
+#[test]
+fn sigkill_mid_stream_loses_nothing_and_keeps_key_order() {
+    let db = TestDb::new("kcrash");
+    db.sql("create table c (id int primary key, counter int not null)");
+    let prefix = format!("t{}", db.name);
+    let cfg = kafka_config(&db, "s_kcrash", &brokers(), &prefix, "partitions = 3", &["public.c"]);
+    let mut first = run_source(&cfg);
+    wait_streaming(&db, "s_kcrash");
+    let keys = 50;
+    let rounds = 40;
+    db.sql(&format!("insert into c select g, 0 from generate_series(1, {keys}) g"));
+    let workload: String = (0..rounds).map(|_| "update c set counter = counter + 1;\n").collect();
+    let topic = format!("{prefix}.public.c");
+    let writer = {
+        let url = db.url.clone();
+        std::thread::spawn(move || sql(&url, &workload))
+    };
+    consume(&brokers(), &topic, 500, T);
+    first.kill9();
+    let confirmed = lsn(&db.confirmed_flush("s_kcrash").unwrap());
+    writer.join().unwrap();
+    let _second = run_source(&cfg);
+    let total_changes = keys * (rounds + 1);
+    let records = consume_all(&brokers(), &topic, total_changes as usize, T, Duration::from_secs(5));
+    let schemas = schema_topic(&brokers(), &prefix, 2);
+    let events = envelope(&records, &schemas);
+    let by_key = per_key(&events);
+    assert_eq!(by_key.len(), keys as usize);
+    let mut duplicates = 0;
+    for (key, seen) in &by_key {
+        // Every counter value 0..=rounds arrived.
+        let distinct: std::collections::BTreeSet<i64> = seen.iter().map(|(c, _)| *c).collect();
+        assert_eq!(distinct, (0..=rounds).collect(), "key {key} lost a change");
+        // Per key, first occurrences come in order, and a repeat is a re-send of a
+        // transaction that was not confirmed.
+        let mut max = -1;
+        let mut firsts = std::collections::BTreeSet::new();
+        for (c, commit) in seen {
+            if !firsts.insert(*c) {
+                duplicates += 1;
+                assert!(*commit >= confirmed, "key {key}: counter {c} was confirmed yet sent again");
+            } else {
+                assert!(*c > max, "key {key}: counter {c} after {max}");
+                max = *c;
+            }
+        }
+    }
+    eprintln!("kafka kill -9: {} events, {duplicates} re-sent", events.len());
+}
+
+/// A Confluent-compatible registry with the endpoints pgferry uses, in-process: no real
+/// registry can be installed here.
+struct TestRegistry {
+    port: u16,
+    schemas: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl TestRegistry {
+    fn start() -> TestRegistry {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let schemas: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+        let store = schemas.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let subject = path.trim_start_matches("/subjects/").trim_end_matches("/versions").to_string();
+                let schema = serde_json::from_slice::<Value>(&body).unwrap()["schema"].as_str().unwrap().to_string();
+                let mut s = store.lock().unwrap();
+                let id = match s.iter().position(|(_, existing)| *existing == schema) {
+                    Some(i) => i + 1,
+                    None => {
+                        s.push((subject, schema));
+                        s.len()
+                    }
+                };
+                let reply = format!("{{\"id\":{id}}}");
+                write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}", reply.len()).unwrap();
+            }
+        });
+        TestRegistry { port, schemas }
+    }
+
+    fn by_id(&self) -> HashMap<u32, apache_avro::Schema> {
+        self.schemas
+            .lock()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| (i as u32 + 1, apache_avro::Schema::parse_str(s).unwrap()))
+            .collect()
+    }
+}
+
+#[test]
+fn registry_mode_uses_confluent_framing_and_subjects() {
+    let registry = TestRegistry::start();
+    let db = TestDb::new("kreg");
+    db.sql("create table p (id int primary key, name text, born date)");
+    let prefix = format!("t{}", db.name);
+    let cfg = kafka_config(
+        &db,
+        "s_kreg",
+        &brokers(),
+        &prefix,
+        &format!("schema_registry = \"http://127.0.0.1:{}\"", registry.port),
+        &["public.p"],
+    );
+    let _run = run_source(&cfg);
+    wait_streaming(&db, "s_kreg");
+    db.sql("insert into p values (1, 'a', '2000-01-02'); update p set name = 'b';");
+    let topic = format!("{prefix}.public.p");
+    let records = consume(&brokers(), &topic, 2, T);
+    let schemas = registry.by_id();
+    let subjects: Vec<String> = registry.schemas.lock().unwrap().iter().map(|(s, _)| s.clone()).collect();
+    assert_eq!(subjects, [format!("{topic}-key"), format!("{topic}-value")]);
+    let (key_id, key) = decode_confluent(records[0].key.as_ref().unwrap(), &schemas);
+    assert_eq!(key_id, 1);
+    assert_eq!(to_json(&key), json!({"id": 1}));
+    let (value_id, value) = decode_confluent(records[1].value.as_ref().unwrap(), &schemas);
+    assert_eq!(value_id, 2);
+    let v = to_json(&value);
+    assert_eq!(v["op"], "u");
+    assert_eq!(v["after"], json!({"id": 1, "name": "b", "born": 10_958}));
+}
