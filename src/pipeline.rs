@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +64,7 @@ pub async fn tail(
 
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
-    let (events_tx, mut events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     let downstream = Downstream {
         events: events_tx,
@@ -73,47 +72,53 @@ pub async fn tail(
     };
     let source_task = tokio::spawn(source.run(downstream, shutdown.clone(), health));
 
-    let mut stdout = tokio::io::stdout();
+    // A plain thread writes stdout: tokio's stdout hands every write to its blocking
+    // pool, and the thread hops cost more than the JSON itself.
+    let writer = std::thread::spawn(move || write_tail_lines(events, durable_tx));
+    let result = source_task
+        .await
+        .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
+    let written = tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|e| Error::fatal("the stdout writer failed").with_source(e))?
+        .map_err(|_| Error::fatal("the stdout writer panicked"))?;
+    match written {
+        // A closed pipe (`pgferry tail | head`) is a normal way to stop reading.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => result,
+        Err(e) => Err(Error::fatal("writing to stdout").with_source(e)),
+        Ok(()) => result,
+    }
+}
+
+/// The `tail` sink: JSON lines to stdout; a commit is reported durable only once its
+/// lines are written and flushed. Returning drops the receiver and the durable
+/// sender, which tells the source to confirm what is durable and stop.
+fn write_tail_lines(
+    mut events: mpsc::Receiver<Event>,
+    durable: watch::Sender<Lsn>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
     let mut buf = Vec::with_capacity(TAIL_WRITE_CHUNK * 2);
     let mut pending: Option<Lsn> = None;
-    let mut write_error = None;
-    while let Some(event) = events.recv().await {
+    while let Some(event) = events.blocking_recv() {
         match event {
             Event::Change(change) => json::write_tail_line(&change, &mut buf),
             Event::Commit { end_lsn, .. } => pending = Some(end_lsn),
             Event::Begin(_) => {}
         }
-        // Write when a chunk is full or the source has nothing more right now; a
-        // commit is durable only after its lines are flushed.
+        // Write when a chunk is full or the source has nothing more right now.
         if buf.len() >= TAIL_WRITE_CHUNK || events.is_empty() {
-            let written = async {
-                stdout.write_all(&buf).await?;
-                stdout.flush().await
-            }
-            .await;
+            out.write_all(&buf)?;
+            out.flush()?;
             buf.clear();
-            if let Err(e) = written {
-                write_error = Some(e);
-                break;
-            }
             if let Some(end) = pending.take() {
-                let _ = durable_tx.send(end);
+                let _ = durable.send(end);
             }
         }
     }
-    // Dropping the receiver and the durable sender tells the source to confirm what
-    // is durable and stop.
-    drop(events);
-    drop(durable_tx);
-    let result = source_task
-        .await
-        .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
-    match write_error {
-        // A closed pipe (`pgferry tail | head`) is a normal way to stop reading.
-        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => result,
-        Some(e) => Err(Error::fatal("writing to stdout").with_source(e)),
-        None => result,
-    }
+    Ok(())
 }
 
 /// `pgferry run --only source`: source ──Event──▶ Kafka producer ──durable LSN──▶

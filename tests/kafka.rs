@@ -17,8 +17,18 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(90);
 
 /// Config for `run --only source` into `brokers` with a unique topic prefix.
-fn kafka_config(db: &TestDb, slot: &str, brokers: &str, prefix: &str, extra_kafka: &str, tables: &[&str]) -> std::path::PathBuf {
-    let tables: String = tables.iter().map(|t| format!("[[tables]]\nsource = \"{t}\"\n")).collect();
+fn kafka_config(
+    db: &TestDb,
+    slot: &str,
+    brokers: &str,
+    prefix: &str,
+    extra_kafka: &str,
+    tables: &[&str],
+) -> std::path::PathBuf {
+    let tables: String = tables
+        .iter()
+        .map(|t| format!("[[tables]]\nsource = \"{t}\"\n"))
+        .collect();
     db.config(
         &format!("{slot}.toml"),
         slot,
@@ -28,14 +38,31 @@ fn kafka_config(db: &TestDb, slot: &str, brokers: &str, prefix: &str, extra_kafk
 
 fn run_source(config: &std::path::Path) -> Pgferry {
     let stderr = config.with_extension("run.stderr");
-    Pgferry::spawn(&["run", "--only", "source", "--config", config.to_str().unwrap()], stderr)
+    Pgferry::spawn(
+        &[
+            "run",
+            "--only",
+            "source",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        stderr,
+    )
 }
 
-fn envelope(records: &[Record], schemas: &HashMap<String, apache_avro::Schema>) -> Vec<(Record, Value)> {
+fn envelope(
+    records: &[Record],
+    schemas: &HashMap<String, apache_avro::Schema>,
+) -> Vec<(Record, Value)> {
     records
         .iter()
         .filter(|r| r.value.is_some())
-        .map(|r| (r.clone(), to_json(&decode_single_object(r.value.as_ref().unwrap(), schemas).1)))
+        .map(|r| {
+            (
+                r.clone(),
+                to_json(&decode_single_object(r.value.as_ref().unwrap(), schemas).1),
+            )
+        })
         .collect()
 }
 
@@ -75,7 +102,10 @@ fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
     let schemas = schema_topic(&brokers(), &prefix, 2);
     let events = envelope(&records, &schemas);
     assert_eq!(events.len(), 5);
-    let ops: Vec<&str> = events.iter().map(|(_, v)| v["op"].as_str().unwrap()).collect();
+    let ops: Vec<&str> = events
+        .iter()
+        .map(|(_, v)| v["op"].as_str().unwrap())
+        .collect();
     assert_eq!(ops, ["c", "c", "u", "d", "t"]);
 
     let (rec, first) = &events[0];
@@ -116,14 +146,23 @@ fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
     assert_eq!(rec.headers["pgferry.ordinal"], "0");
     assert!(rec.headers["pgferry.commit_lsn"].contains('/'));
     // The key is the Key record.
-    let key_schema_fp: String = rec.key.as_ref().unwrap()[2..10].iter().map(|b| format!("{b:02x}")).collect();
+    let key_schema_fp: String = rec.key.as_ref().unwrap()[2..10]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert!(schemas.contains_key(&key_schema_fp));
     let (_, key) = decode_single_object(rec.key.as_ref().unwrap(), &schemas);
     assert_eq!(to_json(&key), json!({"id": 1}));
 
     // All-NULL row.
     let nulls = events[1].1["after"].as_object().unwrap();
-    assert!(nulls.iter().filter(|(k, _)| *k != "id").all(|(_, v)| v.is_null()), "{nulls:?}");
+    assert!(
+        nulls
+            .iter()
+            .filter(|(k, _)| *k != "id")
+            .all(|(_, v)| v.is_null()),
+        "{nulls:?}"
+    );
 
     // Update leaving the TOASTed column unchanged: the Unchanged branch, never null.
     let (urec, update) = &events[2];
@@ -136,7 +175,10 @@ fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
     let (drec, delete) = &events[3];
     assert_eq!(delete["before"]["id"], 2);
     assert_eq!(delete["after"], Value::Null);
-    let tomb = records.iter().find(|r| r.value.is_none()).expect("a tombstone");
+    let tomb = records
+        .iter()
+        .find(|r| r.value.is_none())
+        .expect("a tombstone");
     assert_eq!(tomb.key, drec.key);
     assert_eq!(tomb.offset, drec.offset + 1);
 
@@ -146,9 +188,11 @@ fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
 
     // The slot is confirmed past what Kafka acknowledged; SIGTERM exits 0.
     let last_commit = lsn(&events[4].0.headers["pgferry.commit_lsn"]);
-    wait_for("the slot to confirm the truncate", Duration::from_secs(30), || {
-        (lsn(&db.confirmed_flush("s_kavro").unwrap()) > last_commit).then_some(())
-    });
+    wait_for(
+        "the slot to confirm the truncate",
+        Duration::from_secs(30),
+        || (lsn(&db.confirmed_flush("s_kavro").unwrap()) > last_commit).then_some(()),
+    );
     assert!(run.terminate().success(), "{}", run.stderr_text());
 }
 
@@ -170,7 +214,10 @@ fn schema_change_mid_stream_uses_a_new_version() {
     let (fp2, v2) = decode_single_object(records[1].value.as_ref().unwrap(), &schemas);
     assert_ne!(fp1, fp2, "a new schema version after ADD COLUMN");
     assert_eq!(to_json(&v1)["after"], json!({"id": 1, "name": "a"}));
-    assert_eq!(to_json(&v2)["after"], json!({"id": 2, "name": "b", "ward": "icu"}));
+    assert_eq!(
+        to_json(&v2)["after"],
+        json!({"id": 2, "name": "b", "ward": "icu"})
+    );
 }
 
 #[test]
@@ -178,7 +225,14 @@ fn json_format_writes_the_debezium_envelope() {
     let db = TestDb::new("kjson");
     db.sql("create table p (id int primary key, name text)");
     let prefix = format!("t{}", db.name);
-    let cfg = kafka_config(&db, "s_kjson", &brokers(), &prefix, "format = \"json\"\ntombstones = false", &["public.p"]);
+    let cfg = kafka_config(
+        &db,
+        "s_kjson",
+        &brokers(),
+        &prefix,
+        "format = \"json\"\ntombstones = false",
+        &["public.p"],
+    );
     let _run = run_source(&cfg);
     wait_streaming(&db, "s_kjson");
     db.sql("insert into p values (1, 'a'); delete from p;");
@@ -191,7 +245,13 @@ fn json_format_writes_the_debezium_envelope() {
     assert_eq!(k, json!({"id": 1}));
     let d: Value = serde_json::from_slice(records[1].value.as_ref().unwrap()).unwrap();
     assert_eq!(d["op"], "d");
-    let more = consume_all(&brokers(), &format!("{prefix}.public.p"), 2, T, Duration::from_secs(3));
+    let more = consume_all(
+        &brokers(),
+        &format!("{prefix}.public.p"),
+        2,
+        T,
+        Duration::from_secs(3),
+    );
     assert_eq!(more.len(), 2, "no tombstone when disabled");
 }
 
@@ -200,9 +260,10 @@ fn per_key(events: &[(Record, Value)]) -> BTreeMap<i64, Vec<(i64, u64)>> {
     let mut m: BTreeMap<i64, Vec<(i64, u64)>> = BTreeMap::new();
     for (r, v) in events {
         let after = &v["after"];
-        m.entry(after["id"].as_i64().unwrap())
-            .or_default()
-            .push((after["counter"].as_i64().unwrap(), lsn(&r.headers["pgferry.commit_lsn"])));
+        m.entry(after["id"].as_i64().unwrap()).or_default().push((
+            after["counter"].as_i64().unwrap(),
+            lsn(&r.headers["pgferry.commit_lsn"]),
+        ));
     }
     m
 }
@@ -212,13 +273,24 @@ fn sigkill_mid_stream_loses_nothing_and_keeps_key_order() {
     let db = TestDb::new("kcrash");
     db.sql("create table c (id int primary key, counter int not null)");
     let prefix = format!("t{}", db.name);
-    let cfg = kafka_config(&db, "s_kcrash", &brokers(), &prefix, "partitions = 3", &["public.c"]);
+    let cfg = kafka_config(
+        &db,
+        "s_kcrash",
+        &brokers(),
+        &prefix,
+        "partitions = 3",
+        &["public.c"],
+    );
     let mut first = run_source(&cfg);
     wait_streaming(&db, "s_kcrash");
     let keys = 50;
     let rounds = 40;
-    db.sql(&format!("insert into c select g, 0 from generate_series(1, {keys}) g"));
-    let workload: String = (0..rounds).map(|_| "update c set counter = counter + 1;\n").collect();
+    db.sql(&format!(
+        "insert into c select g, 0 from generate_series(1, {keys}) g"
+    ));
+    let workload: String = (0..rounds)
+        .map(|_| "update c set counter = counter + 1;\n")
+        .collect();
     let topic = format!("{prefix}.public.c");
     let writer = {
         let url = db.url.clone();
@@ -230,7 +302,13 @@ fn sigkill_mid_stream_loses_nothing_and_keeps_key_order() {
     writer.join().unwrap();
     let _second = run_source(&cfg);
     let total_changes = keys * (rounds + 1);
-    let records = consume_all(&brokers(), &topic, total_changes as usize, T, Duration::from_secs(5));
+    let records = consume_all(
+        &brokers(),
+        &topic,
+        total_changes as usize,
+        T,
+        Duration::from_secs(5),
+    );
     let schemas = schema_topic(&brokers(), &prefix, 2);
     let events = envelope(&records, &schemas);
     let by_key = per_key(&events);
@@ -247,14 +325,20 @@ fn sigkill_mid_stream_loses_nothing_and_keeps_key_order() {
         for (c, commit) in seen {
             if !firsts.insert(*c) {
                 duplicates += 1;
-                assert!(*commit >= confirmed, "key {key}: counter {c} was confirmed yet sent again");
+                assert!(
+                    *commit >= confirmed,
+                    "key {key}: counter {c} was confirmed yet sent again"
+                );
             } else {
                 assert!(*c > max, "key {key}: counter {c} after {max}");
                 max = *c;
             }
         }
     }
-    eprintln!("kafka kill -9: {} events, {duplicates} re-sent", events.len());
+    eprintln!(
+        "kafka kill -9: {} events, {duplicates} re-sent",
+        events.len()
+    );
 }
 
 /// A Confluent-compatible registry with the endpoints pgferry uses, in-process: no real
@@ -290,9 +374,19 @@ impl TestRegistry {
                 }
                 let mut body = vec![0; length];
                 reader.read_exact(&mut body).unwrap();
-                let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
-                let subject = path.trim_start_matches("/subjects/").trim_end_matches("/versions").to_string();
-                let schema = serde_json::from_slice::<Value>(&body).unwrap()["schema"].as_str().unwrap().to_string();
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                let subject = path
+                    .trim_start_matches("/subjects/")
+                    .trim_end_matches("/versions")
+                    .to_string();
+                let schema = serde_json::from_slice::<Value>(&body).unwrap()["schema"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
                 let mut s = store.lock().unwrap();
                 let id = match s.iter().position(|(_, existing)| *existing == schema) {
                     Some(i) => i + 1,
@@ -339,7 +433,13 @@ fn registry_mode_uses_confluent_framing_and_subjects() {
     let topic = format!("{prefix}.public.p");
     let records = consume(&brokers(), &topic, 2, T);
     let schemas = registry.by_id();
-    let subjects: Vec<String> = registry.schemas.lock().unwrap().iter().map(|(s, _)| s.clone()).collect();
+    let subjects: Vec<String> = registry
+        .schemas
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(s, _)| s.clone())
+        .collect();
     assert_eq!(subjects, [format!("{topic}-key"), format!("{topic}-value")]);
     let (key_id, key) = decode_confluent(records[0].key.as_ref().unwrap(), &schemas);
     assert_eq!(key_id, 1);

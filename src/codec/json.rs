@@ -43,7 +43,9 @@ pub fn write_tail_line(change: &Change, out: &mut Vec<u8>) {
 /// The key columns as a JSON object. Writes nothing and returns false when the change
 /// has no key (truncates, keyless tables).
 pub fn write_key_object(change: &Change, out: &mut Vec<u8>) -> bool {
-    let Some(key) = change.key() else { return false };
+    let Some(key) = change.key() else {
+        return false;
+    };
     out.push(b'{');
     for (i, (col, datum)) in key.enumerate() {
         if i > 0 {
@@ -60,7 +62,13 @@ pub fn write_key_object(change: &Change, out: &mut Vec<u8>) -> bool {
 /// The Debezium JSON envelope without an embedded schema (`kafka.format = "json"`):
 /// `before`, `after`, `source`, `op`, `ts_ms`, `ts_us`, and `unchanged`. Values are
 /// written as in `tail` lines.
-pub fn write_debezium_envelope(change: &Change, name: &str, db: &str, now: PgTimestamp, out: &mut Vec<u8>) {
+pub fn write_debezium_envelope(
+    change: &Change,
+    name: &str,
+    db: &str,
+    now: PgTimestamp,
+    out: &mut Vec<u8>,
+) {
     let table = &change.table;
     out.extend_from_slice(b"{\"before\":");
     write_row(out, &table.columns, &table.key, change.before.as_ref());
@@ -76,7 +84,11 @@ pub fn write_debezium_envelope(change: &Change, name: &str, db: &str, now: PgTim
         out,
         ",\"ts_ms\":{},\"snapshot\":\"{}\",\"db\":",
         change.commit_ts.unix_millis(),
-        if change.op == Op::Read { "true" } else { "false" }
+        if change.op == Op::Read {
+            "true"
+        } else {
+            "false"
+        }
     );
     write_str(out, db);
     let _ = write!(

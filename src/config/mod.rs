@@ -118,10 +118,18 @@ impl Config {
             return Err(err(path, "kafka.partitions", "must be at least 1"));
         }
         if raw.kafka.replication_factor == 0 || raw.kafka.replication_factor < -1 {
-            return Err(err(path, "kafka.replication_factor", "must be -1 (broker default) or at least 1"));
+            return Err(err(
+                path,
+                "kafka.replication_factor",
+                "must be -1 (broker default) or at least 1",
+            ));
         }
         if raw.kafka.brokers.trim().is_empty() {
-            return Err(err(path, "kafka.brokers", "must name at least one broker (host:port)"));
+            return Err(err(
+                path,
+                "kafka.brokers",
+                "must name at least one broker (host:port)",
+            ));
         }
         let mut tables = Vec::new();
         for (i, t) in raw.tables.into_iter().enumerate() {

@@ -63,7 +63,12 @@ impl ProducerContext for AckContext {
         match result {
             Ok(msg) => {
                 m.kafka_produced.with_label_values(&[msg.topic()]).inc();
-                let moved = self.0.tracker.lock().map(|mut t| t.acked(seq as u64)).unwrap_or(None);
+                let moved = self
+                    .0
+                    .tracker
+                    .lock()
+                    .map(|mut t| t.acked(seq as u64))
+                    .unwrap_or(None);
                 if let Some(lsn) = moved {
                     self.0.durable.send_replace(lsn);
                 }
@@ -131,7 +136,10 @@ pub fn client_config(config: &Config) -> ClientConfig {
 impl KafkaStage {
     /// Connect to the brokers (failing fast if none answers) and prepare the stage.
     /// `durable` receives the durable LSN as acknowledgements arrive.
-    pub async fn new(config: Arc<Config>, durable: watch::Sender<Lsn>) -> Result<KafkaStage, Error> {
+    pub async fn new(
+        config: Arc<Config>,
+        durable: watch::Sender<Lsn>,
+    ) -> Result<KafkaStage, Error> {
         let shared = Arc::new(Shared {
             tracker: Mutex::new(AckTracker::new()),
             durable,
@@ -142,16 +150,20 @@ impl KafkaStage {
         let producer: ThreadedProducer<AckContext> = client
             .create_with_context(AckContext(shared.clone()))
             .map_err(|e| kafka_config_error(&config, e))?;
-        let admin: AdminClient<DefaultClientContext> = client.create().map_err(|e| kafka_config_error(&config, e))?;
+        let admin: AdminClient<DefaultClientContext> = client
+            .create()
+            .map_err(|e| kafka_config_error(&config, e))?;
         let brokers = config.kafka.brokers.clone();
         let p = producer.clone();
         tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, METADATA_TIMEOUT))
             .await
             .map_err(|e| Error::fatal("checking the Kafka connection").with_source(e))?
             .map_err(|e| {
-                Error::transient(format!("cannot reach the Kafka brokers {brokers} (kafka.brokers)"))
-                    .with_source(e)
-                    .with_hint("are the brokers running and is kafka.brokers right?")
+                Error::transient(format!(
+                    "cannot reach the Kafka brokers {brokers} (kafka.brokers)"
+                ))
+                .with_source(e)
+                .with_hint("are the brokers running and is kafka.brokers right?")
             })?;
         let registry = match config.kafka.schema_registry.as_str() {
             "" => None,
@@ -180,7 +192,9 @@ impl KafkaStage {
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<(), Error> {
         let mut open: Option<u64> = None;
         let result = loop {
-            let Some(event) = events.recv().await else { break Ok(()) };
+            let Some(event) = events.recv().await else {
+                break Ok(());
+            };
             if let Err(e) = self.check_failure() {
                 break Err(e);
             }
@@ -223,14 +237,18 @@ impl KafkaStage {
 
     fn lock_tracker(&self) -> std::sync::MutexGuard<'_, AckTracker> {
         // The callback never panics while holding the lock; recover the data if it did.
-        self.shared.tracker.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn check_failure(&self) -> Result<(), Error> {
         let failure = self.shared.failure.lock().ok().and_then(|f| f.clone());
         match failure {
-            Some(text) => Err(Error::fatal(text)
-                .with_hint("the slot was not confirmed past the failed message; fix the cause and restart")),
+            Some(text) => Err(Error::fatal(text).with_hint(
+                "the slot was not confirmed past the failed message; fix the cause and restart",
+            )),
             None => Ok(()),
         }
     }
@@ -246,15 +264,28 @@ impl KafkaStage {
                 if let Some(f) = &codec.key_framing {
                     f.write_header(&mut self.key_buf);
                 }
-                let has_key = avro::encode_key(change, &codec.schemas, &mut self.key_buf).map_err(encode_error)?;
-                codec.value_framing.write_header(&mut self.value_buf);
-                avro::encode_value(change, &codec.schemas, &self.source, now, &mut self.value_buf)
+                let has_key = avro::encode_key(change, &codec.schemas, &mut self.key_buf)
                     .map_err(encode_error)?;
+                codec.value_framing.write_header(&mut self.value_buf);
+                avro::encode_value(
+                    change,
+                    &codec.schemas,
+                    &self.source,
+                    now,
+                    &mut self.value_buf,
+                )
+                .map_err(encode_error)?;
                 has_key
             }
             Format::Json => {
                 let has_key = json::write_key_object(change, &mut self.key_buf);
-                json::write_debezium_envelope(change, &self.source.name, &self.source.db, now, &mut self.value_buf);
+                json::write_debezium_envelope(
+                    change,
+                    &self.source.name,
+                    &self.source.db,
+                    now,
+                    &mut self.value_buf,
+                );
                 has_key
             }
         };
@@ -269,14 +300,24 @@ impl KafkaStage {
         if change.op == Op::Truncate {
             // A truncate concerns every key: each partition gets it, in its place.
             for p in 0..partitions.max(1) {
-                self.send(&topic, Some(p), None, Some(&value), headers.clone(), seq).await?;
+                self.send(&topic, Some(p), None, Some(&value), headers.clone(), seq)
+                    .await?;
             }
         } else {
             // Keyless tables keep their order on one partition.
             let partition = if key.is_none() { Some(0) } else { None };
-            self.send(&topic, partition, key.as_deref(), Some(&value), headers.clone(), seq).await?;
+            self.send(
+                &topic,
+                partition,
+                key.as_deref(),
+                Some(&value),
+                headers.clone(),
+                seq,
+            )
+            .await?;
             if change.op == Op::Delete && self.config.kafka.tombstones && key.is_some() {
-                self.send(&topic, partition, key.as_deref(), None, headers, seq).await?;
+                self.send(&topic, partition, key.as_deref(), None, headers, seq)
+                    .await?;
             }
         }
         self.value_buf = value;
@@ -293,7 +334,8 @@ impl KafkaStage {
         headers: OwnedHeaders,
         seq: u64,
     ) -> Result<(), Error> {
-        let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, seq as usize).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, seq as usize).headers(headers);
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -333,7 +375,10 @@ impl KafkaStage {
                 return Ok(());
             }
             // A relation message after a reconnect repeats an unchanged schema.
-            if c.table.columns == table.columns && c.table.key == table.key && c.table.name == table.name {
+            if c.table.columns == table.columns
+                && c.table.key == table.key
+                && c.table.name == table.name
+            {
                 c.table = table.clone();
                 return Ok(());
             }
@@ -349,7 +394,11 @@ impl KafkaStage {
                     Some(k) => Some(self.schema_framing(&topic, "key", k, seq).await?),
                     None => None,
                 };
-                (key, self.schema_framing(&topic, "value", &schemas.value, seq).await?)
+                (
+                    key,
+                    self.schema_framing(&topic, "value", &schemas.value, seq)
+                        .await?,
+                )
             }
         };
         tracing::info!(table = %table.name, %topic, "new schema version in use");
@@ -368,14 +417,21 @@ impl KafkaStage {
     }
 
     /// Register the schema (registry mode) or publish it to `<prefix>._schemas`.
-    async fn schema_framing(&mut self, topic: &str, part: &str, schema: &serde_json::Value, seq: u64) -> Result<Framing, Error> {
+    async fn schema_framing(
+        &mut self,
+        topic: &str,
+        part: &str,
+        schema: &serde_json::Value,
+        seq: u64,
+    ) -> Result<Framing, Error> {
         let subject = format!("{topic}-{part}");
         let text = schema.to_string();
         if let Some(registry) = &mut self.registry {
             return Ok(Framing::Registry(registry.register(&subject, &text).await?));
         }
-        let (fp, _) = avro::fingerprint(schema)
-            .map_err(|e| Error::fatal(format!("the derived Avro schema of {subject} is invalid")).with_source(e))?;
+        let (fp, _) = avro::fingerprint(schema).map_err(|e| {
+            Error::fatal(format!("the derived Avro schema of {subject} is invalid")).with_source(e)
+        })?;
         if !self.published.contains(&fp) {
             let schema_topic = format!("{}._schemas", self.config.kafka.topic_prefix);
             self.ensure_topic(&schema_topic, true).await?;
@@ -384,8 +440,15 @@ impl KafkaStage {
                 key: "pgferry.subject",
                 value: Some(subject.as_str()),
             });
-            self.send(&schema_topic, Some(0), Some(key.as_bytes()), Some(text.as_bytes()), headers, seq)
-                .await?;
+            self.send(
+                &schema_topic,
+                Some(0),
+                Some(key.as_bytes()),
+                Some(text.as_bytes()),
+                headers,
+                seq,
+            )
+            .await?;
             self.published.insert(fp);
         }
         Ok(Framing::SingleObject(fp))
@@ -397,34 +460,49 @@ impl KafkaStage {
             return Ok(*p);
         }
         if self.config.kafka.create_topics {
-            let partitions = if compacted { 1 } else { self.config.kafka.partitions };
-            let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.config.kafka.replication_factor));
+            let partitions = if compacted {
+                1
+            } else {
+                self.config.kafka.partitions
+            };
+            let mut new = NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(self.config.kafka.replication_factor),
+            );
             if compacted {
                 new = new.set("cleanup.policy", "compact");
             }
             let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
-            let results = self
-                .admin
-                .create_topics([&new], &opts)
-                .await
-                .map_err(|e| Error::transient(format!("creating topic {topic}")).with_source(e))?;
+            let results =
+                self.admin.create_topics([&new], &opts).await.map_err(|e| {
+                    Error::transient(format!("creating topic {topic}")).with_source(e)
+                })?;
             for r in results {
                 match r {
                     Ok(_) => tracing::info!(%topic, partitions, "created topic"),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                     Err((_, code)) => {
                         return Err(Error::operator(format!("creating topic {topic}: {code}"))
-                            .with_hint("create it yourself, or check the broker's ACLs and limits"))
+                            .with_hint(
+                                "create it yourself, or check the broker's ACLs and limits",
+                            ))
                     }
                 }
             }
         }
         let producer = self.producer.clone();
         let name = topic.to_string();
-        let meta = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), METADATA_TIMEOUT))
-            .await
-            .map_err(|e| Error::fatal("reading topic metadata").with_source(e))?
-            .map_err(|e| Error::transient(format!("reading the metadata of topic {topic}")).with_source(e))?;
+        let meta = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+        })
+        .await
+        .map_err(|e| Error::fatal("reading topic metadata").with_source(e))?
+        .map_err(|e| {
+            Error::transient(format!("reading the metadata of topic {topic}")).with_source(e)
+        })?;
         let partitions = meta
             .topics()
             .first()
@@ -469,7 +547,9 @@ pub fn fingerprint_hex(fp: &[u8; 8]) -> String {
 fn encode_error(e: avro::EncodeError) -> Error {
     Error::fatal("encoding a change as Avro")
         .with_source(e)
-        .with_hint("this is a pgferry bug or an unsupported value; the slot was not confirmed past it")
+        .with_hint(
+            "this is a pgferry bug or an unsupported value; the slot was not confirmed past it",
+        )
 }
 
 fn kafka_config_error(config: &Config, e: KafkaError) -> Error {

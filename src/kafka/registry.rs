@@ -25,14 +25,18 @@ impl Registry {
     /// `http://host:port[/path]`.
     pub fn new(url: &str) -> Result<Registry, Error> {
         let rest = url.strip_prefix("http://").ok_or_else(|| {
-            Error::operator(format!("kafka.schema_registry = {url:?}: only http:// registry URLs are supported"))
+            Error::operator(format!(
+                "kafka.schema_registry = {url:?}: only http:// registry URLs are supported"
+            ))
         })?;
         let (authority, path) = match rest.split_once('/') {
             Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
             None => (rest, String::new()),
         };
         if authority.is_empty() {
-            return Err(Error::operator(format!("kafka.schema_registry = {url:?} names no host")));
+            return Err(Error::operator(format!(
+                "kafka.schema_registry = {url:?} names no host"
+            )));
         }
         let authority = if authority.contains(':') {
             authority.to_string()
@@ -58,9 +62,18 @@ impl Registry {
         let path = format!("{}/subjects/{}/versions", self.base_path, subject);
         let (status, reply) = tokio::time::timeout(TIMEOUT, self.post(&path, &body))
             .await
-            .map_err(|_| Error::transient(format!("schema registry {}: no answer within 30s", self.url)))??;
+            .map_err(|_| {
+                Error::transient(format!(
+                    "schema registry {}: no answer within 30s",
+                    self.url
+                ))
+            })??;
         if !(200..300).contains(&status) {
-            let kind = if status >= 500 { Error::transient } else { Error::fatal };
+            let kind = if status >= 500 {
+                Error::transient
+            } else {
+                Error::fatal
+            };
             return Err(kind(format!(
                 "schema registry {} refused the schema of subject {subject}: HTTP {status}: {}",
                 self.url,
@@ -73,14 +86,19 @@ impl Registry {
             .and_then(|v| v.get("id").and_then(|id| id.as_u64()))
             .and_then(|id| u32::try_from(id).ok())
             .ok_or_else(|| {
-                Error::fatal(format!("schema registry {}: no schema id in the answer for {subject}", self.url))
+                Error::fatal(format!(
+                    "schema registry {}: no schema id in the answer for {subject}",
+                    self.url
+                ))
             })?;
         self.ids.insert(cache_key, id);
         Ok(id)
     }
 
     async fn post(&self, path: &str, body: &str) -> Result<(u16, String), Error> {
-        let io = |e: std::io::Error| Error::transient(format!("schema registry {}", self.url)).with_source(e);
+        let io = |e: std::io::Error| {
+            Error::transient(format!("schema registry {}", self.url)).with_source(e)
+        };
         let mut stream = TcpStream::connect(&self.authority).await.map_err(io)?;
         let request = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\n\
@@ -97,9 +115,20 @@ impl Registry {
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Error::transient(format!("schema registry {}: not an HTTP answer", self.url)))?;
-        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-        Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
+            .ok_or_else(|| {
+                Error::transient(format!("schema registry {}: not an HTTP answer", self.url))
+            })?;
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        Ok((
+            status,
+            if chunked {
+                dechunk(body)
+            } else {
+                body.to_string()
+            },
+        ))
     }
 }
 
@@ -107,7 +136,9 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || after.len() < n {
             break;
         }
@@ -124,13 +155,19 @@ mod tests {
     #[test]
     fn parses_registry_urls() {
         let r = Registry::new("http://reg:8081/prefix/").unwrap();
-        assert_eq!((r.authority.as_str(), r.base_path.as_str()), ("reg:8081", "/prefix"));
+        assert_eq!(
+            (r.authority.as_str(), r.base_path.as_str()),
+            ("reg:8081", "/prefix")
+        );
         assert_eq!(Registry::new("http://reg").unwrap().authority, "reg:80");
         assert!(Registry::new("https://reg").is_err());
     }
 
     #[test]
     fn dechunks_bodies() {
-        assert_eq!(dechunk("4\r\n{\"id\r\n3\r\n\":1\r\n1\r\n}\r\n0\r\n\r\n"), "{\"id\":1}");
+        assert_eq!(
+            dechunk("4\r\n{\"id\r\n3\r\n\":1\r\n1\r\n}\r\n0\r\n\r\n"),
+            "{\"id\":1}"
+        );
     }
 }

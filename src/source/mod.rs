@@ -118,6 +118,7 @@ impl Source {
             relations: RelationCache::new(),
             shutdown: &shutdown,
             health: &health,
+            downstream_gone: false,
         };
         let mut backoff = BACKOFF_START;
         let result = loop {
@@ -156,6 +157,8 @@ struct Session<'a> {
     relations: RelationCache,
     shutdown: &'a CancellationToken,
     health: &'a Health,
+    /// The next stage closed its channel: stop after confirming what is durable.
+    downstream_gone: bool,
 }
 
 /// Transaction state while between Begin and Commit.
@@ -209,6 +212,9 @@ impl Session<'_> {
                         return self.finish(conn, down).await;
                     }
                     self.progress.durable(*down.durable.borrow_and_update());
+                    if src.end_lsn.is_some_and(|end| self.progress.flush_position() >= end) {
+                        return self.finish(conn, down).await;
+                    }
                 }
                 _ = tick.tick() => {
                     let flush = self.progress.flush_position();
@@ -234,6 +240,9 @@ impl Session<'_> {
                             Error::fatal(format!("decoding the change at {wal_start}")).with_source(e)
                         })?;
                         self.handle(message, wal_start, wal_end, &mut open, &mut conn, down).await?;
+                        if self.downstream_gone {
+                            return self.finish(conn, down).await;
+                        }
                     }
                 }
             }
@@ -378,8 +387,10 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 permit = down.events.reserve() => {
-                    let permit = permit.map_err(|_| Error::fatal("the next stage stopped"))?;
-                    permit.send(event);
+                    match permit {
+                        Ok(permit) => permit.send(event),
+                        Err(_) => self.downstream_gone = true,
+                    }
                     return Ok(());
                 }
                 _ = tokio::time::sleep(self.source.status_interval) => {

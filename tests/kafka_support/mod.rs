@@ -28,6 +28,28 @@ pub struct Record {
 
 /// Read `topic` from the beginning until `n` messages arrived (fails after `timeout`).
 pub fn consume(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<Record> {
+    read(brokers, topic, n, timeout, None)
+}
+
+/// Like [`consume`], then keep reading until nothing new arrives for `settle` (to see
+/// duplicates, or to show that nothing more comes).
+pub fn consume_all(
+    brokers: &str,
+    topic: &str,
+    at_least: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Record> {
+    read(brokers, topic, at_least, timeout, Some(settle))
+}
+
+fn read(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+    settle: Option<Duration>,
+) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "pgferry-tests")
@@ -39,32 +61,52 @@ pub fn consume(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<R
     let partitions = loop {
         let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
         if let Ok(meta) = meta {
-            let n = meta.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
+            let n = meta
+                .topics()
+                .first()
+                .map(|t| t.partitions().len())
+                .unwrap_or(0);
             if n > 0 {
                 break n;
             }
         }
-        assert!(Instant::now() < deadline, "topic {topic} did not appear within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "topic {topic} did not appear within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
-    while out.len() < n {
-        assert!(
-            Instant::now() < deadline,
-            "got {} of {n} messages from {topic} within {timeout:?}",
-            out.len()
-        );
+    let mut last_arrival = Instant::now();
+    loop {
+        if out.len() >= n {
+            match settle {
+                Some(quiet) if last_arrival.elapsed() < quiet => {}
+                _ => break,
+            }
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "got {} of {n} messages from {topic} within {timeout:?}",
+                out.len()
+            );
+        }
         if let Some(r) = consumer.poll(Duration::from_millis(200)) {
+            last_arrival = Instant::now();
             let m = r.expect("consuming");
             let mut headers = HashMap::new();
             if let Some(h) = m.headers() {
                 for header in h.iter() {
-                    let v = header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                    let v = header
+                        .value
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default();
                     headers.insert(header.key.to_string(), v);
                 }
             }
@@ -80,36 +122,41 @@ pub fn consume(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<R
     out
 }
 
-/// Messages that arrive within `wait` after the first `n` (to show nothing more comes).
-pub fn consume_all(brokers: &str, topic: &str, at_least: usize, timeout: Duration, settle: Duration) -> Vec<Record> {
-    let mut records = consume(brokers, topic, at_least, timeout);
-    loop {
-        let more = std::panic::catch_unwind(|| consume(brokers, topic, records.len() + 1, settle));
-        match more {
-            Ok(all) => records = all,
-            Err(_) => return records,
-        }
-    }
-}
-
 /// Schemas published on `<prefix>._schemas`, by fingerprint (hex).
-pub fn schema_topic(brokers: &str, prefix: &str, at_least: usize) -> HashMap<String, apache_avro::Schema> {
-    consume(brokers, &format!("{prefix}._schemas"), at_least, Duration::from_secs(60))
-        .into_iter()
-        .map(|r| {
-            let key = String::from_utf8(r.key.unwrap()).unwrap();
-            let schema = apache_avro::Schema::parse_str(std::str::from_utf8(&r.value.unwrap()).unwrap()).unwrap();
-            (key, schema)
-        })
-        .collect()
+pub fn schema_topic(
+    brokers: &str,
+    prefix: &str,
+    at_least: usize,
+) -> HashMap<String, apache_avro::Schema> {
+    consume(
+        brokers,
+        &format!("{prefix}._schemas"),
+        at_least,
+        Duration::from_secs(60),
+    )
+    .into_iter()
+    .map(|r| {
+        let key = String::from_utf8(r.key.unwrap()).unwrap();
+        let schema =
+            apache_avro::Schema::parse_str(std::str::from_utf8(&r.value.unwrap()).unwrap())
+                .unwrap();
+        (key, schema)
+    })
+    .collect()
 }
 
 /// Decode a single-object encoded datum with the schema its fingerprint names.
-pub fn decode_single_object(bytes: &[u8], schemas: &HashMap<String, apache_avro::Schema>) -> (String, Avro) {
+pub fn decode_single_object(
+    bytes: &[u8],
+    schemas: &HashMap<String, apache_avro::Schema>,
+) -> (String, Avro) {
     assert_eq!(&bytes[..2], &[0xC3, 0x01], "single-object marker");
     let fp: String = bytes[2..10].iter().map(|b| format!("{b:02x}")).collect();
-    let schema = schemas.get(&fp).unwrap_or_else(|| panic!("fingerprint {fp} is not on the schema topic"));
-    let value = apache_avro::from_avro_datum(schema, &mut &bytes[10..], None).expect("datum decodes with its schema");
+    let schema = schemas
+        .get(&fp)
+        .unwrap_or_else(|| panic!("fingerprint {fp} is not on the schema topic"));
+    let value = apache_avro::from_avro_datum(schema, &mut &bytes[10..], None)
+        .expect("datum decodes with its schema");
     (fp, value)
 }
 
@@ -117,8 +164,11 @@ pub fn decode_single_object(bytes: &[u8], schemas: &HashMap<String, apache_avro:
 pub fn decode_confluent(bytes: &[u8], schemas: &HashMap<u32, apache_avro::Schema>) -> (u32, Avro) {
     assert_eq!(bytes[0], 0, "Confluent magic byte");
     let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-    let schema = schemas.get(&id).unwrap_or_else(|| panic!("schema id {id} was not registered"));
-    let value = apache_avro::from_avro_datum(schema, &mut &bytes[5..], None).expect("datum decodes");
+    let schema = schemas
+        .get(&id)
+        .unwrap_or_else(|| panic!("schema id {id} was not registered"));
+    let value =
+        apache_avro::from_avro_datum(schema, &mut &bytes[5..], None).expect("datum decodes");
     (id, value)
 }
 
@@ -135,7 +185,11 @@ fn float_json(f: f64) -> Value {
 }
 
 fn twos_complement(bytes: &[u8]) -> i128 {
-    let mut v: i128 = if bytes.first().is_some_and(|b| b & 0x80 != 0) { -1 } else { 0 };
+    let mut v: i128 = if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+        -1
+    } else {
+        0
+    };
     for b in bytes {
         v = (v << 8) | i128::from(*b);
     }
@@ -149,7 +203,10 @@ pub fn to_json(v: &Avro) -> Value {
         Avro::Null => Value::Null,
         Avro::Boolean(b) => json!(b),
         Avro::Int(i) | Avro::Date(i) => json!(i),
-        Avro::Long(l) | Avro::TimeMicros(l) | Avro::LocalTimestampMicros(l) | Avro::TimestampMicros(l) => json!(l),
+        Avro::Long(l)
+        | Avro::TimeMicros(l)
+        | Avro::LocalTimestampMicros(l)
+        | Avro::TimestampMicros(l) => json!(l),
         Avro::Float(f) => float_json(f64::from(*f)),
         Avro::Double(d) => float_json(*d),
         Avro::String(s) => json!(s),
@@ -172,7 +229,10 @@ pub fn to_json(v: &Avro) -> Value {
             if m.len() == 2 && m.contains_key("scale") && m.contains_key("value") {
                 // VariableScaleDecimal
                 let hex = m["value"].as_str().unwrap().to_string();
-                let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+                let bytes: Vec<u8> = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
                 return json!({"scale": m["scale"], "unscaled": twos_complement(&bytes).to_string()});
             }
             Value::Object(m)

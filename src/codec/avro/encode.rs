@@ -52,8 +52,14 @@ fn write_opt_long(out: &mut Vec<u8>, v: Option<i64>) {
 }
 
 /// The key record of a change. `Ok(false)` when the table has no key.
-pub fn encode_key(change: &Change, schemas: &TableSchemas, out: &mut Vec<u8>) -> Result<bool, EncodeError> {
-    let Some(key) = change.key() else { return Ok(false) };
+pub fn encode_key(
+    change: &Change,
+    schemas: &TableSchemas,
+    out: &mut Vec<u8>,
+) -> Result<bool, EncodeError> {
+    let Some(key) = change.key() else {
+        return Ok(false);
+    };
     for ((column, datum), plan) in key.zip(&schemas.key_fields) {
         write_field(out, change, column, plan, datum)?;
     }
@@ -76,10 +82,20 @@ pub fn encode_value(
     write_bytes(out, source.name.as_bytes());
     write_long(out, change.commit_ts.unix_millis());
     write_long(out, 0); // snapshot: the "string" branch
-    write_bytes(out, if change.op == Op::Read { b"true" } else { b"false" });
+    write_bytes(
+        out,
+        if change.op == Op::Read {
+            b"true"
+        } else {
+            b"false"
+        },
+    );
     write_bytes(out, source.db.as_bytes());
     write_long(out, 1);
-    write_bytes(out, format!("[\"{}\",\"{}\"]", change.commit_lsn.0, change.lsn.0).as_bytes());
+    write_bytes(
+        out,
+        format!("[\"{}\",\"{}\"]", change.commit_lsn.0, change.lsn.0).as_bytes(),
+    );
     write_opt_long(out, Some(change.commit_ts.unix_micros()));
     write_bytes(out, change.table.name.schema.as_bytes());
     write_bytes(out, change.table.name.name.as_bytes());
@@ -102,14 +118,25 @@ pub fn encode_value(
     Ok(())
 }
 
-fn write_row(out: &mut Vec<u8>, change: &Change, schemas: &TableSchemas, row: Option<&Row>) -> Result<(), EncodeError> {
+fn write_row(
+    out: &mut Vec<u8>,
+    change: &Change,
+    schemas: &TableSchemas,
+    row: Option<&Row>,
+) -> Result<(), EncodeError> {
     let Some(row) = row else {
         write_long(out, 0);
         return Ok(());
     };
     write_long(out, 1);
     let table = &change.table;
-    for (i, ((column, datum), plan)) in table.columns.iter().zip(&row.values).zip(&schemas.value_fields).enumerate() {
+    for (i, ((column, datum), plan)) in table
+        .columns
+        .iter()
+        .zip(&row.values)
+        .zip(&schemas.value_fields)
+        .enumerate()
+    {
         if row.key_only && !table.key.contains(&i) {
             write_long(out, 0); // not sent by PostgreSQL: null
             continue;
@@ -119,7 +146,13 @@ fn write_row(out: &mut Vec<u8>, change: &Change, schemas: &TableSchemas, row: Op
     Ok(())
 }
 
-fn write_field(out: &mut Vec<u8>, change: &Change, column: &Column, plan: &FieldPlan, datum: &Datum) -> Result<(), EncodeError> {
+fn write_field(
+    out: &mut Vec<u8>,
+    change: &Change,
+    column: &Column,
+    plan: &FieldPlan,
+    datum: &Datum,
+) -> Result<(), EncodeError> {
     let err = |reason: String| EncodeError {
         table: change.table.name.to_string(),
         column: column.name.clone(),
@@ -135,7 +168,8 @@ fn write_field(out: &mut Vec<u8>, change: &Change, column: &Column, plan: &Field
         Datum::Text(text) => {
             let text = text.as_str();
             let mut value = Vec::new();
-            let special = write_value(&mut value, &plan.kind, column.ty.delimiter, text).map_err(err)?;
+            let special =
+                write_value(&mut value, &plan.kind, column.ty.delimiter, text).map_err(err)?;
             if plan.is_union() {
                 let branch = match (special, plan.string_branch) {
                     (true, Some(b)) => b,
@@ -144,7 +178,9 @@ fn write_field(out: &mut Vec<u8>, change: &Change, column: &Column, plan: &Field
                 };
                 write_long(out, i64::from(branch));
             } else if special {
-                return Err(err("value has no Avro representation in a key column".into()));
+                return Err(err(
+                    "value has no Avro representation in a key column".into()
+                ));
             }
             if special {
                 write_bytes(out, text.as_bytes());
@@ -157,40 +193,77 @@ fn write_field(out: &mut Vec<u8>, change: &Change, column: &Column, plan: &Field
 }
 
 /// Encode `text` as `kind`. `Ok(true)` means it must travel in the string branch.
-fn write_value(out: &mut Vec<u8>, kind: &ValueKind, delimiter: u8, text: &str) -> Result<bool, String> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| format!("cannot encode the value as {what}: {e}");
+fn write_value(
+    out: &mut Vec<u8>,
+    kind: &ValueKind,
+    delimiter: u8,
+    text: &str,
+) -> Result<bool, String> {
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| format!("cannot encode the value as {what}: {e}");
     match kind {
         ValueKind::Boolean => out.push(u8::from(text == "t")),
-        ValueKind::Int => write_long(out, i64::from(text.parse::<i32>().map_err(|e| bad("int", &e))?)),
+        ValueKind::Int => write_long(
+            out,
+            i64::from(text.parse::<i32>().map_err(|e| bad("int", &e))?),
+        ),
         ValueKind::Long => write_long(out, text.parse::<i64>().map_err(|e| bad("long", &e))?),
-        ValueKind::Float => out.extend_from_slice(&text.parse::<f32>().map_err(|e| bad("float", &e))?.to_le_bytes()),
-        ValueKind::Double => out.extend_from_slice(&text.parse::<f64>().map_err(|e| bad("double", &e))?.to_le_bytes()),
-        ValueKind::Decimal { scale, .. } => match pgtext::parse_numeric_scaled(text, *scale).map_err(|e| bad("decimal", &e))? {
-            Numeric::Finite { unscaled, .. } => write_bytes(out, &unscaled),
-            _ => return Ok(true),
-        },
-        ValueKind::VarDecimal => match pgtext::parse_numeric(text).map_err(|e| bad("decimal", &e))? {
-            Numeric::Finite { unscaled, scale } => {
-                write_long(out, i64::from(scale));
-                write_bytes(out, &unscaled);
+        ValueKind::Float => out.extend_from_slice(
+            &text
+                .parse::<f32>()
+                .map_err(|e| bad("float", &e))?
+                .to_le_bytes(),
+        ),
+        ValueKind::Double => out.extend_from_slice(
+            &text
+                .parse::<f64>()
+                .map_err(|e| bad("double", &e))?
+                .to_le_bytes(),
+        ),
+        ValueKind::Decimal { scale, .. } => {
+            match pgtext::parse_numeric_scaled(text, *scale).map_err(|e| bad("decimal", &e))? {
+                Numeric::Finite { unscaled, .. } => write_bytes(out, &unscaled),
+                _ => return Ok(true),
             }
-            _ => return Ok(true),
-        },
+        }
+        ValueKind::VarDecimal => {
+            match pgtext::parse_numeric(text).map_err(|e| bad("decimal", &e))? {
+                Numeric::Finite { unscaled, scale } => {
+                    write_long(out, i64::from(scale));
+                    write_bytes(out, &unscaled);
+                }
+                _ => return Ok(true),
+            }
+        }
         ValueKind::Money => {
             let cents = pgtext::parse_money(text).map_err(|e| bad("money", &e))?;
             write_long(out, 2);
             write_bytes(out, &pgtext::i64_to_be_bytes_minimal(cents));
         }
         ValueKind::String | ValueKind::Uuid | ValueKind::Json => write_bytes(out, text.as_bytes()),
-        ValueKind::Date => write_long(out, i64::from(pgtext::parse_date(text).map_err(|e| bad("date", &e))?)),
+        ValueKind::Date => write_long(
+            out,
+            i64::from(pgtext::parse_date(text).map_err(|e| bad("date", &e))?),
+        ),
         ValueKind::Time => write_long(out, pgtext::parse_time(text).map_err(|e| bad("time", &e))?),
-        ValueKind::Timestamp => write_long(out, pgtext::parse_timestamp(text).map_err(|e| bad("timestamp", &e))?),
-        ValueKind::Timestamptz => {
-            write_bytes(out, pgtext::timestamptz_to_iso(text).map_err(|e| bad("timestamptz", &e))?.as_bytes())
-        }
-        ValueKind::Bytes => write_bytes(out, &decode_bytea(text).ok_or_else(|| "bytea is not in hex format".to_string())?),
+        ValueKind::Timestamp => write_long(
+            out,
+            pgtext::parse_timestamp(text).map_err(|e| bad("timestamp", &e))?,
+        ),
+        ValueKind::Timestamptz => write_bytes(
+            out,
+            pgtext::timestamptz_to_iso(text)
+                .map_err(|e| bad("timestamptz", &e))?
+                .as_bytes(),
+        ),
+        ValueKind::Bytes => write_bytes(
+            out,
+            &decode_bytea(text).ok_or_else(|| "bytea is not in hex format".to_string())?,
+        ),
         ValueKind::Array(elem) => {
-            let Some(items) = array::parse(text, delimiter) else { return Ok(true) };
+            let Some(items) = array::parse(text, delimiter) else {
+                return Ok(true);
+            };
             if items.iter().any(|i| matches!(i, Element::Array(_))) {
                 return Ok(true);
             }
@@ -237,7 +310,13 @@ mod tests {
 
     #[test]
     fn zigzag_varints_match_the_spec() {
-        for (v, bytes) in [(0i64, vec![0u8]), (-1, vec![1]), (1, vec![2]), (-64, vec![0x7f]), (64, vec![0x80, 0x01])] {
+        for (v, bytes) in [
+            (0i64, vec![0u8]),
+            (-1, vec![1]),
+            (1, vec![2]),
+            (-64, vec![0x7f]),
+            (64, vec![0x80, 0x01]),
+        ] {
             let mut out = Vec::new();
             write_long(&mut out, v);
             assert_eq!(out, bytes, "{v}");

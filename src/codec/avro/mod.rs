@@ -45,7 +45,10 @@ impl Framing {
     /// Split a framed message into its framing and the Avro datum.
     pub fn parse(bytes: &[u8]) -> Option<(Framing, &[u8])> {
         match bytes {
-            [0, a, b, c, d, rest @ ..] => Some((Framing::Registry(u32::from_be_bytes([*a, *b, *c, *d])), rest)),
+            [0, a, b, c, d, rest @ ..] => Some((
+                Framing::Registry(u32::from_be_bytes([*a, *b, *c, *d])),
+                rest,
+            )),
             [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
                 let mut fp = [0u8; 8];
                 fp.copy_from_slice(&rest[..8]);
@@ -70,7 +73,10 @@ mod tests {
 
     #[test]
     fn framings_round_trip() {
-        for f in [Framing::Registry(42), Framing::SingleObject([1, 2, 3, 4, 5, 6, 7, 8])] {
+        for f in [
+            Framing::Registry(42),
+            Framing::SingleObject([1, 2, 3, 4, 5, 6, 7, 8]),
+        ] {
             let mut out = Vec::new();
             f.write_header(&mut out);
             out.extend_from_slice(b"datum");

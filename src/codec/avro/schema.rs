@@ -31,7 +31,10 @@ pub enum ValueKind {
     Float,
     Double,
     /// numeric(p,s): decimal bytes at this scale.
-    Decimal { precision: u32, scale: u32 },
+    Decimal {
+        precision: u32,
+        scale: u32,
+    },
     /// numeric without modifier: VariableScaleDecimal.
     VarDecimal,
     /// money: VariableScaleDecimal, scale 2.
@@ -83,7 +86,10 @@ impl ValueKind {
     /// Whether some values need the union's `string` branch (numeric specials; arrays
     /// that do not fit a one-dimensional Avro array).
     pub fn has_string_branch(&self) -> bool {
-        matches!(self, ValueKind::Decimal { .. } | ValueKind::VarDecimal | ValueKind::Array(_))
+        matches!(
+            self,
+            ValueKind::Decimal { .. } | ValueKind::VarDecimal | ValueKind::Array(_)
+        )
     }
 
     /// Whether the value may be an out-of-line TOAST value, so "unchanged" can occur.
@@ -151,7 +157,13 @@ impl FieldPlan {
 pub fn avro_name(name: &str) -> String {
     let mut out: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert(0, '_');
@@ -218,16 +230,22 @@ fn type_json(kind: &ValueKind, names: &mut Names) -> Json {
             })
         }),
         ValueKind::String => json!("string"),
-        ValueKind::Uuid => json!({"type": "string", "logicalType": "uuid", "connect.name": "io.debezium.data.Uuid"}),
+        ValueKind::Uuid => {
+            json!({"type": "string", "logicalType": "uuid", "connect.name": "io.debezium.data.Uuid"})
+        }
         ValueKind::Json => json!({"type": "string", "connect.name": "io.debezium.data.Json"}),
-        ValueKind::Date => json!({"type": "int", "logicalType": "date", "connect.name": "io.debezium.time.Date"}),
+        ValueKind::Date => {
+            json!({"type": "int", "logicalType": "date", "connect.name": "io.debezium.time.Date"})
+        }
         ValueKind::Time => {
             json!({"type": "long", "logicalType": "time-micros", "connect.name": "io.debezium.time.MicroTime"})
         }
         ValueKind::Timestamp => json!({
             "type": "long", "logicalType": "local-timestamp-micros", "connect.name": "io.debezium.time.MicroTimestamp"
         }),
-        ValueKind::Timestamptz => json!({"type": "string", "connect.name": "io.debezium.time.ZonedTimestamp"}),
+        ValueKind::Timestamptz => {
+            json!({"type": "string", "connect.name": "io.debezium.time.ZonedTimestamp"})
+        }
         ValueKind::Bytes => json!("bytes"),
         ValueKind::Array(elem) => {
             let mut items = vec![json!("null"), type_json(elem, names)];
@@ -394,16 +412,27 @@ mod tests {
         assert_eq!(s.namespace, "ehr.public.pa_tients");
         let value = apache_avro::Schema::parse(&s.value).expect("value schema parses");
         let key = apache_avro::Schema::parse(s.key.as_ref().unwrap()).expect("key schema parses");
-        assert!(value.canonical_form().contains("\"name\":\"ehr.public.pa_tients.Envelope\""));
-        assert!(value.canonical_form().contains("io.debezium.connector.postgresql.Source"));
+        assert!(value
+            .canonical_form()
+            .contains("\"name\":\"ehr.public.pa_tients.Envelope\""));
+        assert!(value
+            .canonical_form()
+            .contains("io.debezium.connector.postgresql.Source"));
         assert!(key.canonical_form().contains("ehr.public.pa_tients.Key"));
         // null, decimal, string (specials), Unchanged
         assert_eq!(s.value_fields[1].string_branch, Some(2));
         assert_eq!(s.value_fields[1].unchanged_branch, Some(3));
-        assert_eq!(s.value_fields[0].unchanged_branch, None, "an int8 is never TOASTed");
+        assert_eq!(
+            s.value_fields[0].unchanged_branch, None,
+            "an int8 is never TOASTed"
+        );
         assert!(!s.key_fields[0].is_union());
         let text = serde_json::to_string(&s.value).unwrap();
-        assert_eq!(text.matches("\"name\":\"VariableScaleDecimal\"").count(), 1, "defined once");
+        assert_eq!(
+            text.matches("\"name\":\"VariableScaleDecimal\"").count(),
+            1,
+            "defined once"
+        );
         assert!(text.contains("\"name\":\"_2nd_name\""));
     }
 }
