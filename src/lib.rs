@@ -16,6 +16,7 @@ pub mod error;
 pub mod event;
 pub mod health;
 pub mod http;
+pub mod inspect;
 pub mod kafka;
 pub mod lsn;
 pub mod metrics;

@@ -188,7 +188,13 @@ async fn run(command: Command) -> ExitCode {
                 ),
             }
         }
-        Command::Schema { .. } => not_built("pgferry schema", "it arrives with the Avro stage"),
+        Command::Schema { config, table } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            report(pgferry::inspect::schema(&config, table.as_deref()).await)
+        }
         Command::Verify { .. } => not_built("pgferry verify", "it arrives with the sink stage"),
         Command::Status { .. } => not_built("pgferry status", "it arrives with the sink stage"),
         Command::Generate { .. } => not_built("pgferry generate", "it arrives with the demo"),

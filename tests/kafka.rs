@@ -81,6 +81,11 @@ fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
     );
     let prefix = format!("t{}", db.name);
     let cfg = kafka_config(&db, "s_kavro", &brokers(), &prefix, "", &["public.types"]);
+    let port = free_port();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&cfg, text).unwrap();
     let mut run = run_source(&cfg);
     wait_streaming(&db, "s_kavro");
     db.sql(

@@ -18,8 +18,16 @@ const T: Duration = Duration::from_secs(120);
 
 /// JSON events (no schema topic needed); the mock broker has no CreateTopics API, so
 /// the topic is created on the mock and pgferry is told not to create topics.
-fn config(db: &TestDb, slot: &str, mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, prefix: &str, props: &str, table: &str) -> std::path::PathBuf {
-    mock.create_topic(&format!("{prefix}.public.{table}"), 1, 3).unwrap();
+fn config(
+    db: &TestDb,
+    slot: &str,
+    mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    prefix: &str,
+    props: &str,
+    table: &str,
+) -> std::path::PathBuf {
+    mock.create_topic(&format!("{prefix}.public.{table}"), 1, 3)
+        .unwrap();
     db.config(
         &format!("{slot}.toml"),
         slot,
@@ -33,7 +41,16 @@ fn config(db: &TestDb, slot: &str, mock: &MockCluster<'_, rdkafka::producer::Def
 
 fn run_source(config: &std::path::Path) -> Pgferry {
     let stderr = config.with_extension("run.stderr");
-    Pgferry::spawn(&["run", "--only", "source", "--config", config.to_str().unwrap()], stderr)
+    Pgferry::spawn(
+        &[
+            "run",
+            "--only",
+            "source",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        stderr,
+    )
 }
 
 fn last_commit(db: &TestDb) -> u64 {
@@ -46,16 +63,25 @@ fn brokers_down_stalls_confirmation_with_bounded_memory_and_loses_nothing() {
     let db = TestDb::new("kdown");
     db.sql("create table d (id int primary key, pad text)");
     // A small local queue, so backpressure reaches the source quickly.
-    let cfg = config(&db, "s_kdown", &mock, "down", "\"queue.buffering.max.kbytes\" = \"2048\"", "d");
+    let cfg = config(
+        &db,
+        "s_kdown",
+        &mock,
+        "down",
+        "\"queue.buffering.max.kbytes\" = \"2048\"",
+        "d",
+    );
     let run = run_source(&cfg);
     wait_streaming(&db, "s_kdown");
     db.sql("insert into d select g, repeat('x', 1000) from generate_series(1, 100) g");
     let before_outage = last_commit(&db);
     let topic = "down.public.d";
     consume(&mock.bootstrap_servers(), topic, 100, T);
-    wait_for("the first rows to be confirmed", Duration::from_secs(30), || {
-        (lsn(&db.confirmed_flush("s_kdown").unwrap()) >= before_outage).then_some(())
-    });
+    wait_for(
+        "the first rows to be confirmed",
+        Duration::from_secs(30),
+        || (lsn(&db.confirmed_flush("s_kdown").unwrap()) >= before_outage).then_some(()),
+    );
 
     for broker in 1..=3 {
         mock.broker_down(broker).unwrap();
@@ -72,8 +98,14 @@ fn brokers_down_stalls_confirmation_with_bounded_memory_and_loses_nothing() {
     let stalled = lsn(&db.confirmed_flush("s_kdown").unwrap());
     let rss_mib = run.peak_rss_kib() / 1024;
     eprintln!("brokers down: peak RSS {rss_mib} MiB with ~80 MB of changes pending");
-    assert!(stalled < last_commit(&db), "nothing written during the outage may be confirmed");
-    assert!(rss_mib < 120, "memory must stay bounded while brokers are down: {rss_mib} MiB");
+    assert!(
+        stalled < last_commit(&db),
+        "nothing written during the outage may be confirmed"
+    );
+    assert!(
+        rss_mib < 120,
+        "memory must stay bounded while brokers are down: {rss_mib} MiB"
+    );
 
     for broker in 1..=3 {
         mock.broker_up(broker).unwrap();
@@ -82,9 +114,17 @@ fn brokers_down_stalls_confirmation_with_bounded_memory_and_loses_nothing() {
     let records = consume(&mock.bootstrap_servers(), topic, 80_100, T);
     let ids: std::collections::BTreeSet<i64> = records
         .iter()
-        .map(|r| serde_json::from_slice::<Value>(r.value.as_ref().unwrap()).unwrap()["after"]["id"].as_i64().unwrap())
+        .map(|r| {
+            serde_json::from_slice::<Value>(r.value.as_ref().unwrap()).unwrap()["after"]["id"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
-    assert_eq!(ids.len(), 80_100, "every change arrived once the brokers were back");
+    assert_eq!(
+        ids.len(),
+        80_100,
+        "every change arrived once the brokers were back"
+    );
     wait_for("confirmation to resume", Duration::from_secs(60), || {
         (lsn(&db.confirmed_flush("s_kdown").unwrap()) >= end).then_some(())
     });
@@ -95,12 +135,21 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
     let mock = MockCluster::new(3).unwrap();
     let db = TestDb::new("kretry");
     db.sql("create table r (id int primary key, counter int not null)");
-    let cfg = config(&db, "s_kretry", &mock, "retry", "\"linger.ms\" = \"0\"", "r");
+    let cfg = config(
+        &db,
+        "s_kretry",
+        &mock,
+        "retry",
+        "\"linger.ms\" = \"0\"",
+        "r",
+    );
     let _run = run_source(&cfg);
     wait_streaming(&db, "s_kretry");
     let keys = 20;
     let rounds = 30;
-    db.sql(&format!("insert into r select g, 0 from generate_series(1, {keys}) g"));
+    db.sql(&format!(
+        "insert into r select g, 0 from generate_series(1, {keys}) g"
+    ));
     let errors = [
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
@@ -114,7 +163,13 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
         db.sql("update r set counter = counter + 1");
     }
     let total = (keys * (rounds + 1)) as usize;
-    let records = consume_all(&mock.bootstrap_servers(), "retry.public.r", total, T, Duration::from_secs(3));
+    let records = consume_all(
+        &mock.bootstrap_servers(),
+        "retry.public.r",
+        total,
+        T,
+        Duration::from_secs(3),
+    );
     let mut per_key: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     for r in &records {
         let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
@@ -125,6 +180,10 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
     }
     assert_eq!(records.len(), total, "idempotence: no duplicates, no loss");
     for (key, counters) in per_key {
-        assert_eq!(counters, (0..=rounds as i64).collect::<Vec<_>>(), "key {key} out of order");
+        assert_eq!(
+            counters,
+            (0..=rounds as i64).collect::<Vec<_>>(),
+            "key {key} out of order"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use prometheus::IntCounter;
 use tokio_postgres::Client;
 
-use super::pgoutput::{OldTuple, Relation, Tuple, TupleValue};
+use super::pgoutput::{OldTuple, Relation, RelationColumn, Tuple, TupleValue};
 use crate::config::{Config, Table};
 use crate::error::Error;
 use crate::event::{
@@ -242,6 +242,51 @@ impl RelationState {
             OldTuple::Full(t) => self.row(t, false),
         }
     }
+}
+
+/// A configured table as a Relation message would describe it, read from the catalog:
+/// for commands (`pgferry schema`) that need a table's schema without streaming.
+pub async fn describe(catalog: &Client, table: &Table) -> Result<Relation, Error> {
+    let row = catalog
+        .query_opt(
+            "select c.oid, c.relreplident::text from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
+            &[&table.source.schema, &table.source.name],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("looking up table {}", table.source), e))?
+        .ok_or_else(|| {
+            Error::operator(format!("{}: table {} does not exist on the source", table.origin.display(), table.source))
+        })?;
+    let oid: u32 = row.get(0);
+    let identity: String = row.get(1);
+    let rows = catalog
+        .query(
+            "select a.attname::text, a.atttypid, a.atttypmod, \
+                    coalesce((select a.attnum = any(i.indkey) from pg_index i where i.indrelid = a.attrelid \
+                              and ((i.indisprimary and c.relreplident = 'd') or (i.indisreplident and c.relreplident = 'i'))), \
+                             c.relreplident = 'f') \
+             from pg_attribute a join pg_class c on c.oid = a.attrelid \
+             where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped order by a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading the columns of {}", table.source), e))?;
+    Ok(Relation {
+        oid,
+        namespace: table.source.schema.clone(),
+        name: table.source.name.clone(),
+        replica_identity: identity.bytes().next().unwrap_or(b'd'),
+        columns: rows
+            .iter()
+            .map(|r| RelationColumn {
+                flags: u8::from(r.get::<_, bool>(3)),
+                name: r.get(0),
+                type_oid: r.get(1),
+                typmod: r.get(2),
+            })
+            .collect(),
+    })
 }
 
 struct CatalogColumn {
