@@ -187,3 +187,35 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
         );
     }
 }
+
+#[test]
+fn a_fatal_produce_error_stops_run_and_leaves_the_slot_unconfirmed() {
+    let mock = MockCluster::new(1).unwrap();
+    let db = TestDb::new("kfatal");
+    db.sql("create table f (id int primary key)");
+    let cfg = config(&db, "s_kfatal", &mock, "fatal", "", "f");
+    let mut run = run_source(&cfg);
+    wait_streaming(&db, "s_kfatal");
+    let before = lsn(&db.confirmed_flush("s_kfatal").unwrap());
+    // Not retriable: the broker refuses the topic.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 20],
+    );
+    db.sql("insert into f values (1)");
+    let commit = last_commit(&db);
+    let status = wait_for("pgferry to stop", Duration::from_secs(60), || {
+        run.child.try_wait().unwrap()
+    });
+    let stderr = run.stderr_text();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("fatal.public.f") && stderr.contains("failed"),
+        "{stderr}"
+    );
+    let after = lsn(&db.confirmed_flush("s_kfatal").unwrap());
+    assert!(
+        after < commit,
+        "the refused change must not be confirmed ({before:X} -> {after:X}, commit {commit:X})"
+    );
+}

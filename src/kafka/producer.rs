@@ -191,13 +191,21 @@ impl KafkaStage {
     /// Produce events until the source closes the channel, then flush.
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<(), Error> {
         let mut open: Option<u64> = None;
+        let shared = self.shared.clone();
         let result = loop {
-            let Some(event) = events.recv().await else {
-                break Ok(());
-            };
+            // Wake on deliveries too: a failed delivery must stop the stage even when
+            // no further event arrives.
+            let delivered = shared.delivered.notified();
+            tokio::pin!(delivered);
+            delivered.as_mut().enable();
             if let Err(e) = self.check_failure() {
                 break Err(e);
             }
+            let event = tokio::select! {
+                event = events.recv() => event,
+                _ = &mut delivered => continue,
+            };
+            let Some(event) = event else { break Ok(()) };
             let step = match event {
                 Event::Begin(_) => {
                     // A Begin while a transaction is open means the source reconnected
