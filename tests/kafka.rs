@@ -70,12 +70,16 @@ fn envelope(
 fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
     let db = TestDb::new("kavro");
     db.sql(
-        "create type mood as enum ('calm', 'tense');
+        "create extension if not exists citext;
+         create type mood as enum ('calm', 'tense');
+         create domain posint as int check (value > 0);
          create table types (
            id int primary key, b bool, i2 int2, i8 int8, o oid, f4 float4, f8 float8, f8z float8,
            n numeric(12,4), nneg numeric(12,4), nn numeric, nbig numeric, nnan numeric, m money,
            t text, e mood, iv interval, u uuid, j jsonb, d date, dinf date, tm time, ts timestamp,
-           tsinf timestamp, tz timestamptz, ttz timetz, by bytea, ai int[], a2 int[], an numeric[], scan text
+           tsinf timestamp, tz timestamptz, ttz timetz, by bytea, ai int[], a2 int[], an numeric[], scan text,
+           vc varchar(10), bp char(3), ci citext, nm name, ip inet, cidr cidr, mac macaddr, r int4range,
+           x xml, js json, dm posint, f4n float4
          );
          alter table types alter column scan set storage external;",
     );
@@ -95,7 +99,9 @@ fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
            'Émilie 🩺', 'calm', '1 year 2 mons', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{"k": [1]}',
            '2026-11-22', 'infinity', '04:05:06.789', '2026-11-22 01:02:03.123456', '-infinity',
            '2026-11-22 01:02:03.123456+02', '04:05:06+02', '\x00ff00', '{1,NULL,3}', '{{1,2},{3,4}}',
-           '{1.5,NaN,NULL}', (select string_agg(md5(g::text), '') from generate_series(1, 400) g));
+           '{1.5,NaN,NULL}', (select string_agg(md5(g::text), '') from generate_series(1, 400) g),
+           'short', 'ab', 'MiXeD', 'nm', '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', '[1,5)',
+           '<a>1</a>', '{"b": 1,  "a": [1]}', 5, 1.5);
          insert into types (id) values (2);
          update types set i2 = 7 where id = 1;
          delete from types where id = 2;
@@ -126,7 +132,10 @@ fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
         "j": "{\"k\": [1]}", "d": 20_779, "dinf": i32::MAX, "tm": 14_706_789_000_i64,
         "ts": 1_795_309_323_123_456_i64, "tsinf": i64::MIN, "tz": "2026-11-21T23:02:03.123456Z",
         "ttz": "04:05:06+02", "by": "00ff00", "ai": [1, null, 3], "a2": "{{1,2},{3,4}}",
-        "an": [{"scale": 1, "unscaled": "15"}, "NaN", null]
+        "an": [{"scale": 1, "unscaled": "15"}, "NaN", null],
+        "vc": "short", "bp": "ab ", "ci": "MiXeD", "nm": "nm", "ip": "192.168.0.1/24", "cidr": "10.0.0.0/8",
+        "mac": "08:00:2b:01:02:03", "r": "[1,5)", "x": "<a>1</a>", "js": "{\"b\": 1,  \"a\": [1]}", "dm": 5,
+        "f4n": 1.5
     });
     for (k, v) in expected.as_object().unwrap() {
         assert_eq!(&after[k], v, "column {k}");
