@@ -22,5 +22,6 @@ pub mod lsn;
 pub mod metrics;
 pub mod pg;
 pub mod pipeline;
+pub mod sink;
 pub mod source;
 pub mod timestamp;

@@ -180,13 +180,12 @@ async fn run(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match only {
-                Some(Stage::Source) => report(pgferry::pipeline::run_source(config).await),
-                Some(Stage::Sink) | None => not_built(
-                    "the sink stage of `pgferry run`",
-                    "it arrives with the sink stage; `--only source` works",
-                ),
-            }
+            let stages = match only {
+                Some(Stage::Source) => pgferry::pipeline::Stages::Source,
+                Some(Stage::Sink) => pgferry::pipeline::Stages::Sink,
+                None => pgferry::pipeline::Stages::Both,
+            };
+            report(pgferry::pipeline::run(config, stages).await)
         }
         Command::Schema { config, table } => {
             let config = match load(&config) {

@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -21,6 +21,13 @@ pub struct Metrics {
     pub kafka_delivery_errors: IntCounter,
     /// `pgferry_kafka_in_flight_messages`: handed to the producer, not yet acknowledged.
     pub kafka_in_flight: IntGauge,
+    /// `pgferry_sink_applied_total{table,op}`: events applied to the target.
+    pub sink_applied: IntCounterVec,
+    /// `pgferry_sink_checkpoint_offset{topic,partition}`: next offset to read.
+    pub sink_checkpoint_offset: IntGaugeVec,
+    /// `pgferry_replication_lag_seconds`: source commit to target commit, of the last
+    /// applied batch.
+    pub replication_lag_seconds: Gauge,
     /// `pgferry_errors_total{stage,kind}`: errors by stage and policy kind.
     pub errors: IntCounterVec,
 }
@@ -64,6 +71,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "pgferry_kafka_in_flight_messages",
             "Messages handed to the producer and not yet acknowledged.",
         ),
+        sink_applied: counter_vec(
+            "pgferry_sink_applied_total",
+            "Change events applied to the target.",
+            &["table", "op"],
+        ),
+        sink_checkpoint_offset: IntGaugeVec::new(
+            Opts::new("pgferry_sink_checkpoint_offset", "Next offset to read, as checkpointed in the target."),
+            &["topic", "partition"],
+        )
+        .expect("metric definitions are static and valid"),
+        replication_lag_seconds: Gauge::new(
+            "pgferry_replication_lag_seconds",
+            "Seconds from the source commit to the target commit of the last applied change.",
+        )
+        .expect("metric definitions are static and valid"),
         errors: counter_vec("pgferry_errors_total", "Errors by stage and kind.", &["stage", "kind"]),
         registry,
     };
@@ -74,6 +96,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.kafka_produced.clone()),
         Box::new(m.kafka_delivery_errors.clone()),
         Box::new(m.kafka_in_flight.clone()),
+        Box::new(m.sink_applied.clone()),
+        Box::new(m.sink_checkpoint_offset.clone()),
+        Box::new(m.replication_lag_seconds.clone()),
         Box::new(m.errors.clone()),
         Box::new(prometheus::process_collector::ProcessCollector::for_self()),
     ];

@@ -121,32 +121,83 @@ fn write_tail_lines(
     Ok(())
 }
 
-/// `pgferry run --only source`: source ──Event──▶ Kafka producer ──durable LSN──▶
-/// source. A transaction is durable once Kafka acknowledged all its messages and
-/// those of every earlier transaction.
-pub async fn run_source(config: Arc<Config>) -> Result<(), Error> {
-    let health = Arc::new(Health::new(true, false));
-    start_http(&config, &health).await?;
-    let source = Source::prepare(config.clone(), config.source.slot.clone()).await?;
-    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
-    let kafka = crate::kafka::producer::KafkaStage::new(config.clone(), durable_tx).await?;
+/// Which stages `pgferry run` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stages {
+    Both,
+    Source,
+    Sink,
+}
 
+/// `pgferry run`: the source side (source ──Event──▶ Kafka producer ──durable LSN──▶
+/// source: a transaction is durable once Kafka acknowledged all its messages and
+/// those of every earlier transaction) and the sink side (topics ──▶ target, exactly
+/// once), each optional. SIGTERM stops both gracefully; a failure of one stops the
+/// other and is reported.
+pub async fn run(config: Arc<Config>, stages: Stages) -> Result<(), Error> {
+    let with_source = stages != Stages::Sink;
+    let with_sink = stages != Stages::Source;
+    let health = Arc::new(Health::new(with_source, with_sink));
+    start_http(&config, &health).await?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
-    let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
-    let downstream = Downstream {
-        events: events_tx,
-        durable: durable_rx,
+
+    let sink = if with_sink {
+        Some(crate::sink::SinkStage::new(config.clone(), health.clone()).await?)
+    } else {
+        None
     };
-    let source_task = tokio::spawn(source.run(downstream, shutdown.clone(), health));
-    let kafka_result = kafka.run(events).await;
-    if kafka_result.is_err() {
-        // The producer (and with it the durable channel) is gone: the source stops
-        // without confirming anything more.
+    let source_side = if with_source {
+        let source = Source::prepare(config.clone(), config.source.slot.clone()).await?;
+        let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+        let mut kafka = crate::kafka::producer::KafkaStage::new(config.clone(), durable_tx).await?;
+        kafka.create_configured_topics().await?;
+        let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let downstream = Downstream {
+            events: events_tx,
+            durable: durable_rx,
+        };
+        let source_task = tokio::spawn(source.run(downstream, shutdown.clone(), health.clone()));
+        let stop = shutdown.clone();
+        Some(tokio::spawn(async move {
+            let kafka_result = kafka.run(events).await;
+            if kafka_result.is_err() {
+                // The producer (and with it the durable channel) is gone: the source
+                // stops without confirming anything more.
+                stop.cancel();
+            }
+            let source_result = source_task
+                .await
+                .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
+            kafka_result.and(source_result)
+        }))
+    } else {
+        None
+    };
+    let sink_task = sink.map(|s| {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let r = s.run(stop.clone()).await;
+            if r.is_err() {
+                stop.cancel();
+            }
+            r
+        })
+    });
+    let join = |r: Result<Result<(), Error>, tokio::task::JoinError>| {
+        r.map_err(|e| Error::fatal("a stage task failed").with_source(e))
+            .and_then(|x| x)
+    };
+    let source_result = match source_side {
+        Some(t) => join(t.await),
+        None => Ok(()),
+    };
+    if source_result.is_err() {
         shutdown.cancel();
     }
-    let source_result = source_task
-        .await
-        .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
-    kafka_result.and(source_result)
+    let sink_result = match sink_task {
+        Some(t) => join(t.await),
+        None => Ok(()),
+    };
+    source_result.and(sink_result)
 }

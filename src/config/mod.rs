@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use model::{parse_duration, Format, KafkaConfig};
+pub use model::{parse_duration, Format, KafkaConfig, OnError, SchemaEvolution};
 use model::{RawConfig, TableConfig};
 
 use crate::event::TableName;
@@ -67,6 +67,12 @@ pub struct Source {
 pub struct Sink {
     pub url: PgUrl,
     pub consumer: String,
+    pub create_tables: bool,
+    pub schema_evolution: SchemaEvolution,
+    pub on_error: OnError,
+    pub batch_max_events: usize,
+    pub batch_max_bytes: usize,
+    pub batch_linger: Duration,
 }
 
 /// One configured source table.
@@ -101,10 +107,32 @@ impl Config {
             ));
         }
         let sink = match raw.sink {
-            Some(s) => Some(Sink {
-                url: parse_url(path, "sink.url", &s.url)?,
-                consumer: non_empty(path, "sink.consumer", s.consumer)?,
-            }),
+            Some(s) => {
+                if s.group.is_some() {
+                    return Err(err(
+                        path,
+                        "sink.group",
+                        "consumer-group mode is not built yet; remove it (one sink reads all partitions)",
+                    ));
+                }
+                if s.batch_max_events == 0 || s.batch_max_bytes == 0 {
+                    return Err(err(
+                        path,
+                        "sink.batch_max_events",
+                        "batch limits must be at least 1",
+                    ));
+                }
+                Some(Sink {
+                    url: parse_url(path, "sink.url", &s.url)?,
+                    consumer: non_empty(path, "sink.consumer", s.consumer)?,
+                    create_tables: s.create_tables,
+                    schema_evolution: s.schema_evolution,
+                    on_error: s.on_error,
+                    batch_max_events: s.batch_max_events,
+                    batch_max_bytes: s.batch_max_bytes,
+                    batch_linger: s.batch_linger,
+                })
+            }
             None => None,
         };
         if raw.kafka.topic_prefix.is_empty() || !raw.kafka.topic_prefix.chars().all(topic_char) {

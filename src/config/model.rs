@@ -107,6 +107,45 @@ pub struct SinkConfig {
     /// Owner name of the checkpoint rows in the target.
     #[serde(default = "default_consumer")]
     pub consumer: String,
+    /// Consumer group to split partitions among several sinks (offsets still come
+    /// from the target).
+    pub group: Option<String>,
+    /// Create missing target tables from the event schema, keyed by the event key.
+    #[serde(default)]
+    pub create_tables: bool,
+    /// `add_columns` (default): new source columns are added to the target; `none`:
+    /// a new column stops the sink.
+    #[serde(default)]
+    pub schema_evolution: SchemaEvolution,
+    /// `stop` (default): a poison event stops the sink; `dlq`: it goes to
+    /// `<topic>.dlq` with the error in headers and the sink goes on.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Most events per target transaction.
+    #[serde(default = "default_batch_events")]
+    pub batch_max_events: usize,
+    /// Most bytes of Kafka messages per target transaction.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_max_bytes: usize,
+    /// How long a batch waits for more events before it is applied.
+    #[serde(default = "default_linger", deserialize_with = "duration")]
+    pub batch_linger: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaEvolution {
+    #[default]
+    AddColumns,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    #[default]
+    Stop,
+    Dlq,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +202,15 @@ fn default_replication_factor() -> i32 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_batch_events() -> usize {
+    5000
+}
+fn default_batch_bytes() -> usize {
+    16 << 20
+}
+fn default_linger() -> Duration {
+    Duration::from_millis(50)
 }
 fn default_consumer() -> String {
     "pgferry".into()

@@ -1,6 +1,7 @@
 //! The Kafka side: the producer stage with durable-ack tracking and backpressure, and
-//! the schema registry client. (The consumer arrives with the sink stage.)
+//! the sink's consumer, and the schema registry client.
 
 pub mod acks;
+pub mod consumer;
 pub mod producer;
 pub mod registry;

@@ -188,6 +188,22 @@ impl KafkaStage {
         })
     }
 
+    /// Create the topic of every configured table now, so consumers can assign them
+    /// before the first change arrives.
+    pub async fn create_configured_topics(&mut self) -> Result<(), Error> {
+        let prefix = self.config.kafka.topic_prefix.clone();
+        let topics: Vec<String> = self
+            .config
+            .tables
+            .iter()
+            .map(|t| format!("{prefix}.{}.{}", t.source.schema, t.source.name))
+            .collect();
+        for topic in topics {
+            self.ensure_topic(&topic, false).await?;
+        }
+        Ok(())
+    }
+
     /// Produce events until the source closes the channel, then flush.
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<(), Error> {
         let mut open: Option<u64> = None;

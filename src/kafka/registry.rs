@@ -95,13 +95,51 @@ impl Registry {
         Ok(id)
     }
 
+    /// The schema (JSON text) registered under `id`.
+    pub async fn fetch(&self, id: u32) -> Result<String, Error> {
+        let path = format!("{}/schemas/ids/{id}", self.base_path);
+        let (status, reply) = tokio::time::timeout(TIMEOUT, self.request("GET", &path, ""))
+            .await
+            .map_err(|_| {
+                Error::transient(format!(
+                    "schema registry {}: no answer within 30s",
+                    self.url
+                ))
+            })??;
+        if status != 200 {
+            let kind = if status >= 500 {
+                Error::transient
+            } else {
+                Error::fatal
+            };
+            return Err(kind(format!(
+                "schema registry {}: schema id {id}: HTTP {status}: {}",
+                self.url,
+                reply.trim()
+            )));
+        }
+        serde_json::from_str::<serde_json::Value>(&reply)
+            .ok()
+            .and_then(|v| v.get("schema").and_then(|s| s.as_str()).map(str::to_string))
+            .ok_or_else(|| {
+                Error::fatal(format!(
+                    "schema registry {}: no schema in the answer for id {id}",
+                    self.url
+                ))
+            })
+    }
+
     async fn post(&self, path: &str, body: &str) -> Result<(u16, String), Error> {
+        self.request("POST", path, body).await
+    }
+
+    async fn request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), Error> {
         let io = |e: std::io::Error| {
             Error::transient(format!("schema registry {}", self.url)).with_source(e)
         };
         let mut stream = TcpStream::connect(&self.authority).await.map_err(io)?;
         let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\n\
              Accept: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.authority,
             body.len()

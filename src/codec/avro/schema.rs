@@ -280,7 +280,10 @@ fn field_type(plan: &FieldPlan, names: &mut Names) -> Json {
 }
 
 fn field(column: &Column, plan: &FieldPlan, names: &mut Names) -> Json {
-    let mut f = json!({"name": avro_name(&column.name), "type": field_type(plan, names)});
+    // The PostgreSQL type travels with the field, so a sink can create or extend its
+    // tables with the exact type (Avro alone cannot tell text from varchar(10)).
+    let mut f = json!({"name": avro_name(&column.name), "type": field_type(plan, names),
+                       "pgferry.type": column.type_name});
     if plan.nullable {
         f["default"] = Json::Null;
     }

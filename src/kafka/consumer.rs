@@ -1,0 +1,115 @@
+//! The Kafka consumer of the sink: manual partition assignment at offsets the caller
+//! takes from its checkpoints (never Kafka's group offsets), and a reader for the
+//! schema topic.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::error::Error;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn base_config(config: &Config, purpose: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.kafka.brokers)
+        // Required by librdkafka even with manual assignment; offsets are never
+        // committed to it.
+        .set("group.id", format!("pgferry-{purpose}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        // Bounded prefetch while the target is slow or down.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("client.id", "pgferry-sink");
+    for (k, v) in &config.kafka.properties {
+        // Producer settings are meaningless here and librdkafka warns about them.
+        if !matches!(
+            k.as_str(),
+            "compression.type" | "linger.ms" | "acks" | "enable.idempotence"
+        ) {
+            c.set(k, v);
+        }
+    }
+    c
+}
+
+pub fn stream_consumer(config: &Config) -> Result<StreamConsumer, Error> {
+    base_config(config, "sink").create().map_err(|e| {
+        Error::operator("creating the Kafka consumer ([kafka] settings)").with_source(e)
+    })
+}
+
+/// Partition counts of the topics that exist now.
+pub fn partitions(
+    consumer: &StreamConsumer,
+    topics: &[String],
+) -> Result<HashMap<String, i32>, Error> {
+    let meta = consumer
+        .fetch_metadata(None, METADATA_TIMEOUT)
+        .map_err(|e| {
+            Error::transient(format!("reading topic metadata from {}", "the brokers"))
+                .with_source(e)
+        })?;
+    Ok(meta
+        .topics()
+        .iter()
+        .filter(|t| topics.iter().any(|n| n == t.name()) && !t.partitions().is_empty())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// Assign exactly these partitions, each at its offset (`None` = the beginning).
+pub fn assign(
+    consumer: &StreamConsumer,
+    at: &HashMap<(String, i32), Option<i64>>,
+) -> Result<(), Error> {
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in at {
+        let offset = offset.map_or(Offset::Beginning, Offset::Offset);
+        tpl.add_partition_offset(topic, *partition, offset)
+            .map_err(|e| Error::fatal(format!("assigning {topic}/{partition}")).with_source(e))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| Error::transient("assigning partitions").with_source(e))
+}
+
+/// The values of a whole (small) topic, read from the beginning until it is quiet.
+/// Watermarks are not used: tansu reports the high watermark per batch, not per
+/// record, so "read up to the high watermark" would stop early there.
+pub fn read_to_end(config: &Config, topic: &str) -> Result<Vec<Vec<u8>>, Error> {
+    use rdkafka::Message;
+    let consumer: BaseConsumer = base_config(config, "schemas")
+        .create()
+        .map_err(|e| Error::operator("creating the Kafka consumer").with_source(e))?;
+    let meta = consumer
+        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .map_err(|e| Error::transient(format!("reading metadata of {topic}")).with_source(e))?;
+    let Some(t) = meta.topics().first().filter(|t| !t.partitions().is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in t.partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .map_err(|e| Error::fatal("assigning").with_source(e))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| Error::transient("assigning").with_source(e))?;
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => out.push(m.payload().unwrap_or_default().to_vec()),
+            Some(Err(e)) => return Err(Error::transient(format!("reading {topic}")).with_source(e)),
+            None => break,
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,664 @@
+//! The sink stage: reads the change topics, decodes and maps each event to its target
+//! table, and applies batches to the hospital database exactly once.
+//!
+//! ```text
+//! topics ──▶ consumer (manual assignment at checkpoint offsets) ──▶ decode ──▶ batch
+//!        ──▶ one target transaction: rows (apply) + checkpoint rows ──▶ commit
+//! ```
+//!
+//! Exactly once (DESIGN §1): Kafka may hold duplicates after a source restart. Each
+//! partition's checkpoint holds the next offset and the last applied
+//! `(commit_lsn, ordinal)`; an event whose position is not newer is skipped, and the
+//! checkpoint is written in the same transaction as the rows. A crash anywhere leaves
+//! either both or neither.
+//!
+//! Errors: a target outage is retried with backoff while consumption pauses (the
+//! consumer's prefetch is bounded). A poison event (undecodable, or refused by the
+//! target for a reason that retrying cannot fix) stops the stage naming its topic,
+//! partition and offset, or, with `on_error = "dlq"`, goes to `<topic>.dlq` with the
+//! error in its headers before the checkpoint moves past it.
+
+pub mod apply;
+pub mod checkpoint;
+pub mod decode;
+pub mod target;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value as Json;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::avro::Framing;
+use crate::config::{Config, Format, OnError};
+use crate::error::{sqlstate_kind, Error, ErrorKind};
+use crate::event::TableName;
+use crate::health::Health;
+use crate::kafka::{consumer, registry::Registry};
+use crate::metrics::{metrics, record_error};
+use checkpoint::Checkpoint;
+use decode::{DecodeError, SinkEvent};
+use target::{Mapping, TargetTable};
+
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const ASSIGNMENT_REFRESH: Duration = Duration::from_secs(5);
+/// Reads of the schema topic before an unknown fingerprint makes an event poison.
+const SCHEMA_ATTEMPTS: usize = 20;
+
+/// One consumed message, owned.
+#[derive(Debug, Clone)]
+struct Item {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Why a batch did not commit.
+enum Failure {
+    /// Worth retrying (target unreachable, serialization failure, …).
+    Transient(Error),
+    /// The target refused the event at this index of the slice.
+    Rejected(usize, String),
+}
+
+type SchemaEntry = Arc<(apache_avro::Schema, Json)>;
+
+pub struct SinkStage {
+    config: Arc<Config>,
+    consumer: StreamConsumer,
+    client: Option<Client>,
+    checkpoints: HashMap<(String, i32), Checkpoint>,
+    tables: HashMap<TableName, (Mapping, TargetTable)>,
+    by_fingerprint: HashMap<[u8; 8], SchemaEntry>,
+    by_id: HashMap<u32, SchemaEntry>,
+    registry: Option<Registry>,
+    dlq: Option<FutureProducer>,
+    topics: Vec<String>,
+    assigned: HashSet<(String, i32)>,
+    health: Arc<Health>,
+}
+
+impl SinkStage {
+    /// Connect to the target (failing fast if it is unreachable at start), create the
+    /// checkpoint table and read the checkpoints.
+    pub async fn new(config: Arc<Config>, health: Arc<Health>) -> Result<SinkStage, Error> {
+        let sink = config.sink.as_ref().ok_or_else(|| {
+            Error::operator(format!(
+                "{}: the sink stage needs a [sink] section",
+                config.path.display()
+            ))
+        })?;
+        let client = crate::pg::connect(&sink.url, "sink target").await?;
+        checkpoint::ensure_table(&client).await?;
+        let checkpoints = checkpoint::load(&client, &sink.consumer).await?;
+        let prefix = &config.kafka.topic_prefix;
+        let topics = config
+            .tables
+            .iter()
+            .map(|t| format!("{prefix}.{}.{}", t.source.schema, t.source.name))
+            .collect();
+        let registry = match config.kafka.schema_registry.as_str() {
+            "" => None,
+            url => Some(Registry::new(url)?),
+        };
+        Ok(SinkStage {
+            consumer: consumer::stream_consumer(&config)?,
+            client: Some(client),
+            checkpoints,
+            tables: HashMap::new(),
+            by_fingerprint: HashMap::new(),
+            by_id: HashMap::new(),
+            registry,
+            dlq: None,
+            topics,
+            assigned: HashSet::new(),
+            health,
+            config,
+        })
+    }
+
+    fn sink(&self) -> &crate::config::Sink {
+        self.config.sink.as_ref().expect("checked in new()")
+    }
+
+    /// Consume and apply until `shutdown`; a poison event with `on_error = "stop"` or a
+    /// fatal error ends it with an error.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let result = self.run_inner(&shutdown).await;
+        self.health.set_sink_streaming(false);
+        if let Err(e) = &result {
+            record_error("sink", e);
+        }
+        result
+    }
+
+    async fn run_inner(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
+        let mut last_refresh = Instant::now() - ASSIGNMENT_REFRESH;
+        loop {
+            if self.assigned.len() < self.expected_partitions()
+                && last_refresh.elapsed() >= ASSIGNMENT_REFRESH
+            {
+                self.refresh_assignment()?;
+                last_refresh = Instant::now();
+            }
+            let batch = tokio::select! {
+                b = self.collect() => b?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            self.process(batch, shutdown).await?;
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn expected_partitions(&self) -> usize {
+        // Unknown until the topics exist; at least one per topic.
+        self.topics.len().max(1)
+    }
+
+    /// Assign every partition of the topics that exist, at its checkpoint offset.
+    fn refresh_assignment(&mut self) -> Result<(), Error> {
+        let counts = consumer::partitions(&self.consumer, &self.topics)?;
+        let mut at = HashMap::new();
+        for (topic, n) in &counts {
+            for p in 0..*n {
+                let offset = self
+                    .checkpoints
+                    .get(&(topic.clone(), p))
+                    .map(|c| c.next_offset);
+                at.insert((topic.clone(), p), offset);
+            }
+        }
+        let missing: Vec<&String> = self
+            .topics
+            .iter()
+            .filter(|t| !counts.contains_key(*t))
+            .collect();
+        if !missing.is_empty() {
+            tracing::info!(topics = ?missing, "waiting for topics to exist");
+        }
+        let now: HashSet<(String, i32)> = at.keys().cloned().collect();
+        if now != self.assigned {
+            consumer::assign(&self.consumer, &at)?;
+            tracing::info!(
+                partitions = now.len(),
+                "sink assigned partitions at their checkpoint offsets"
+            );
+            self.assigned = now;
+        }
+        self.health.set_sink_streaming(missing.is_empty());
+        Ok(())
+    }
+
+    /// Gather a batch: up to the count and byte limits, waiting at most the linger
+    /// after the first message (and at most the assignment refresh for the first).
+    async fn collect(&mut self) -> Result<Vec<Item>, Error> {
+        let sink = self.sink();
+        let (max_events, max_bytes, linger) = (
+            sink.batch_max_events,
+            sink.batch_max_bytes,
+            sink.batch_linger,
+        );
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut deadline = tokio::time::Instant::now() + ASSIGNMENT_REFRESH;
+        while batch.len() < max_events && bytes < max_bytes {
+            let msg = tokio::select! {
+                m = self.consumer.recv() => m,
+                _ = tokio::time::sleep_until(deadline) => break,
+            };
+            let m = msg.map_err(|e| Error::transient("consuming from Kafka").with_source(e))?;
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| {
+                            (
+                                x.key.to_string(),
+                                x.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let item = Item {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            };
+            bytes +=
+                item.key.as_ref().map_or(0, Vec::len) + item.value.as_ref().map_or(0, Vec::len);
+            if batch.is_empty() {
+                deadline = tokio::time::Instant::now() + linger;
+            }
+            batch.push(item);
+        }
+        Ok(batch)
+    }
+
+    /// Decode, then apply in order; poison events are handled as configured.
+    async fn process(
+        &mut self,
+        batch: Vec<Item>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Error> {
+        let mut decoded = Vec::with_capacity(batch.len());
+        for item in batch {
+            let event = self.decode(&item).await?;
+            decoded.push((item, event));
+        }
+        let mut start = 0;
+        while start < decoded.len() {
+            let end = decoded[start..]
+                .iter()
+                .position(|(_, e)| e.is_err())
+                .map_or(decoded.len(), |i| start + i);
+            if end > start {
+                let slice: Vec<(&Item, Option<&SinkEvent>)> = decoded[start..end]
+                    .iter()
+                    .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
+                    .collect();
+                match self.apply_with_retry(&slice, shutdown).await? {
+                    None => start = end,
+                    Some((i, reason)) => {
+                        let poison = start + i;
+                        self.poison(&decoded[poison].0, &reason).await?;
+                        start = poison + 1;
+                        continue;
+                    }
+                }
+            }
+            if end < decoded.len() {
+                let reason = match &decoded[end].1 {
+                    Err(e) => format!("cannot decode: {e}"),
+                    Ok(_) => String::new(),
+                };
+                self.poison(&decoded[end].0, &reason).await?;
+                start = end + 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// `Ok(None)`: a tombstone or something to skip (the checkpoint still moves).
+    async fn decode(
+        &mut self,
+        item: &Item,
+    ) -> Result<Result<Option<SinkEvent>, DecodeError>, Error> {
+        let Some(value) = &item.value else {
+            return Ok(Ok(None));
+        };
+        let position = match decode::position(&item.headers) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        if self.config.kafka.format == Format::Json {
+            return Ok(decode::json_envelope(value, item.key.as_deref(), position).map(Some));
+        }
+        let Some((framing, datum)) = Framing::parse(value) else {
+            return Ok(Err(DecodeError(
+                "not an Avro message (no single-object or Confluent header)".into(),
+            )));
+        };
+        let Some(value_schema) = self.schema(framing).await? else {
+            return Ok(Err(DecodeError(format!(
+                "its schema {framing:?} is unknown"
+            ))));
+        };
+        let key_schema = match item.key.as_deref().and_then(Framing::parse) {
+            Some((kf, _)) => self.schema(kf).await?,
+            None => None,
+        };
+        Ok(decode::avro_envelope(
+            datum,
+            &value_schema.0,
+            &value_schema.1,
+            key_schema.as_ref().map(|k| &k.1),
+            position,
+        )
+        .map(Some))
+    }
+
+    /// The writer schema of a framing: from the registry, or from the schema topic
+    /// (re-read when an unknown fingerprint appears).
+    async fn schema(&mut self, framing: Framing) -> Result<Option<SchemaEntry>, Error> {
+        match framing {
+            Framing::Registry(id) => {
+                if let Some(s) = self.by_id.get(&id) {
+                    return Ok(Some(s.clone()));
+                }
+                let Some(registry) = &self.registry else {
+                    return Err(Error::operator(
+                        "events carry schema registry ids but kafka.schema_registry is empty",
+                    ));
+                };
+                let text = registry.fetch(id).await?;
+                let entry = parse_schema(&text)
+                    .map_err(|e| Error::fatal(format!("registry schema {id}: {e}")))?;
+                self.by_id.insert(id, entry.clone());
+                Ok(Some(entry))
+            }
+            Framing::SingleObject(fp) => {
+                if let Some(s) = self.by_fingerprint.get(&fp) {
+                    return Ok(Some(s.clone()));
+                }
+                // The schema is produced before the first event that uses it, but to
+                // another topic: it may become visible a moment later.
+                for attempt in 0..SCHEMA_ATTEMPTS {
+                    if attempt > 0 {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    self.load_schema_topic().await?;
+                    if self.by_fingerprint.contains_key(&fp) {
+                        break;
+                    }
+                }
+                Ok(self.by_fingerprint.get(&fp).cloned())
+            }
+        }
+    }
+
+    async fn load_schema_topic(&mut self) -> Result<(), Error> {
+        let config = self.config.clone();
+        let topic = format!("{}._schemas", config.kafka.topic_prefix);
+        let records = tokio::task::spawn_blocking(move || consumer::read_to_end(&config, &topic))
+            .await
+            .map_err(|e| Error::fatal("reading the schema topic").with_source(e))??;
+        for value in records {
+            let Ok(entry) = std::str::from_utf8(&value)
+                .map_err(|e| e.to_string())
+                .and_then(parse_schema)
+            else {
+                continue;
+            };
+            if let Ok((fp, _)) = crate::codec::avro::fingerprint(&entry.1) {
+                self.by_fingerprint.insert(fp, entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply `items`, retrying transient failures with backoff (consumption pauses
+    /// meanwhile). Returns the index of an event the target refused, if any; the
+    /// items before it are applied.
+    async fn apply_with_retry(
+        &mut self,
+        items: &[(&Item, Option<&SinkEvent>)],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<(usize, String)>, Error> {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let outcome = match self.apply(items).await {
+                Err(Failure::Rejected(_, _)) if items.len() > 1 => {
+                    self.apply_one_by_one(items).await
+                }
+                other => other.map(|_| None),
+            };
+            match outcome {
+                Ok(r) => {
+                    if self.assigned.len() >= self.topics.len() {
+                        self.health.set_sink_streaming(true);
+                    }
+                    return Ok(r);
+                }
+                Err(Failure::Rejected(i, reason)) => return Ok(Some((i, reason))),
+                Err(Failure::Transient(e)) => {
+                    self.health.set_sink_streaming(false);
+                    record_error("sink", &e);
+                    self.client = None;
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "target not available; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        // Nothing was applied or checkpointed: the batch is read again.
+                        _ = shutdown.cancelled() => return Ok(None),
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn apply_one_by_one(
+        &mut self,
+        items: &[(&Item, Option<&SinkEvent>)],
+    ) -> Result<Option<(usize, String)>, Failure> {
+        for i in 0..items.len() {
+            match self.apply(&items[i..=i]).await {
+                Ok(()) => {}
+                Err(Failure::Rejected(_, reason)) => return Ok(Some((i, reason))),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn target(&mut self) -> Result<&Client, Failure> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let url = self.sink().url.clone();
+            let client =
+                crate::pg::connect(&url, "sink target")
+                    .await
+                    .map_err(|e| match e.kind() {
+                        ErrorKind::Transient => Failure::Transient(e),
+                        _ => Failure::Transient(e),
+                    })?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_ref().expect("just connected"))
+    }
+
+    /// One target transaction: the rows of every event not yet applied, and the
+    /// checkpoints of every partition in `items`.
+    async fn apply(&mut self, items: &[(&Item, Option<&SinkEvent>)]) -> Result<(), Failure> {
+        // Target tables first (DDL runs outside the batch transaction).
+        for (_, event) in items {
+            let Some(event) = event else { continue };
+            let Some(mapping) = Mapping::for_table(&self.config, &event.table) else {
+                continue;
+            };
+            let known = self.tables.get(&event.table).map(|(_, t)| t.clone());
+            let needs = match &known {
+                None => true,
+                Some(t) => event
+                    .after
+                    .as_ref()
+                    .or(event.before.as_ref())
+                    .is_some_and(|r| {
+                        r.iter()
+                            .any(|(c, _)| !t.types.contains_key(mapping.column(c)))
+                    }),
+            };
+            if needs {
+                let config = self.config.clone();
+                let client = self.target().await?;
+                let table = target::prepare(client, &config, &mapping, event, known)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        ErrorKind::Transient => Failure::Transient(e),
+                        _ => Failure::Rejected(0, e.to_string()),
+                    })?;
+                self.tables.insert(event.table.clone(), (mapping, table));
+            }
+        }
+        // Skip what was already applied: Kafka may hold re-sent events.
+        let mut next: HashMap<(String, i32), Checkpoint> = HashMap::new();
+        let mut fresh = Vec::new();
+        for (item, event) in items {
+            let k = (item.topic.clone(), item.partition);
+            let current = self.checkpoints.get(&k).copied();
+            let cp = next.entry(k).or_insert(current.unwrap_or(Checkpoint {
+                next_offset: 0,
+                position: (crate::lsn::Lsn::ZERO, 0),
+            }));
+            cp.next_offset = cp.next_offset.max(item.offset + 1);
+            // Positions grow along a partition; one that does not is a re-send of
+            // something already applied.
+            if let Some(event) = event {
+                if event.position > cp.position {
+                    cp.position = event.position;
+                    fresh.push(*event);
+                }
+            }
+        }
+        let mut counts = apply::Counts::new();
+        let runs = apply::plan(&fresh, &self.tables, &mut counts);
+        let consumer_name = self.sink().consumer.clone();
+        self.target().await?;
+        let tables = &self.tables;
+        let client = self.client.as_mut().expect("connected");
+        let classify = |e: tokio_postgres::Error| match e.code().map(|c| sqlstate_kind(c.code())) {
+            None | Some(ErrorKind::Transient) => {
+                Failure::Transient(Error::postgres("applying a batch to the target", e))
+            }
+            Some(_) => Failure::Rejected(
+                0,
+                e.as_db_error().map_or_else(
+                    || e.to_string(),
+                    |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+                ),
+            ),
+        };
+        let tx = client.transaction().await.map_err(classify)?;
+        for run in &runs {
+            let target = tables
+                .values()
+                .find(|(m, _)| &m.target == run_table(run))
+                .map(|(_, t)| t)
+                .expect("planned runs only name prepared tables");
+            apply::execute(&tx, run, target).await.map_err(classify)?;
+        }
+        for ((topic, partition), cp) in &next {
+            checkpoint::save(&tx, &consumer_name, topic, *partition, cp)
+                .await
+                .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        // Committed: now the in-memory view may move.
+        let m = metrics();
+        for ((table, op), n) in counts {
+            m.sink_applied.with_label_values(&[&table, op]).inc_by(n);
+        }
+        for ((topic, partition), cp) in next {
+            m.sink_checkpoint_offset
+                .with_label_values(&[&topic, &partition.to_string()])
+                .set(cp.next_offset);
+            self.checkpoints.insert((topic, partition), cp);
+        }
+        if let Some(last) = fresh
+            .iter()
+            .map(|e| e.commit_ts_us)
+            .max()
+            .filter(|t| *t > 0)
+        {
+            let now = crate::timestamp::PgTimestamp::now().unix_micros();
+            m.replication_lag_seconds
+                .set((now - last).max(0) as f64 / 1e6);
+        }
+        Ok(())
+    }
+
+    /// A poison event: stop, or send it to `<topic>.dlq` and checkpoint past it.
+    async fn poison(&mut self, item: &Item, reason: &str) -> Result<(), Error> {
+        let at = format!(
+            "topic {} partition {} offset {}",
+            item.topic, item.partition, item.offset
+        );
+        metrics()
+            .errors
+            .with_label_values(&["sink", "poison"])
+            .inc();
+        if self.sink().on_error == OnError::Stop {
+            return Err(Error::fatal(format!("poison event at {at}: {reason}"))
+                .with_hint("fix the cause (the target table, or the event) and restart; or set [sink] on_error = \"dlq\""));
+        }
+        let dlq_topic = format!("{}.dlq", item.topic);
+        if self.dlq.is_none() {
+            let producer: FutureProducer = crate::kafka::producer::client_config(&self.config)
+                .create()
+                .map_err(|e| Error::operator("creating the dead-letter producer").with_source(e))?;
+            self.dlq = Some(producer);
+        }
+        let producer = self.dlq.as_ref().expect("just created");
+        let partition = item.partition.to_string();
+        let offset = item.offset.to_string();
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &item.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        headers = headers
+            .insert(Header {
+                key: "pgferry.error",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "pgferry.source_topic",
+                value: Some(item.topic.as_str()),
+            })
+            .insert(Header {
+                key: "pgferry.source_partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "pgferry.source_offset",
+                value: Some(offset.as_str()),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&dlq_topic).headers(headers);
+        if let Some(k) = &item.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &item.value {
+            record = record.payload(v.as_slice());
+        }
+        producer
+            .send(record, Duration::from_secs(60))
+            .await
+            .map_err(|(e, _)| {
+                Error::transient(format!("writing the poison event at {at} to {dlq_topic}"))
+                    .with_source(e)
+            })?;
+        tracing::warn!(%at, dlq = %dlq_topic, %reason, "poison event sent to the dead-letter topic");
+        // Checkpoint past it, alone in its transaction.
+        let skip = [(item, None)];
+        let never = CancellationToken::new();
+        match self.apply_with_retry(&skip, &never).await? {
+            None => Ok(()),
+            Some((_, r)) => Err(Error::fatal(format!(
+                "checkpointing past the poison event at {at}: {r}"
+            ))),
+        }
+    }
+}
+
+fn run_table(run: &apply::Run) -> &TableName {
+    match run {
+        apply::Run::Upsert { table, .. }
+        | apply::Run::Delete { table, .. }
+        | apply::Run::Truncate { table } => table,
+    }
+}
+
+fn parse_schema(text: &str) -> Result<SchemaEntry, String> {
+    let json: Json = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let schema = apache_avro::Schema::parse(&json).map_err(|e| e.to_string())?;
+    Ok(Arc::new((schema, json)))
+}
