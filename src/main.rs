@@ -194,7 +194,36 @@ async fn run(command: Command) -> ExitCode {
             };
             report(pgferry::inspect::schema(&config, table.as_deref()).await)
         }
-        Command::Verify { .. } => not_built("pgferry verify", "it arrives with the sink stage"),
+        Command::Verify { config, table } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match pgferry::inspect::verify(&config, table.as_deref()).await {
+                Ok(rows) => {
+                    println!(
+                        "{:<40} {:>14} {:>14}  status",
+                        "table", "source rows", "target rows"
+                    );
+                    let show = |n: Option<i64>| n.map_or("-".to_string(), |n| n.to_string());
+                    for r in &rows {
+                        println!(
+                            "{:<40} {:>14} {:>14}  {}",
+                            r.table,
+                            show(r.source_rows),
+                            show(r.target_rows),
+                            r.status
+                        );
+                    }
+                    if rows.iter().all(|r| r.equal()) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => report(Err(e)),
+            }
+        }
         Command::Status { .. } => not_built("pgferry status", "it arrives with the sink stage"),
         Command::Generate { .. } => not_built("pgferry generate", "it arrives with the demo"),
     }
