@@ -614,6 +614,23 @@ cmd_status() {
     return "$rc"
 }
 
+# Stop or start one cluster (tests use it to take the target away and bring it back).
+cmd_cluster() { # stop|start name
+    local action=$1 name=${2:-} port db wal_level=logical
+    case "$name" in
+        ehr) port=$EHR_PORT db=ehr ;;
+        hospital) port=$HOSPITAL_PORT db=hospital ;;
+        plain) port=$PLAIN_PORT db=plain wal_level=replica ;;
+        *) die "$action: name one cluster: ehr, hospital or plain" ;;
+    esac
+    take_lock
+    if [[ $action == stop ]]; then
+        pg_down "$name" "$port"
+    else
+        pg_up "$name" "$port" "$db" "$wal_level"
+    fi
+}
+
 usage() {
     cat >&2 <<EOF
 usage: $PROG up|down|env|status
@@ -622,6 +639,7 @@ usage: $PROG up|down|env|status
   down    stop them
   env     print export lines: eval "\$($PROG env)"
   status  show what runs (exit 3 if anything is not running)
+  stop NAME / start NAME   stop or start one cluster (ehr, hospital, plain)
 state dir: $STATE_DIR (override with PGFERRY_SERVICES_DIR)
 EOF
 }
@@ -632,6 +650,7 @@ main() {
         down) cmd_down ;;
         env) cmd_env ;;
         status) cmd_status ;;
+        stop | start) cmd_cluster "$1" "${2:-}" ;;
         -h | --help | help) usage ;;
         *)
             usage

@@ -28,8 +28,15 @@ pub enum Run {
         /// Target column names, same for every row.
         columns: Vec<String>,
         rows: Vec<Vec<Option<String>>>,
-        /// Rows carry unchanged columns (left out of `columns`): update only.
-        update_only: bool,
+    },
+    /// Rows with unchanged TOAST columns (left out of `columns`): update only the
+    /// sent columns of the target row matching `match_keys` (the old key when the
+    /// key changed, which moves the row).
+    Update {
+        table: TableName,
+        columns: Vec<String>,
+        rows: Vec<Vec<Option<String>>>,
+        match_keys: Vec<Vec<Option<String>>>,
     },
     Delete {
         table: TableName,
@@ -42,11 +49,12 @@ pub enum Run {
 }
 
 impl Run {
-    fn table(&self) -> &TableName {
+    pub fn table(&self) -> &TableName {
         match self {
-            Run::Upsert { table, .. } | Run::Delete { table, .. } | Run::Truncate { table } => {
-                table
-            }
+            Run::Upsert { table, .. }
+            | Run::Update { table, .. }
+            | Run::Delete { table, .. }
+            | Run::Truncate { table } => table,
         }
     }
 }
@@ -99,13 +107,13 @@ pub fn plan(
             }
             Op::Create | Op::Read | Op::Update => {
                 let Some(after) = &event.after else { continue };
-                if let Some(before) = &event.before {
-                    let old = key_of(before);
-                    if old.iter().all(Option::is_some) && old != key_of(after) {
-                        push_delete(&mut runs, &mapping.target, key, old);
-                    }
-                }
-                let update_only = after.iter().any(|(_, v)| matches!(v, SinkValue::Unchanged));
+                let partial = after.iter().any(|(_, v)| matches!(v, SinkValue::Unchanged));
+                let new_key = key_of(after);
+                let old_key = event
+                    .before
+                    .as_ref()
+                    .map(|b| key_of(b))
+                    .filter(|old| old.iter().all(Option::is_some) && *old != new_key);
                 let mut columns = Vec::new();
                 let mut values = Vec::new();
                 for (c, v) in after {
@@ -117,58 +125,111 @@ pub fn plan(
                     columns.push(mapping.column(c).to_string());
                     values.push(value);
                 }
+                if partial {
+                    // The unchanged values exist only in the target row: update it in
+                    // place (moving it when the key changed). A moved row gets a
+                    // statement of its own, so no other row of that statement needs to
+                    // see it at its new key.
+                    let moved = old_key.is_some();
+                    let match_key = old_key.unwrap_or(new_key);
+                    match runs.last_mut() {
+                        Some(Run::Update {
+                            table,
+                            columns: c,
+                            rows,
+                            match_keys,
+                        }) if !moved && *table == mapping.target && *c == columns => {
+                            rows.push(values);
+                            match_keys.push(match_key);
+                        }
+                        _ => runs.push(Run::Update {
+                            table: mapping.target.clone(),
+                            columns,
+                            rows: vec![values],
+                            match_keys: vec![match_key],
+                        }),
+                    }
+                    if moved {
+                        runs.push(Run::Truncate {
+                            table: TableName::new("", ""),
+                        });
+                    }
+                    continue;
+                }
+                if let Some(old) = old_key {
+                    push_delete(&mut runs, &mapping.target, key, old);
+                }
                 match runs.last_mut() {
                     Some(Run::Upsert {
                         table,
                         columns: c,
                         rows,
-                        update_only: u,
-                    }) if *table == mapping.target && *c == columns && *u == update_only => {
-                        rows.push(values)
-                    }
+                    }) if *table == mapping.target && *c == columns => rows.push(values),
                     _ => runs.push(Run::Upsert {
                         table: mapping.target.clone(),
                         columns,
                         rows: vec![values],
-                        update_only,
                     }),
                 }
             }
         }
     }
+    // (An empty table name only fenced a moved row's statement.)
+    runs.retain(|r| !r.table().name.is_empty());
     // One statement cannot touch a row twice: keep the last image of each key.
     for run in &mut runs {
-        if let Run::Upsert {
-            table,
-            columns,
-            rows,
-            ..
-        } = run
-        {
-            let Some((_, target)) = tables.values().find(|(m, _)| &m.target == table) else {
-                continue;
-            };
-            let key_idx: Vec<usize> = target
-                .key
-                .iter()
-                .filter_map(|k| columns.iter().position(|c| c == k))
-                .collect();
-            if key_idx.len() != target.key.len() || rows.len() < 2 {
-                continue;
+        match run {
+            Run::Upsert {
+                table,
+                columns,
+                rows,
+            } => {
+                let Some((_, target)) = tables.values().find(|(m, _)| &m.target == table) else {
+                    continue;
+                };
+                let key_idx: Vec<usize> = target
+                    .key
+                    .iter()
+                    .filter_map(|k| columns.iter().position(|c| c == k))
+                    .collect();
+                if key_idx.len() != target.key.len() || rows.len() < 2 {
+                    continue;
+                }
+                let keys: Vec<Vec<Option<String>>> = rows
+                    .iter()
+                    .map(|row| key_idx.iter().map(|&k| row[k].clone()).collect())
+                    .collect();
+                let keep = last_of_each(&keys);
+                if keep.len() < rows.len() {
+                    let old = std::mem::take(rows);
+                    *rows = keep.iter().map(|&i| old[i].clone()).collect();
+                }
             }
-            let mut last: HashMap<Vec<Option<String>>, usize> = HashMap::new();
-            for (i, row) in rows.iter().enumerate() {
-                last.insert(key_idx.iter().map(|&k| row[k].clone()).collect(), i);
+            Run::Update {
+                rows, match_keys, ..
+            } if rows.len() > 1 => {
+                let keep = last_of_each(match_keys);
+                if keep.len() < rows.len() {
+                    let (old_rows, old_keys) = (std::mem::take(rows), std::mem::take(match_keys));
+                    *rows = keep.iter().map(|&i| old_rows[i].clone()).collect();
+                    *match_keys = keep.iter().map(|&i| old_keys[i].clone()).collect();
+                }
             }
-            if last.len() < rows.len() {
-                let mut keep: Vec<usize> = last.into_values().collect();
-                keep.sort_unstable();
-                let old = std::mem::take(rows);
-                *rows = keep.into_iter().map(|i| old[i].clone()).collect();
-            }
+            _ => {}
         }
     }
     runs
+}
+
+/// Indices of the last occurrence of each key, in order.
+fn last_of_each(keys: &[Vec<Option<String>>]) -> Vec<usize> {
+    let mut last: HashMap<&Vec<Option<String>>, usize> = HashMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        last.insert(k, i);
+    }
+    let mut keep: Vec<usize> = last.into_values().collect();
+    keep.sort_unstable();
+    keep
 }
 
 fn push_delete(
@@ -241,71 +302,77 @@ pub async fn execute(
                 cols.iter().map(|c| c as _).collect();
             tx.execute(&sql, &params).await
         }
-        Run::Upsert {
+        Run::Update {
             columns,
             rows,
-            update_only,
+            match_keys,
             ..
         } => {
+            let key = &target.key;
+            let match_names: Vec<String> =
+                key.iter().map(|k| format!("pgferry_match_{k}")).collect();
+            let mut all_rows = Vec::with_capacity(rows.len());
+            for (row, m) in rows.iter().zip(match_keys) {
+                let mut r = m.clone();
+                r.extend(row.iter().cloned());
+                all_rows.push(r);
+            }
+            let names: Vec<String> = match_names.iter().chain(columns.iter()).cloned().collect();
+            let cols = columns_of(&all_rows, names.len());
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                cols.iter().map(|c| c as _).collect();
+            let set: Vec<String> = columns
+                .iter()
+                .map(|c| format!("{} = {}", quote_ident(c), cast(c, target)))
+                .collect();
+            let cond: Vec<String> = key
+                .iter()
+                .zip(&match_names)
+                .map(|(k, m)| {
+                    let ty = target.types.get(k).map(String::as_str).unwrap_or("text");
+                    format!("t.{} = u.{}::{ty}", quote_ident(k), quote_ident(m))
+                })
+                .collect();
+            let sql = format!(
+                "update {name} t set {} from {} where {}",
+                set.join(", "),
+                unnest(names.len(), &names),
+                cond.join(" and ")
+            );
+            tracing::debug!(%sql, rows = rows.len(), "update");
+            tx.execute(&sql, &params).await
+        }
+        Run::Upsert { columns, rows, .. } => {
             let cols = columns_of(rows, columns.len());
             let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                 cols.iter().map(|c| c as _).collect();
             let non_key: Vec<&String> =
                 columns.iter().filter(|c| !target.key.contains(c)).collect();
-            let sql = if *update_only {
+            let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+            let casts: Vec<String> = columns.iter().map(|c| cast(c, target)).collect();
+            let key_list = target
+                .key
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let conflict = if target.key.is_empty() {
+                String::new()
+            } else if non_key.is_empty() {
+                format!(" on conflict ({key_list}) do nothing")
+            } else {
                 let set: Vec<String> = non_key
                     .iter()
-                    .map(|c| format!("{} = {}", quote_ident(c), cast(c, target)))
+                    .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
                     .collect();
-                let cond: Vec<String> = target
-                    .key
-                    .iter()
-                    .map(|k| format!("t.{} = {}", quote_ident(k), cast(k, target)))
-                    .collect();
-                format!(
-                    "update {name} t set {} from {} where {}",
-                    set.join(", "),
-                    unnest(columns.len(), columns),
-                    cond.join(" and ")
-                )
-            } else {
-                let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-                let casts: Vec<String> = columns.iter().map(|c| cast(c, target)).collect();
-                let conflict = if target.key.is_empty() {
-                    String::new()
-                } else if non_key.is_empty() {
-                    format!(
-                        " on conflict ({}) do nothing",
-                        target
-                            .key
-                            .iter()
-                            .map(|k| quote_ident(k))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                } else {
-                    format!(
-                        " on conflict ({}) do update set {}",
-                        target
-                            .key
-                            .iter()
-                            .map(|k| quote_ident(k))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        non_key
-                            .iter()
-                            .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                };
-                format!(
-                    "insert into {name} ({}) select {} from {}{conflict}",
-                    list.join(", "),
-                    casts.join(", "),
-                    unnest(columns.len(), columns)
-                )
+                format!(" on conflict ({key_list}) do update set {}", set.join(", "))
             };
+            let sql = format!(
+                "insert into {name} ({}) select {} from {}{conflict}",
+                list.join(", "),
+                casts.join(", "),
+                unnest(columns.len(), columns)
+            );
             tracing::debug!(%sql, rows = rows.len(), "upsert");
             tx.execute(&sql, &params).await
         }

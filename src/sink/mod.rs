@@ -538,7 +538,7 @@ impl SinkStage {
         for run in &runs {
             let target = tables
                 .values()
-                .find(|(m, _)| &m.target == run_table(run))
+                .find(|(m, _)| &m.target == run.table())
                 .map(|(_, t)| t)
                 .expect("planned runs only name prepared tables");
             apply::execute(&tx, run, target).await.map_err(classify)?;
@@ -646,14 +646,6 @@ impl SinkStage {
                 "checkpointing past the poison event at {at}: {r}"
             ))),
         }
-    }
-}
-
-fn run_table(run: &apply::Run) -> &TableName {
-    match run {
-        apply::Run::Upsert { table, .. }
-        | apply::Run::Delete { table, .. }
-        | apply::Run::Truncate { table } => table,
     }
 }
 
