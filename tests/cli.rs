@@ -222,15 +222,17 @@ fn commands_not_built_yet_say_so_and_exit_2() {
     let d = scratch("notbuilt");
     let cfg = write(&d, "m.toml", "[source]\nurl = \"postgres://u@h/d\"\n");
     for args in [
-        vec!["run", "--config", cfg.as_str()],
-        vec!["run", "--only", "sink", "--config", cfg.as_str()],
-        vec!["verify", "--config", "x.toml"],
+        vec!["status", "--config", cfg.as_str()],
         vec!["generate", "--url", "postgres://x@y/z"],
     ] {
         let (code, _, err) = run(&args);
         assert_eq!(code, 2, "{args:?}");
         assert!(err.contains("not built yet"), "{err}");
     }
+    // The sink needs a [sink] section; the error says so.
+    let (code, _, err) = run(&["run", "--only", "sink", "--config", cfg.as_str()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("[sink]"), "{err}");
 }
 
 /// Each password method and TLS mode, through the replication connection that pgferry
