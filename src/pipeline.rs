@@ -137,6 +137,12 @@ pub enum Stages {
 pub async fn run(config: Arc<Config>, stages: Stages) -> Result<(), Error> {
     let with_source = stages != Stages::Sink;
     let with_sink = stages != Stages::Source;
+    if with_sink && config.sink.is_none() {
+        return Err(Error::operator(format!(
+            "{}: the sink stage needs a [sink] section (or run --only source)",
+            config.path.display()
+        )));
+    }
     let health = Arc::new(Health::new(with_source, with_sink));
     start_http(&config, &health).await?;
     let shutdown = CancellationToken::new();
