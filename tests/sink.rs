@@ -335,3 +335,60 @@ fn dlq_mode_sets_a_poison_event_aside_and_goes_on() {
     ));
     assert_eq!(next.as_deref(), Some("3"));
 }
+
+#[test]
+fn two_sinks_in_a_group_split_the_partitions_exactly_once() {
+    let src = TestDb::new("group");
+    let tgt = TestDb::on(&target_url(), "group_t");
+    src.sql("create table g (id int primary key, counter int not null)");
+    let prefix = format!("t{}", src.name);
+    let group = format!("g{}", src.name);
+    // Short session timeouts: consumer-group joins are slow on the local broker.
+    let cfg = src.config(
+        "g.toml",
+        "s_group",
+        &format!(
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 2\n\
+             [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+             [sink]\nurl = \"{}\"\nconsumer = \"test\"\ngroup = \"{group}\"\ncreate_tables = true\n\
+             [[tables]]\nsource = \"public.g\"\n",
+            brokers(),
+            tgt.url
+        ),
+    );
+    let spawn = |stage: &str, n: u32| {
+        Pgferry::spawn(
+            &["run", "--only", stage, "--config", cfg.to_str().unwrap()],
+            cfg.with_extension(format!("{stage}{n}.stderr")),
+        )
+    };
+    let _source = spawn("source", 0);
+    let mut sink1 = spawn("sink", 1);
+    let sink2 = spawn("sink", 2);
+    wait_streaming(&src, "s_group");
+    src.sql("insert into g select n, 0 from generate_series(1, 200) n");
+    let rounds = 30;
+    for round in 0..rounds {
+        src.sql("update g set counter = counter + 1");
+        if round == 10 {
+            // One sink dies; the other takes its partitions from their checkpoints.
+            sink1.kill9();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_equal(&cfg, &sink2);
+    let counts = tgt.sql("select count(*), min(counter), max(counter) from g");
+    assert_eq!(
+        counts[0],
+        [
+            Some("200".into()),
+            Some(rounds.to_string()),
+            Some(rounds.to_string())
+        ]
+    );
+    assert!(
+        sink2.stderr_text().contains("sink assignment changed"),
+        "{}",
+        sink2.stderr_text()
+    );
+}

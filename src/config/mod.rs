@@ -67,6 +67,8 @@ pub struct Source {
 pub struct Sink {
     pub url: PgUrl,
     pub consumer: String,
+    /// Consumer group mode: several sinks split the partitions.
+    pub group: Option<String>,
     pub create_tables: bool,
     pub schema_evolution: SchemaEvolution,
     pub on_error: OnError,
@@ -108,11 +110,11 @@ impl Config {
         }
         let sink = match raw.sink {
             Some(s) => {
-                if s.group.is_some() {
+                if s.group.as_deref().is_some_and(|g| g.trim().is_empty()) {
                     return Err(err(
                         path,
                         "sink.group",
-                        "consumer-group mode is not built yet; remove it (one sink reads all partitions)",
+                        "must not be empty (leave it out for one sink reading all partitions)",
                     ));
                 }
                 if s.batch_max_events == 0 || s.batch_max_bytes == 0 {
@@ -125,6 +127,7 @@ impl Config {
                 Some(Sink {
                     url: parse_url(path, "sink.url", &s.url)?,
                     consumer: non_empty(path, "sink.consumer", s.consumer)?,
+                    group: s.group,
                     create_tables: s.create_tables,
                     schema_evolution: s.schema_evolution,
                     on_error: s.on_error,

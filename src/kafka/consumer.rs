@@ -1,18 +1,44 @@
-//! The Kafka consumer of the sink: manual partition assignment at offsets the caller
+//! The Kafka consumer of the sink: manual partition assignment (or a consumer group)
+//! at offsets the caller
 //! takes from its checkpoints (never Kafka's group offsets), and a reader for the
 //! schema topic.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::Config;
 use crate::error::Error;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Notes group rebalances so the sink can seek newly assigned partitions to their
+/// checkpoints (group mode).
+#[derive(Default)]
+pub struct SinkContext {
+    rebalanced: AtomicBool,
+}
+
+impl SinkContext {
+    /// Whether a rebalance happened since the last call.
+    pub fn take_rebalanced(&self) -> bool {
+        self.rebalanced.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        self.rebalanced.store(true, Ordering::SeqCst);
+    }
+}
+
+pub type SinkConsumer = StreamConsumer<SinkContext>;
 
 fn base_config(config: &Config, purpose: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -24,6 +50,8 @@ fn base_config(config: &Config, purpose: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        // Notice topics created after a group subscription soon, not after 5 minutes.
+        .set("topic.metadata.refresh.interval.ms", "5000")
         // Bounded prefetch while the target is slow or down.
         .set("queued.max.messages.kbytes", "16384")
         .set("client.id", "pgferry-sink");
@@ -39,15 +67,20 @@ fn base_config(config: &Config, purpose: &str) -> ClientConfig {
     c
 }
 
-pub fn stream_consumer(config: &Config) -> Result<StreamConsumer, Error> {
-    base_config(config, "sink").create().map_err(|e| {
+/// The sink's consumer; in group mode (`group`) it joins that consumer group.
+pub fn stream_consumer(config: &Config, group: Option<&str>) -> Result<SinkConsumer, Error> {
+    let mut c = base_config(config, "sink");
+    if let Some(g) = group {
+        c.set("group.id", g);
+    }
+    c.create_with_context(SinkContext::default()).map_err(|e| {
         Error::operator("creating the Kafka consumer ([kafka] settings)").with_source(e)
     })
 }
 
 /// Partition counts of the topics that exist now.
 pub fn partitions(
-    consumer: &StreamConsumer,
+    consumer: &SinkConsumer,
     topics: &[String],
 ) -> Result<HashMap<String, i32>, Error> {
     let meta = consumer
@@ -66,7 +99,7 @@ pub fn partitions(
 
 /// Assign exactly these partitions, each at its offset (`None` = the beginning).
 pub fn assign(
-    consumer: &StreamConsumer,
+    consumer: &SinkConsumer,
     at: &HashMap<(String, i32), Option<i64>>,
 ) -> Result<(), Error> {
     let mut tpl = TopicPartitionList::new();

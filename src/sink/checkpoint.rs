@@ -11,7 +11,11 @@ use tokio_postgres::{Client, Transaction};
 use crate::error::Error;
 use crate::lsn::Lsn;
 
-pub const DDL: &str = "create schema if not exists pgferry;
+/// Serializes DDL of concurrent sinks (`create … if not exists` races otherwise).
+pub const DDL_LOCK: &str = "select pg_advisory_xact_lock(7012202611)";
+
+pub const DDL: &str = "begin; select pg_advisory_xact_lock(7012202611);
+create schema if not exists pgferry;
 create table if not exists pgferry.checkpoints (
   consumer text not null,
   topic text not null,
@@ -21,7 +25,8 @@ create table if not exists pgferry.checkpoints (
   ordinal int not null,
   updated_at timestamptz not null default now(),
   primary key (consumer, topic, partition)
-)";
+);
+commit";
 
 /// Where one partition stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

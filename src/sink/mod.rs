@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value as Json;
@@ -74,7 +74,7 @@ type SchemaEntry = Arc<(apache_avro::Schema, Json)>;
 
 pub struct SinkStage {
     config: Arc<Config>,
-    consumer: StreamConsumer,
+    consumer: consumer::SinkConsumer,
     client: Option<Client>,
     checkpoints: HashMap<(String, i32), Checkpoint>,
     tables: HashMap<TableName, (Mapping, TargetTable)>,
@@ -100,18 +100,22 @@ impl SinkStage {
         let client = crate::pg::connect(&sink.url, "sink target").await?;
         checkpoint::ensure_table(&client).await?;
         let checkpoints = checkpoint::load(&client, &sink.consumer).await?;
-        let prefix = &config.kafka.topic_prefix;
-        let topics = config
-            .tables
-            .iter()
-            .map(|t| format!("{prefix}.{}.{}", t.source.schema, t.source.name))
-            .collect();
+        let topics = topics_of(&config);
         let registry = match config.kafka.schema_registry.as_str() {
             "" => None,
             url => Some(Registry::new(url)?),
         };
+        let kafka_consumer = consumer::stream_consumer(&config, sink.group.as_deref())?;
+        if let Some(group) = &sink.group {
+            let owned = topics_of(&config);
+            let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+            kafka_consumer.subscribe(&refs).map_err(|e| {
+                Error::operator(format!("joining consumer group {group}")).with_source(e)
+            })?;
+            tracing::info!(%group, "sink joins its consumer group; partitions are sought to the target's checkpoints on every assignment");
+        }
         Ok(SinkStage {
-            consumer: consumer::stream_consumer(&config)?,
+            consumer: kafka_consumer,
             client: Some(client),
             checkpoints,
             tables: HashMap::new(),
@@ -143,8 +147,13 @@ impl SinkStage {
 
     async fn run_inner(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
         let mut last_refresh = Instant::now() - ASSIGNMENT_REFRESH;
+        let group_mode = self.sink().group.is_some();
         loop {
-            if self.assigned.len() < self.expected_partitions()
+            if group_mode {
+                if self.consumer.context().take_rebalanced() {
+                    self.seek_assigned().await?;
+                }
+            } else if self.assigned.len() < self.expected_partitions()
                 && last_refresh.elapsed() >= ASSIGNMENT_REFRESH
             {
                 self.refresh_assignment()?;
@@ -203,6 +212,63 @@ impl SinkStage {
         Ok(())
     }
 
+    /// Group mode: after a rebalance, move every newly assigned partition to the
+    /// offset checkpointed in the target (read now: another sink may have moved it).
+    async fn seek_assigned(&mut self) -> Result<(), Error> {
+        let assignment = self
+            .consumer
+            .assignment()
+            .map_err(|e| Error::transient("reading the partition assignment").with_source(e))?;
+        let now: HashSet<(String, i32)> = assignment
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let added: Vec<(String, i32)> = now.difference(&self.assigned).cloned().collect();
+        if !added.is_empty() {
+            let consumer_name = self.sink().consumer.clone();
+            let client = self.target().await.map_err(|f| match f {
+                Failure::Transient(e) => e,
+                Failure::Rejected(_, r) => Error::fatal(r),
+            })?;
+            let fresh = checkpoint::load(client, &consumer_name).await?;
+            for (topic, partition) in &added {
+                let k = (topic.clone(), *partition);
+                let offset = fresh.get(&k).map_or(rdkafka::Offset::Beginning, |c| {
+                    rdkafka::Offset::Offset(c.next_offset)
+                });
+                if let Some(c) = fresh.get(&k) {
+                    self.checkpoints.insert(k.clone(), *c);
+                }
+                // The fetcher may not run yet right after the rebalance: retry briefly.
+                // Should it never take, positions still make re-read events no-ops.
+                let mut sought = false;
+                for _ in 0..20 {
+                    if self
+                        .consumer
+                        .seek(topic, *partition, offset, Duration::from_secs(2))
+                        .is_ok()
+                    {
+                        sought = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if !sought {
+                    tracing::warn!(%topic, partition, "could not seek to the checkpoint; reading from the group's start position");
+                }
+            }
+            tracing::info!(
+                partitions = now.len(),
+                added = added.len(),
+                "sink assignment changed"
+            );
+        }
+        self.assigned = now;
+        self.health.set_sink_streaming(true);
+        Ok(())
+    }
+
     /// Gather a batch: up to the count and byte limits, waiting at most the linger
     /// after the first message (and at most the assignment refresh for the first).
     async fn collect(&mut self) -> Result<Vec<Item>, Error> {
@@ -220,7 +286,17 @@ impl SinkStage {
                 m = self.consumer.recv() => m,
                 _ = tokio::time::sleep_until(deadline) => break,
             };
-            let m = msg.map_err(|e| Error::transient("consuming from Kafka").with_source(e))?;
+            let m = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    // Broker trouble or a topic that does not exist yet: librdkafka
+                    // recovers by itself; note it and keep waiting.
+                    record_error("sink", &Error::transient(""));
+                    tracing::warn!(error = %e, "consuming from Kafka");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
             let headers = m
                 .headers()
                 .map(|h| {
@@ -519,6 +595,7 @@ impl SinkStage {
         let mut counts = apply::Counts::new();
         let runs = apply::plan(&fresh, &self.tables, &mut counts);
         let consumer_name = self.sink().consumer.clone();
+        let self_group = self.sink().group.is_some();
         self.target().await?;
         let tables = &self.tables;
         let client = self.client.as_mut().expect("connected");
@@ -535,6 +612,39 @@ impl SinkStage {
             ),
         };
         let tx = client.transaction().await.map_err(classify)?;
+        if self_group {
+            // Several sinks may own a partition in turn: the target's checkpoint, locked
+            // for this transaction, is the truth about what is applied.
+            let topics: Vec<String> = next.keys().map(|(t, _)| t.clone()).collect();
+            let rows = tx
+                .query(
+                    "select topic, partition, next_offset, commit_lsn::text, ordinal from pgferry.checkpoints \
+                     where consumer = $1 and topic = any($2) for update",
+                    &[&consumer_name, &topics],
+                )
+                .await
+                .map_err(classify)?;
+            let mut stale = false;
+            for r in rows {
+                let k: (String, i32) = (r.get(0), r.get(1));
+                let lsn: String = r.get(3);
+                let stored = Checkpoint {
+                    next_offset: r.get(2),
+                    position: (lsn.parse().unwrap_or_default(), r.get::<_, i32>(4) as u32),
+                };
+                if self.checkpoints.get(&k) != Some(&stored) {
+                    stale = true;
+                    self.checkpoints.insert(k, stored);
+                }
+            }
+            if stale {
+                // Another sink moved on meanwhile: plan again from the stored positions.
+                let _ = tx.rollback().await;
+                return Err(Failure::Transient(Error::transient(
+                    "another sink of the group applied some of this batch; re-planning",
+                )));
+            }
+        }
         for run in &runs {
             let target = tables
                 .values()
@@ -647,6 +757,16 @@ impl SinkStage {
             ))),
         }
     }
+}
+
+/// The topics of the configured tables.
+fn topics_of(config: &Config) -> Vec<String> {
+    let prefix = &config.kafka.topic_prefix;
+    config
+        .tables
+        .iter()
+        .map(|t| format!("{prefix}.{}.{}", t.source.schema, t.source.name))
+        .collect()
 }
 
 fn parse_schema(text: &str) -> Result<SchemaEntry, String> {

@@ -137,7 +137,8 @@ pub async fn prepare(
             .map(|(_, t)| t.as_str())
             .unwrap_or("text");
         let sql = format!(
-            "alter table {} add column if not exists {} {source_col}",
+            "begin; {}; alter table {} add column if not exists {} {source_col}; commit",
+            super::checkpoint::DDL_LOCK,
             name.quoted(),
             quote_ident(col)
         );
@@ -164,7 +165,8 @@ async fn create(client: &Client, mapping: &Mapping, event: &SinkEvent) -> Result
         .map(|k| quote_ident(mapping.column(k)))
         .collect();
     let mut sql = format!(
-        "create schema if not exists {}; create table if not exists {} ({}",
+        "begin; {}; create schema if not exists {}; create table if not exists {} ({}",
+        super::checkpoint::DDL_LOCK,
         quote_ident(&name.schema),
         name.quoted(),
         columns.join(", ")
@@ -172,7 +174,7 @@ async fn create(client: &Client, mapping: &Mapping, event: &SinkEvent) -> Result
     if !key.is_empty() {
         sql.push_str(&format!(", primary key ({})", key.join(", ")));
     }
-    sql.push(')');
+    sql.push_str("); commit");
     client.batch_execute(&sql).await.map_err(|e| {
         Error::postgres(format!("creating target table {name}"), e).with_hint(
             "types of the source must exist in the target (enums, domains): create them first",

@@ -47,6 +47,8 @@ use replication::{ReplicationConn, ReplicationMessage};
 /// How often a status update is considered; it is sent when the flush position moved
 /// or `wal_sender_timeout / 2` passed.
 const STATUS_TICK: Duration = Duration::from_secs(1);
+/// Least time between two status updates sent because durability moved.
+const STATUS_MIN_GAP: Duration = Duration::from_millis(100);
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a graceful stop waits for in-flight events to become durable.
@@ -214,6 +216,12 @@ impl Session<'_> {
                     self.progress.durable(*down.durable.borrow_and_update());
                     if src.end_lsn.is_some_and(|end| self.progress.flush_position() >= end) {
                         return self.finish(conn, down).await;
+                    }
+                    // Confirm promptly (the slot's lag is what operators watch), but
+                    // not more than ten times a second.
+                    if last_status.elapsed() >= STATUS_MIN_GAP && self.progress.flush_position() > self.progress.last_confirmed() {
+                        self.status(&mut conn, false).await?;
+                        last_status = Instant::now();
                     }
                 }
                 _ = tick.tick() => {
