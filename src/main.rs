@@ -225,7 +225,27 @@ async fn run(command: Command) -> ExitCode {
             }
         }
         Command::Status { .. } => not_built("pgferry status", "it arrives with the sink stage"),
-        Command::Generate { .. } => not_built("pgferry generate", "it arrives with the demo"),
+        Command::Generate {
+            url,
+            rate,
+            duration,
+            seed,
+        } => {
+            let duration = match pgferry::config::parse_duration(&duration) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("pgferry: --duration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = pgferry::generate::Options {
+                url,
+                rate,
+                duration,
+                seed,
+            };
+            report(pgferry::generate::generate(opts).await)
+        }
     }
 }
 

@@ -39,6 +39,7 @@ pub fn cancel_on_signals(token: CancellationToken) {
             _ = term.recv() => tracing::info!("SIGTERM: stopping gracefully"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping gracefully"),
         }
+        crate::systemd::notify("STOPPING=1");
         token.cancel();
     });
 }
@@ -147,6 +148,7 @@ pub async fn run(config: Arc<Config>, stages: Stages) -> Result<(), Error> {
     start_http(&config, &health).await?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
+    crate::systemd::supervise(health.clone(), shutdown.clone());
 
     let sink = if with_sink {
         Some(crate::sink::SinkStage::new(config.clone(), health.clone()).await?)

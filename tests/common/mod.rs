@@ -192,8 +192,13 @@ pub struct Pgferry {
 
 impl Pgferry {
     pub fn spawn(args: &[&str], stderr: PathBuf) -> Pgferry {
+        Self::spawn_env(args, stderr, &[])
+    }
+
+    pub fn spawn_env(args: &[&str], stderr: PathBuf, env: &[(&str, &str)]) -> Pgferry {
         let err = std::fs::File::create(&stderr).unwrap();
         let mut child = Command::new(BIN)
+            .envs(env.iter().copied())
             .args(args)
             .env("PGFERRY_LOG", "info,pgferry=debug")
             .stdout(Stdio::piped())
