@@ -204,3 +204,59 @@ pub async fn verify(config: &Config, only: Option<&str>) -> Result<Vec<Compariso
     }
     Ok(out)
 }
+
+/// `pgferry status`: where the slot stands on the source and where each partition
+/// stands in the target's checkpoints, as lines of text.
+pub async fn status(config: &Config) -> Result<Vec<String>, Error> {
+    let mut lines = Vec::new();
+    let source = crate::pg::connect(&config.source.url, "status").await?;
+    let slot = &config.source.slot;
+    match crate::source::slot::slot_info(&source, slot).await? {
+        Some(info) => lines.push(format!(
+            "slot {slot}: confirmed_flush_lsn {}, lag {} bytes, wal_status {}",
+            info.confirmed_flush.map_or("-".into(), |l| l.to_string()),
+            info.lag_bytes.map_or("-".into(), |b| b.to_string()),
+            info.wal_status.as_deref().unwrap_or("-"),
+        )),
+        None => lines.push(format!(
+            "slot {slot}: does not exist yet (pgferry creates it on start)"
+        )),
+    }
+    if let Some(sink) = &config.sink {
+        let target = crate::pg::connect(&sink.url, "status").await?;
+        let rows = target
+            .query(
+                "select topic, partition, next_offset, commit_lsn::text, ordinal, \
+                        extract(epoch from now() - updated_at)::float8 \
+                 from pgferry.checkpoints where consumer = $1 order by topic, partition",
+                &[&sink.consumer],
+            )
+            .await;
+        match rows {
+            Ok(rows) if rows.is_empty() => {
+                lines.push(format!("sink {}: no checkpoints yet", sink.consumer))
+            }
+            Ok(rows) => {
+                for r in rows {
+                    lines.push(format!(
+                        "sink {}: {}[{}] next offset {}, applied up to {}#{}, {:.0}s ago",
+                        sink.consumer,
+                        r.get::<_, String>(0),
+                        r.get::<_, i32>(1),
+                        r.get::<_, i64>(2),
+                        r.get::<_, String>(3),
+                        r.get::<_, i32>(4),
+                        r.get::<_, f64>(5),
+                    ));
+                }
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => lines
+                .push(format!(
+                    "sink {}: no checkpoint table yet (created when the sink starts)",
+                    sink.consumer
+                )),
+            Err(e) => return Err(Error::postgres("reading checkpoints from the target", e)),
+        }
+    }
+    Ok(lines)
+}

@@ -134,13 +134,6 @@ fn load(path: &std::path::Path) -> Result<Arc<Config>, ExitCode> {
     })
 }
 
-fn not_built(command: &str, issue: &str) -> ExitCode {
-    eprintln!(
-        "pgferry: `{command}` is not built yet ({issue}); see README.md for what works today"
-    );
-    ExitCode::from(2)
-}
-
 async fn run(command: Command) -> ExitCode {
     match command {
         Command::Tail {
@@ -224,7 +217,21 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => report(Err(e)),
             }
         }
-        Command::Status { .. } => not_built("pgferry status", "it arrives with the sink stage"),
+        Command::Status { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match pgferry::inspect::status(&config).await {
+                Ok(lines) => {
+                    for l in lines {
+                        println!("{l}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(Err(e)),
+            }
+        }
         Command::Generate {
             url,
             rate,

@@ -174,6 +174,15 @@ fn end_to_end_every_type_mapping_toast_and_add_column() {
         Some("41")
     );
 
+    // `status` shows the slot and the checkpoints.
+    let (code, out, err) = common::run(&["status", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("confirmed_flush_lsn") && out.contains("wal_status reserved"),
+        "{out}"
+    );
+    assert!(out.contains(".public.patients[0] next offset"), "{out}");
+
     // One changed cell is found.
     tgt.sql("update patients_h set ward = 'changed' where id = 1");
     let (code, out) = verify(&cfg);
