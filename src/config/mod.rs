@@ -573,8 +573,10 @@ mod example_tests {
     fn the_shipped_example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgferry.toml");
         let c = Config::load(&path).unwrap();
-        assert_eq!(c.tables.len(), 1);
-        assert_eq!(c.tables[0].rename["name"], "full_name");
+        assert_eq!(c.tables.len(), 6);
+        assert_eq!(c.tables[4].source.to_string(), "public.patients");
+        assert_eq!(c.tables[4].rename["name"], "full_name");
+        assert!(c.tables[4].exclude.contains("ssn"));
         assert!(c.sink.is_some());
     }
 }
