@@ -64,9 +64,9 @@
 # transaction (here two big ones, committed with the subscription default
 # synchronous_commit = off), with no hop in between. pgferry decodes pgoutput,
 # encodes Avro and produces every change to Kafka (acks=all), reads it back from
-# the broker, decodes it and applies it in batches (set-based statements, batch_max_events
-# per target transaction, each with its checkpoint row, committed durably); the
-# broker runs on the same host and shares its CPUs with both PostgreSQL clusters
+# the broker, decodes it and applies it in batches (up to batch_max_events, default
+# 5000, per target transaction: COPY into a staging table and one set-based statement,
+# with its checkpoint row, committed durably); the broker runs on the same host and shares its CPUs with both PostgreSQL clusters
 # and pgferry. So the ratio is "what the Kafka hop and pgferry's batching cost or
 # gain against PostgreSQL's built-in path", not a like-for-like comparison of appliers.
 # The subscription's end is its confirmation to the source, which the apply worker
@@ -438,7 +438,7 @@ TOML
     FERRY_PID=$pid
     note_others
     # When the source stage is done: its slot confirmed the end LSN, i.e. Kafka
-    # acknowledged every change (on pgferry's ~1 s status tick).
+    # acknowledged every change (pgferry confirms at most every 100 ms).
     PGAPPNAME=bench_source_poll psql -X -At -d "$BENCH_URL" \
         -c "select bench_wait_confirmed('${slot}', '${END_LSN}', ${DRAIN_TIMEOUT})" \
         >"$WORK/source_done${sfx}" 2>/dev/null &
@@ -550,7 +550,7 @@ echo " target held the expected count and sum(weight); CPU s: pgferry's process,
 echo " walsender s: the source walsender decoding the slot; target s: the apply worker, or pgferry's"
 echo " sessions in the target; peak RSS in MB; stop s: SIGTERM to exit 0; host busy: all $(nproc) CPUs,"
 echo " whoever used them; in Kafka at s: when pgferry's slot confirmed the end LSN (Kafka acknowledged"
-echo " everything, ~1 s tick); last msg at s: the newest message's timestamp, when pgferry produced it)"
+echo " everything); last msg at s: the newest message's timestamp, when pgferry produced it)"
 for ((i = 0; i < REPEAT; i++)); do
     echo "pgferry threads, run $((i + 1)), CPU s: ${FERRY_THREADS[i]}"
 done

@@ -10,6 +10,9 @@
 #   env     print `export ...` lines: eval "$(scripts/services.sh env)"
 #   status  say what runs; exit 0 when all three run, 3 otherwise
 #
+# `up` also installs Debian's docker-compose (as root, when missing): the tests
+# validate docker-compose.yml with `docker-compose config` (no Docker engine here).
+#
 # Works from any cwd, as root (PostgreSQL binaries then run as the `postgres`
 # OS user, because initdb/pg_ctl refuse to run as root) or as a normal user.
 # Never touches the system PostgreSQL on 5432: our clusters have their own data
@@ -569,6 +572,33 @@ broker_status() {
     return 1
 }
 
+# docker-compose only validates docker-compose.yml here (tests/compose.rs runs
+# `docker-compose config`; no Docker engine runs on these machines). Debian's
+# package (v1.29) does that without an engine. Installed as root when missing;
+# as a normal user we only say so (the compose test then fails, saying how).
+ensure_compose() {
+    command -v docker-compose >/dev/null 2>&1 && return
+    if ! is_root; then
+        log "note: docker-compose is not installed (tests/compose.rs needs it); install it as root with: apt-get install -y docker-compose"
+        return
+    fi
+    log "docker-compose is missing: installing Debian's docker-compose package with apt-get"
+    # Not fatal: the services are up; tests/compose.rs fails with its own message.
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose >&2 9>&-; then
+        log "apt-get install failed; running apt-get update and trying again"
+        if ! { DEBIAN_FRONTEND=noninteractive apt-get update >&2 9>&- \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose >&2 9>&-; }; then
+            log "warning: could not install docker-compose (output above); tests/compose.rs will fail until it is installed"
+            return
+        fi
+    fi
+    if command -v docker-compose >/dev/null 2>&1; then
+        log "docker-compose installed ($(docker-compose version --short 2>/dev/null || echo 'version unknown'))"
+    else
+        log "warning: apt-get installed docker-compose but no docker-compose command is on PATH ($PATH)"
+    fi
+}
+
 # ---------------------------------------------------------------- commands --
 
 cmd_up() {
@@ -581,6 +611,7 @@ cmd_up() {
     pg_up hospital "$HOSPITAL_PORT" hospital
     pg_up plain "$PLAIN_PORT" plain replica
     broker_up
+    ensure_compose
     log "all services ready; load their URLs with: eval \"\$($0 env)\""
 }
 
