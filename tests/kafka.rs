@@ -36,20 +36,6 @@ fn kafka_config(
     )
 }
 
-fn run_source(config: &std::path::Path) -> Pgferry {
-    let stderr = config.with_extension("run.stderr");
-    Pgferry::spawn(
-        &[
-            "run",
-            "--only",
-            "source",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        stderr,
-    )
-}
-
 fn envelope(
     records: &[Record],
     schemas: &HashMap<String, apache_avro::Schema>,

@@ -39,20 +39,6 @@ fn config(
     )
 }
 
-fn run_source(config: &std::path::Path) -> Pgferry {
-    let stderr = config.with_extension("run.stderr");
-    Pgferry::spawn(
-        &[
-            "run",
-            "--only",
-            "source",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        stderr,
-    )
-}
-
 fn last_commit(db: &TestDb) -> u64 {
     lsn(&db.value("select pg_current_wal_lsn()::text").unwrap())
 }

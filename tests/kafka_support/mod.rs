@@ -12,6 +12,21 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
+/// `pgferry run --only source --config FILE`, its stderr beside the config.
+pub fn run_source(config: &std::path::Path) -> super::common::Pgferry {
+    let stderr = config.with_extension("run.stderr");
+    super::common::Pgferry::spawn(
+        &[
+            "run",
+            "--only",
+            "source",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        stderr,
+    )
+}
+
 pub fn brokers() -> String {
     super::common::service_env("PGFERRY_BROKERS")
 }
