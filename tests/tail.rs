@@ -298,10 +298,22 @@ fn sigkill_mid_stream_loses_nothing_and_repeats_only_unconfirmed() {
             )
         })
         .collect();
-    db.sql(&workload);
-    let seen_first = first.json(1500, T);
+    // The workload keeps committing while the first tail is killed.
+    let url = db.url.clone();
+    let writer = std::thread::spawn(move || {
+        for chunk in workload.lines().collect::<Vec<_>>().chunks(20) {
+            sql(&url, &chunk.join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let mut seen_first = first.json(1500, T);
     first.kill9();
+    // Lines it printed before it died count as seen (they may all be confirmed).
+    for line in first.drain(Duration::from_millis(500)) {
+        seen_first.push(serde_json::from_str(&line).unwrap());
+    }
     let confirmed = lsn(&db.confirmed_flush("s_kill").unwrap());
+    writer.join().unwrap();
     let first_ids = ids_with_commits(&seen_first);
 
     let mut second = Pgferry::tail(&cfg, &[]);
