@@ -79,9 +79,9 @@
 # a share of the CPUs that pgferry's sink competes for (30-60 ms per scan of the
 # 200000-row table after the update here). So a loop inside the target server reads
 # pgferry's checkpoint table every 100 ms (the next Kafka offset it will read,
-# written in the same transaction as the rows) and runs the full count(*)/sum(weight) only once the
-# checkpoint says all 2*ROWS messages are applied, or every 2 s otherwise; only the
-# full check ends the timing. The end is therefore seen within ~100 ms.
+# written in the same transaction as the rows) and runs the full count/sum only once
+# the checkpoint says all 2*ROWS messages are applied, or every 2 s otherwise; only
+# the full check ends the timing. The end is therefore seen within ~100 ms.
 set -euo pipefail
 
 readonly PROG="${0##*/}"

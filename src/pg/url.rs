@@ -173,6 +173,8 @@ impl PgUrl {
             _ => tokio_postgres::config::SslMode::Require,
         });
         c.application_name(self.application_name.as_deref().unwrap_or("pgferry"));
+        // "already exists, skipping" notices of idempotent DDL are not news.
+        c.options("-c client_min_messages=warning");
         c.connect_timeout(self.connect_timeout.unwrap_or(Duration::from_secs(10)));
         c
     }
