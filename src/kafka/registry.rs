@@ -60,27 +60,12 @@ impl Registry {
         }
         let body = serde_json::json!({ "schema": schema }).to_string();
         let path = format!("{}/subjects/{}/versions", self.base_path, subject);
-        let (status, reply) = tokio::time::timeout(TIMEOUT, self.post(&path, &body))
+        let reply = self
+            .call("POST", &path, &body, &format!("refused the schema of subject {subject}"))
             .await
-            .map_err(|_| {
-                Error::transient(format!(
-                    "schema registry {}: no answer within 30s",
-                    self.url
-                ))
-            })??;
-        if !(200..300).contains(&status) {
-            let kind = if status >= 500 {
-                Error::transient
-            } else {
-                Error::fatal
-            };
-            return Err(kind(format!(
-                "schema registry {} refused the schema of subject {subject}: HTTP {status}: {}",
-                self.url,
-                reply.trim()
-            ))
-            .with_hint("a 409 means the new schema is incompatible with the subject's compatibility setting"));
-        }
+            .map_err(|e| {
+                e.with_hint("a 409 means the new schema is incompatible with the subject's compatibility setting")
+            })?;
         let id = serde_json::from_str::<serde_json::Value>(&reply)
             .ok()
             .and_then(|v| v.get("id").and_then(|id| id.as_u64()))
@@ -98,26 +83,9 @@ impl Registry {
     /// The schema (JSON text) registered under `id`.
     pub async fn fetch(&self, id: u32) -> Result<String, Error> {
         let path = format!("{}/schemas/ids/{id}", self.base_path);
-        let (status, reply) = tokio::time::timeout(TIMEOUT, self.request("GET", &path, ""))
-            .await
-            .map_err(|_| {
-                Error::transient(format!(
-                    "schema registry {}: no answer within 30s",
-                    self.url
-                ))
-            })??;
-        if status != 200 {
-            let kind = if status >= 500 {
-                Error::transient
-            } else {
-                Error::fatal
-            };
-            return Err(kind(format!(
-                "schema registry {}: schema id {id}: HTTP {status}: {}",
-                self.url,
-                reply.trim()
-            )));
-        }
+        let reply = self
+            .call("GET", &path, "", &format!("schema id {id}"))
+            .await?;
         serde_json::from_str::<serde_json::Value>(&reply)
             .ok()
             .and_then(|v| v.get("schema").and_then(|s| s.as_str()).map(str::to_string))
@@ -129,8 +97,36 @@ impl Registry {
             })
     }
 
-    async fn post(&self, path: &str, body: &str) -> Result<(u16, String), Error> {
-        self.request("POST", path, body).await
+    /// One request with a timeout; the body of a 2xx answer, else an error saying
+    /// `what` failed (transient for 5xx, fatal otherwise).
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        what: &str,
+    ) -> Result<String, Error> {
+        let (status, reply) = tokio::time::timeout(TIMEOUT, self.request(method, path, body))
+            .await
+            .map_err(|_| {
+                Error::transient(format!(
+                    "schema registry {}: no answer within 30s",
+                    self.url
+                ))
+            })??;
+        if (200..300).contains(&status) {
+            return Ok(reply);
+        }
+        let kind = if status >= 500 {
+            Error::transient
+        } else {
+            Error::fatal
+        };
+        Err(kind(format!(
+            "schema registry {}: {what}: HTTP {status}: {}",
+            self.url,
+            reply.trim()
+        )))
     }
 
     async fn request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), Error> {
