@@ -291,3 +291,57 @@ report_head() {
     fi
     echo "${pad}host: $(nproc) CPUs, load average before the runs: ${LOAD_BEFORE}"
 }
+
+# A python with confluent-kafka (optional): the Kafka drains use it to count the
+# messages on their topics and to delete the topics afterwards.
+PYTHON=${KAFKA_PYTHON:-/tmp/kvenv/bin/python}
+if ! [[ -x $PYTHON ]] || ! "$PYTHON" -c 'import confluent_kafka' 2>/dev/null; then
+    PYTHON=
+fi
+readonly PYTHON
+
+# kafka_py <count|delete> <topic...>: prints "<messages> <distinct keys> <latest
+# message timestamp, Unix seconds>" of each topic, read from the start until 2 s
+# pass without a message, or deletes the topics. It reads the messages rather than trusting the watermarks: tansu's
+# ListOffsets answers a high watermark below the last offset (it said 9401 for a
+# topic whose 10000 messages read back as offsets 0..9999).
+kafka_py() {
+    "$PYTHON" - "$PGFERRY_BROKERS" "$@" <<'PY'
+import sys
+import time
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+brokers, action, topics = sys.argv[1], sys.argv[2], sys.argv[3:]
+if action == "delete":
+    admin = AdminClient({"bootstrap.servers": brokers})
+    for topic, f in admin.delete_topics(topics, operation_timeout=10).items():
+        try:
+            f.result()
+        except Exception as e:  # a topic never created, or a broker without delete
+            print(f"{topic}: not deleted: {e}", file=sys.stderr)
+    sys.exit(0)
+consumer = Consumer({"bootstrap.servers": brokers, "group.id": "pgferry-bench-count",
+                     "enable.auto.commit": False})
+for topic in topics:
+    meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    if meta is None or meta.error is not None:
+        print(f"{topic}: no such topic ({meta.error if meta else 'missing'})", file=sys.stderr)
+        sys.exit(1)
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    count, keys, latest, idle_since = 0, set(), 0, time.monotonic()
+    while time.monotonic() - idle_since < 2:
+        batch = consumer.consume(num_messages=10000, timeout=0.5)
+        for m in batch:
+            if m.error() is not None:
+                print(f"{topic}: {m.error()}", file=sys.stderr)
+                sys.exit(1)
+            keys.add(m.key())
+            latest = max(latest, m.timestamp()[1])
+        if batch:
+            count += len(batch)
+            idle_since = time.monotonic()
+    print(count, len(keys), f"{latest / 1000:.3f}")
+consumer.close()
+PY
+}
