@@ -155,6 +155,15 @@ impl Config {
                 "must be -1 (broker default) or at least 1",
             ));
         }
+        for key in raw.kafka.properties.keys() {
+            if let Some(why) = durability_property(key) {
+                return Err(err(
+                    path,
+                    format!("kafka.properties.\"{key}\""),
+                    format!("pgferry sets {key} itself and does not let it be changed: {why}; remove it"),
+                ));
+            }
+        }
         if raw.kafka.brokers.trim().is_empty() {
             return Err(err(
                 path,
@@ -212,6 +221,22 @@ impl Config {
     pub fn table(&self, name: &TableName) -> Option<&Table> {
         self.tables.iter().find(|t| &t.source == name)
     }
+}
+
+/// librdkafka settings (and their aliases) that pgferry's durability contract depends
+/// on. A raw property that changed them could confirm the slot past events Kafka never
+/// stored, or skip offsets in the sink, so they are refused rather than passed through.
+fn durability_property(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "acks" | "request.required.acks" => "every event must be acknowledged by all in-sync replicas (acks=all) before the slot is confirmed",
+        "enable.idempotence" | "enable.gapless.guarantee" => "idempotence keeps retries from reordering or doubling events within a partition",
+        "max.in.flight.requests.per.connection" | "max.in.flight" => "per-key order under retries depends on it",
+        "message.timeout.ms" | "delivery.timeout.ms" | "message.send.max.retries" | "retries" => "a message is retried until the brokers take it; giving up would drop it",
+        "enable.auto.commit" | "enable.auto.offset.store" | "auto.commit.interval.ms" => "the sink's position lives in the target, committed with the rows",
+        "auto.offset.reset" => "an offset that is out of range must stop the sink, never skip to another place",
+        "isolation.level" => "the sink reads what the source produced, without a transactional filter",
+        _ => return None,
+    })
 }
 
 fn topic_char(c: char) -> bool {
@@ -536,6 +561,42 @@ source = "public.visits"
             let e = Config::load(&f).unwrap_err();
             assert_eq!(&e.key, key, "{text} -> {e}");
         }
+    }
+
+    #[test]
+    fn properties_that_weaken_durability_are_refused() {
+        let d = tempdir("durability");
+        for (i, key) in [
+            "acks",
+            "request.required.acks",
+            "enable.idempotence",
+            "max.in.flight.requests.per.connection",
+            "message.timeout.ms",
+            "enable.auto.commit",
+            "auto.offset.reset",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let text = format!(
+                "[source]\nurl = \"postgres://u@h/d\"\n[kafka.properties]\n\"{key}\" = \"1\"\n"
+            );
+            let f = write(&d, &format!("p{i}.toml"), &text);
+            let e = Config::load(&f).unwrap_err();
+            assert_eq!(e.key, format!("kafka.properties.\"{key}\""), "{e}");
+            assert!(e.message.contains("remove it"), "{e}");
+        }
+        let ok = write(
+            &d,
+            "ok.toml",
+            "[source]\nurl = \"postgres://u@h/d\"\n[kafka.properties]\n\"compression.type\" = \"zstd\"\n\"security.protocol\" = \"SASL_SSL\"\n",
+        );
+        Config::load(&ok).unwrap();
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let d = tempdir("syntax");
         let f = write(&d, "syntax.toml", "[source\nurl=1");
         let e = Config::load(&f).unwrap_err();
         assert!(e.message.contains("not valid TOML"), "{e}");

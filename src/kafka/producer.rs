@@ -564,8 +564,11 @@ fn headers(change: &Change) -> OwnedHeaders {
     h
 }
 
+/// The schema topic's key: the fingerprint as the 16-digit hex of its 64-bit value (what
+/// Java's `Long.toHexString(parsingFingerprint64(s))` prints, zero-padded), not of the
+/// little-endian bytes that single-object framing carries.
 pub fn fingerprint_hex(fp: &[u8; 8]) -> String {
-    fp.iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:016x}", u64::from_le_bytes(*fp))
 }
 
 fn encode_error(e: avro::EncodeError) -> Error {

@@ -166,7 +166,12 @@ pub fn decode_single_object(
     schemas: &HashMap<String, apache_avro::Schema>,
 ) -> (String, Avro) {
     assert_eq!(&bytes[..2], &[0xC3, 0x01], "single-object marker");
-    let fp: String = bytes[2..10].iter().map(|b| format!("{b:02x}")).collect();
+    // The topic's key is the 64-bit fingerprint in hex; the frame carries it little-endian.
+    let fp: String = bytes[2..10]
+        .iter()
+        .rev()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let schema = schemas
         .get(&fp)
         .unwrap_or_else(|| panic!("fingerprint {fp} is not on the schema topic"));

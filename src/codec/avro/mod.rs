@@ -1,23 +1,28 @@
 //! Avro change events: schemas derived from table schemas, a direct binary encoder,
 //! and the two wire framings (Confluent registry ids, single-object fingerprints).
 
+pub mod canonical;
 pub mod encode;
 pub mod schema;
-
-use apache_avro::rabin::Rabin;
 
 pub use encode::{encode_key, encode_value, EncodeError, SourceInfo};
 pub use schema::{derive, TableSchemas};
 
-/// The CRC-64-AVRO (Rabin) fingerprint of a schema's Parsing Canonical Form, and that
-/// canonical form. Errors if the schema is not valid Avro.
-pub fn fingerprint(schema: &serde_json::Value) -> Result<([u8; 8], String), apache_avro::Error> {
-    let parsed = apache_avro::Schema::parse(schema)?;
-    let fp = parsed.fingerprint::<Rabin>();
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&fp.bytes[..8]);
-    Ok((bytes, parsed.canonical_form()))
+/// The CRC-64-AVRO fingerprint of a schema's Parsing Canonical Form (little-endian, as
+/// single-object encoding writes it), and that canonical form. Errors if the schema is
+/// not valid Avro.
+pub fn fingerprint(schema: &serde_json::Value) -> Result<([u8; 8], String), FingerprintError> {
+    apache_avro::Schema::parse(schema).map_err(|e| FingerprintError(e.to_string()))?;
+    let canonical =
+        canonical::canonical_form(schema).map_err(|e| FingerprintError(e.to_string()))?;
+    let fp = canonical::crc64_avro(canonical.as_bytes());
+    Ok((fp.to_le_bytes(), canonical))
 }
+
+/// A schema that is not valid Avro.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FingerprintError(String);
 
 /// How an encoded datum is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
