@@ -25,5 +25,6 @@ pub mod pg;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod systemd;
 pub mod timestamp;

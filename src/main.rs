@@ -46,6 +46,11 @@ enum Command {
         /// Run only one stage.
         #[arg(long, value_enum)]
         only: Option<Stage>,
+        /// Start although the slot is gone, was moved by someone else, or the source
+        /// is another server than the one remembered: re-creates the slot, and the
+        /// changes in between are lost (resynchronise the target afterwards).
+        #[arg(long)]
+        accept_data_loss: bool,
     },
     /// Print decoded changes as JSON lines on stdout (no Kafka).
     Tail {
@@ -57,6 +62,14 @@ enum Command {
         /// Stop once everything up to this LSN (X/Y) is printed and confirmed.
         #[arg(long)]
         end_lsn: Option<Lsn>,
+        /// Where tail remembers which server and slot it reads and how far
+        /// (default: .pgferry/tail-<slot>.json beside the config file).
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+        /// Start although the slot is gone, was moved by someone else, or the source
+        /// is another server than the one remembered (re-creates the slot).
+        #[arg(long)]
+        accept_data_loss: bool,
     },
     /// Validate the config, connectivity and server prerequisites; one line per problem.
     Check {
@@ -140,12 +153,16 @@ async fn run(command: Command) -> ExitCode {
             config,
             slot,
             end_lsn,
+            state_file,
+            accept_data_loss,
         } => {
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            report(pgferry::pipeline::tail(config, slot, end_lsn).await)
+            report(
+                pgferry::pipeline::tail(config, slot, end_lsn, state_file, accept_data_loss).await,
+            )
         }
         Command::Check { config } => {
             let config = match load(&config) {
@@ -168,7 +185,11 @@ async fn run(command: Command) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Command::Run { config, only } => {
+        Command::Run {
+            config,
+            only,
+            accept_data_loss,
+        } => {
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -178,7 +199,7 @@ async fn run(command: Command) -> ExitCode {
                 Some(Stage::Sink) => pgferry::pipeline::Stages::Sink,
                 None => pgferry::pipeline::Stages::Both,
             };
-            report(pgferry::pipeline::run(config, stages).await)
+            report(pgferry::pipeline::run(config, stages, accept_data_loss).await)
         }
         Command::Schema { config, table } => {
             let config = match load(&config) {

@@ -16,7 +16,8 @@ use crate::error::Error;
 use crate::event::Event;
 use crate::health::Health;
 use crate::lsn::Lsn;
-use crate::source::{Downstream, Source};
+use crate::source::state::{self as source_state, FileStore, SourceState, StateLink, StateStore};
+use crate::source::{Downstream, Source, StartOptions};
 
 /// Events buffered between the source and the next stage. Bounded so that a slow
 /// consumer pushes back on the replication connection instead of growing memory.
@@ -51,16 +52,92 @@ async fn start_http(config: &Config, health: &Arc<Health>) -> Result<(), Error> 
     Ok(())
 }
 
+/// Load what `store` remembers and prepare the source against it; record the state a
+/// first start (or an accepted loss) begins with before anything streams.
+async fn prepare_source<S: StateStore>(
+    config: &Arc<Config>,
+    slot: String,
+    mut store: S,
+    accept_data_loss: bool,
+) -> Result<
+    (
+        Source,
+        StateLink,
+        tokio::task::JoinHandle<Result<(), Error>>,
+    ),
+    Error,
+> {
+    let remembered = store.load().await?;
+    let source = Source::prepare(
+        config.clone(),
+        StartOptions {
+            slot,
+            remembered: remembered.clone(),
+            state_location: store.describe(),
+            accept_data_loss,
+        },
+    )
+    .await?;
+    let state: SourceState = source.state().clone();
+    if remembered.as_ref() != Some(&state) {
+        store.save(&state).await.map_err(|e| {
+            e.context(format!(
+                "recording the source state in {}",
+                store.describe()
+            ))
+        })?;
+    }
+    let initial = state.confirmed()?;
+    let (want_tx, want_rx) = watch::channel(initial);
+    let (recorded_tx, recorded_rx) = watch::channel(initial);
+    let keeper = tokio::spawn(source_state::keep(store, state, want_rx, recorded_tx));
+    let link = StateLink {
+        want: want_tx,
+        recorded: recorded_rx,
+    };
+    Ok((source, link, keeper))
+}
+
+/// The source's result, unless the state keeper failed first (its error is the cause).
+async fn with_keeper(
+    source: Result<(), Error>,
+    keeper: tokio::task::JoinHandle<Result<(), Error>>,
+) -> Result<(), Error> {
+    if source.is_ok() {
+        keeper.abort();
+        return source;
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(1), keeper).await {
+        Ok(Ok(Err(e))) => Err(e),
+        _ => source,
+    }
+}
+
+/// Where `tail` remembers its source by default: beside the config file, one file per
+/// slot (see `source::state`).
+pub fn default_tail_state_file(config: &Config, slot: &str) -> std::path::PathBuf {
+    config
+        .path
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(".pgferry")
+        .join(format!("tail-{slot}.json"))
+}
+
 /// `pgferry tail`: decoded changes as JSON lines on stdout.
 pub async fn tail(
     config: Arc<Config>,
     slot: Option<String>,
     end_lsn: Option<Lsn>,
+    state_file: Option<std::path::PathBuf>,
+    accept_data_loss: bool,
 ) -> Result<(), Error> {
     let health = Arc::new(Health::new(true, false));
     start_http(&config, &health).await?;
     let slot = slot.unwrap_or_else(|| config.source.slot.clone());
-    let mut source = Source::prepare(config.clone(), slot).await?;
+    let state_file = state_file.unwrap_or_else(|| default_tail_state_file(&config, &slot));
+    let (mut source, link, keeper) =
+        prepare_source(&config, slot, FileStore::new(state_file), accept_data_loss).await?;
     source.stop_at(end_lsn);
 
     let shutdown = CancellationToken::new();
@@ -71,7 +148,7 @@ pub async fn tail(
         events: events_tx,
         durable: durable_rx,
     };
-    let source_task = tokio::spawn(source.run(downstream, shutdown.clone(), health));
+    let source_task = tokio::spawn(source.run(downstream, link, shutdown.clone(), health));
 
     // A plain thread writes stdout: tokio's stdout hands every write to its blocking
     // pool, and the thread hops cost more than the JSON itself.
@@ -79,6 +156,7 @@ pub async fn tail(
     let result = source_task
         .await
         .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
+    let result = with_keeper(result, keeper).await;
     let written = tokio::task::spawn_blocking(move || writer.join())
         .await
         .map_err(|e| Error::fatal("the stdout writer failed").with_source(e))?
@@ -135,7 +213,7 @@ pub enum Stages {
 /// those of every earlier transaction) and the sink side (topics ──▶ target, exactly
 /// once), each optional. SIGTERM stops both gracefully; a failure of one stops the
 /// other and is reported.
-pub async fn run(config: Arc<Config>, stages: Stages) -> Result<(), Error> {
+pub async fn run(config: Arc<Config>, stages: Stages, accept_data_loss: bool) -> Result<(), Error> {
     let with_source = stages != Stages::Sink;
     let with_sink = stages != Stages::Source;
     if with_sink && config.sink.is_none() {
@@ -156,16 +234,19 @@ pub async fn run(config: Arc<Config>, stages: Stages) -> Result<(), Error> {
         None
     };
     let source_side = if with_source {
-        let source = Source::prepare(config.clone(), config.source.slot.clone()).await?;
         let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
         let mut kafka = crate::kafka::producer::KafkaStage::new(config.clone(), durable_tx).await?;
         kafka.create_configured_topics().await?;
+        let slot = config.source.slot.clone();
+        let store = crate::kafka::state::KafkaStateStore::new(config.clone(), &slot)?;
+        let (source, link, keeper) = prepare_source(&config, slot, store, accept_data_loss).await?;
         let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let downstream = Downstream {
             events: events_tx,
             durable: durable_rx,
         };
-        let source_task = tokio::spawn(source.run(downstream, shutdown.clone(), health.clone()));
+        let source_task =
+            tokio::spawn(source.run(downstream, link, shutdown.clone(), health.clone()));
         let stop = shutdown.clone();
         Some(tokio::spawn(async move {
             let kafka_result = kafka.run(events).await;
@@ -177,6 +258,7 @@ pub async fn run(config: Arc<Config>, stages: Stages) -> Result<(), Error> {
             let source_result = source_task
                 .await
                 .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
+            let source_result = with_keeper(source_result, keeper).await;
             kafka_result.and(source_result)
         }))
     } else {

@@ -113,12 +113,19 @@ pub fn assign(
         .map_err(|e| Error::transient("assigning partitions").with_source(e))
 }
 
-/// The values of a whole (small) topic, read from the beginning until it is quiet.
-/// Watermarks are not used: tansu reports the high watermark per batch, not per
-/// record, so "read up to the high watermark" would stop early there.
-pub fn read_to_end(config: &Config, topic: &str) -> Result<Vec<Vec<u8>>, Error> {
+/// One record of a topic read whole.
+pub struct TopicRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// A whole (small) topic, every partition read from the beginning up to the high
+/// watermark it had when the read began. A topic that does not exist reads as empty.
+pub fn read_to_end(config: &Config, topic: &str) -> Result<Vec<TopicRecord>, Error> {
     use rdkafka::Message;
-    let consumer: BaseConsumer = base_config(config, "schemas")
+    let consumer: BaseConsumer = base_config(config, "meta")
         .create()
         .map_err(|e| Error::operator("creating the Kafka consumer").with_source(e))?;
     let meta = consumer
@@ -128,20 +135,53 @@ pub fn read_to_end(config: &Config, topic: &str) -> Result<Vec<Vec<u8>>, Error> 
         return Ok(Vec::new());
     };
     let mut tpl = TopicPartitionList::new();
+    // Per partition: the offset the read must reach.
+    let mut ends: HashMap<i32, i64> = HashMap::new();
     for p in t.partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-            .map_err(|e| Error::fatal("assigning").with_source(e))?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p.id(), METADATA_TIMEOUT)
+            .map_err(|e| {
+                Error::transient(format!("reading the offsets of {topic}/{}", p.id()))
+                    .with_source(e)
+            })?;
+        if high > low {
+            ends.insert(p.id(), high);
+            tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))
+                .map_err(|e| Error::fatal("assigning").with_source(e))?;
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
     }
     consumer
         .assign(&tpl)
         .map_err(|e| Error::transient("assigning").with_source(e))?;
-    let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::transient(format!(
+                "reading {topic}: partitions {:?} did not reach their end within 60s",
+                ends.keys().collect::<Vec<_>>()
+            )));
+        }
         match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => out.push(m.payload().unwrap_or_default().to_vec()),
+            Some(Ok(m)) => {
+                if ends
+                    .get(&m.partition())
+                    .is_some_and(|end| m.offset() + 1 >= *end)
+                {
+                    ends.remove(&m.partition());
+                }
+                out.push(TopicRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                });
+            }
             Some(Err(e)) => return Err(Error::transient(format!("reading {topic}")).with_source(e)),
-            None => break,
+            None => {}
         }
     }
     Ok(out)

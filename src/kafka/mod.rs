@@ -5,3 +5,4 @@ pub mod acks;
 pub mod consumer;
 pub mod producer;
 pub mod registry;
+pub mod state;

@@ -201,6 +201,11 @@ impl KafkaStage {
         for topic in topics {
             self.ensure_topic(&topic, false).await?;
         }
+        // The source state (see `kafka::state`) must be writable before streaming.
+        let state = super::state::state_topic(&self.config);
+        if self.config.kafka.create_topics {
+            self.ensure_topic(&state, true).await?;
+        }
         Ok(())
     }
 

@@ -456,7 +456,7 @@ impl SinkStage {
         let records = tokio::task::spawn_blocking(move || consumer::read_to_end(&config, &topic))
             .await
             .map_err(|e| Error::fatal("reading the schema topic").with_source(e))??;
-        for value in records {
+        for value in records.into_iter().filter_map(|r| r.value) {
             let Ok(entry) = std::str::from_utf8(&value)
                 .map_err(|e| e.to_string())
                 .and_then(parse_schema)

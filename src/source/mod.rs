@@ -25,6 +25,7 @@ pub mod progress;
 pub mod relation;
 pub mod replication;
 pub mod slot;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,7 @@ use pgoutput::Message;
 use progress::Progress;
 use relation::RelationCache;
 use replication::{ReplicationConn, ReplicationMessage};
+use state::{SlotPlan, SourceState, StateLink};
 
 /// How often a status update is considered; it is sent when the flush position moved
 /// or `wal_sender_timeout / 2` passed.
@@ -63,6 +65,8 @@ pub struct Source {
     status_interval: Duration,
     /// Stop once this position is confirmed (`tail --end-lsn`).
     end_lsn: Option<Lsn>,
+    /// The state to remember (see [`state`]), at the slot's position now.
+    state: SourceState,
 }
 
 /// The channels that connect the source to the next stage.
@@ -72,13 +76,51 @@ pub struct Downstream {
     pub durable: watch::Receiver<Lsn>,
 }
 
+/// How a source starts.
+pub struct StartOptions {
+    pub slot: String,
+    /// What was remembered about the source (see [`state`]); `None` on a first start.
+    pub remembered: Option<SourceState>,
+    /// Where that state lives, for messages.
+    pub state_location: String,
+    /// Go on past a missing, re-created or advanced slot or another server, with a
+    /// warning: the operator accepts that changes were lost.
+    pub accept_data_loss: bool,
+}
+
 impl Source {
-    /// Check the server, create the publication and slot if missing. Errors here are
-    /// the operator's to fix (wal_level, grants, missing tables) and are not retried.
-    pub async fn prepare(config: Arc<Config>, slot: String) -> Result<Source, Error> {
+    /// Check the server and the slot against what was remembered, create the
+    /// publication and (on a first start, or when accepted) the slot. Errors here are
+    /// the operator's to fix (wal_level, grants, missing tables, a lost slot) and are
+    /// not retried.
+    pub async fn prepare(config: Arc<Config>, options: StartOptions) -> Result<Source, Error> {
+        let slot = options.slot;
         let catalog = crate::pg::connect(&config.source.url, "source catalog").await?;
         slot::require_logical_wal(&catalog).await?;
         slot::ensure_publication(&catalog, &config).await?;
+        let system = {
+            let mut conn = ReplicationConn::connect(&config.source.url).await?;
+            let id = conn.identify_system().await?;
+            let _ = conn.finish().await;
+            id
+        };
+        let existing = slot::slot_info(&catalog, &slot).await?;
+        let observed = state::Observed {
+            system_identifier: system.system_id.clone(),
+            timeline: system.timeline,
+            database: system.dbname.clone(),
+            slot_confirmed: existing.as_ref().map(|i| i.confirmed_flush),
+        };
+        let plan = state::decide(
+            &slot,
+            &options.state_location,
+            options.remembered.as_ref(),
+            &observed,
+            options.accept_data_loss,
+        )?;
+        if plan == SlotPlan::Create && existing.is_none() {
+            tracing::info!(%slot, "first start: creating the replication slot");
+        }
         let info = slot::ensure_slot(&catalog, &slot).await?;
         let timeout = slot::wal_sender_timeout(&catalog).await?;
         let status_interval = timeout.map_or(Duration::from_secs(10), |t| {
@@ -86,6 +128,20 @@ impl Source {
         });
         let start = info.confirmed_flush.unwrap_or_default();
         tracing::info!(%slot, confirmed_flush_lsn = %start, "source ready");
+        let state = SourceState {
+            system_identifier: system.system_id,
+            timeline: system.timeline,
+            database: system.dbname,
+            slot: slot.clone(),
+            // Never lower than what was remembered: the record only moves forward.
+            confirmed_lsn: options
+                .remembered
+                .as_ref()
+                .and_then(|r| r.confirmed().ok())
+                .filter(|r| *r > start && plan == SlotPlan::Use)
+                .unwrap_or(start)
+                .to_string(),
+        };
         Ok(Source {
             config,
             slot,
@@ -93,7 +149,14 @@ impl Source {
             start,
             status_interval,
             end_lsn: None,
+            state,
         })
+    }
+
+    /// The state to record before streaming (a first start must be remembered before
+    /// anything is confirmed).
+    pub fn state(&self) -> &SourceState {
+        &self.state
     }
 
     pub fn stop_at(&mut self, end: Option<Lsn>) {
@@ -104,6 +167,7 @@ impl Source {
     pub async fn run(
         self,
         mut down: Downstream,
+        link: StateLink,
         shutdown: CancellationToken,
         health: Arc<Health>,
     ) -> Result<(), Error> {
@@ -121,6 +185,7 @@ impl Source {
             shutdown: &shutdown,
             health: &health,
             downstream_gone: false,
+            link,
         };
         let mut backoff = BACKOFF_START;
         let result = loop {
@@ -161,6 +226,8 @@ struct Session<'a> {
     health: &'a Health,
     /// The next stage closed its channel: stop after confirming what is durable.
     downstream_gone: bool,
+    /// Positions are recorded (see [`state`]) before the slot is confirmed to them.
+    link: StateLink,
 }
 
 /// Transaction state while between Begin and Commit.
@@ -214,18 +281,31 @@ impl Session<'_> {
                         return self.finish(conn, down).await;
                     }
                     self.progress.durable(*down.durable.borrow_and_update());
+                    self.request_record();
                     if src.end_lsn.is_some_and(|end| self.progress.flush_position() >= end) {
                         return self.finish(conn, down).await;
                     }
                     // Confirm promptly (the slot's lag is what operators watch), but
                     // not more than ten times a second.
-                    if last_status.elapsed() >= STATUS_MIN_GAP && self.progress.flush_position() > self.progress.last_confirmed() {
+                    if last_status.elapsed() >= STATUS_MIN_GAP && self.confirmable() > self.progress.last_confirmed() {
+                        self.status(&mut conn, false).await?;
+                        last_status = Instant::now();
+                    }
+                }
+                recorded = self.link.recorded.changed() => {
+                    if recorded.is_err() {
+                        return Err(Error::fatal(
+                            "the source position can no longer be recorded; stopping without confirming more",
+                        ));
+                    }
+                    if last_status.elapsed() >= STATUS_MIN_GAP && self.confirmable() > self.progress.last_confirmed() {
                         self.status(&mut conn, false).await?;
                         last_status = Instant::now();
                     }
                 }
                 _ = tick.tick() => {
-                    let flush = self.progress.flush_position();
+                    self.request_record();
+                    let flush = self.confirmable();
                     if flush > self.progress.last_confirmed() || last_status.elapsed() >= src.status_interval {
                         self.status(&mut conn, false).await?;
                         last_status = Instant::now();
@@ -409,8 +489,28 @@ impl Session<'_> {
         }
     }
 
+    /// Ask for the durable position to be recorded, so that it can be confirmed.
+    fn request_record(&self) {
+        let want = self.progress.flush_position();
+        self.link.want.send_if_modified(|w| {
+            let moved = want > *w;
+            if moved {
+                *w = want;
+            }
+            moved
+        });
+    }
+
+    /// What may be confirmed: durable downstream and recorded in the source state.
+    fn confirmable(&self) -> Lsn {
+        self.progress
+            .flush_position()
+            .min(*self.link.recorded.borrow())
+    }
+
     async fn status(&mut self, conn: &mut ReplicationConn, reply: bool) -> Result<(), Error> {
-        let flush = self.progress.flush_position();
+        self.request_record();
+        let flush = self.confirmable();
         conn.send_status(self.progress.write_position(), flush, reply)
             .await?;
         self.progress.confirmed(flush);
@@ -435,6 +535,16 @@ impl Session<'_> {
                 changed = down.durable.changed() => if changed.is_err() { self.progress.durable(*down.durable.borrow()); break },
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!("stopping before every event was durable; they will be read again on restart");
+                    break;
+                }
+            }
+        }
+        self.request_record();
+        while *self.link.recorded.borrow() < self.progress.flush_position() {
+            tokio::select! {
+                changed = self.link.recorded.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!("stopping before the last position was recorded; it will be read again on restart");
                     break;
                 }
             }

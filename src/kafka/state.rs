@@ -1,0 +1,96 @@
+//! `run`'s source state store: the compacted topic `<prefix>._state`, one record per
+//! slot (key `source/<slot>`, value the JSON of [`SourceState`]). It lives beside the
+//! events it describes, so a restore of Kafka restores both together, and it needs
+//! nothing on the EHR database. Writes wait for `acks=all`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::state::{SourceState, StateStore};
+
+/// The state topic of a configuration.
+pub fn state_topic(config: &Config) -> String {
+    format!("{}._state", config.kafka.topic_prefix)
+}
+
+pub struct KafkaStateStore {
+    config: Arc<Config>,
+    topic: String,
+    key: String,
+    producer: FutureProducer,
+}
+
+impl KafkaStateStore {
+    /// The store of `slot`'s state. The topic must exist (the producer stage creates it).
+    pub fn new(config: Arc<Config>, slot: &str) -> Result<Self, Error> {
+        let producer: FutureProducer =
+            super::producer::client_config(&config)
+                .create()
+                .map_err(|e| {
+                    Error::operator("creating the Kafka producer of the state topic").with_source(e)
+                })?;
+        Ok(KafkaStateStore {
+            topic: state_topic(&config),
+            key: format!("source/{slot}"),
+            config,
+            producer,
+        })
+    }
+}
+
+impl StateStore for KafkaStateStore {
+    fn describe(&self) -> String {
+        format!("Kafka topic {}, key {}", self.topic, self.key)
+    }
+
+    async fn load(&mut self) -> Result<Option<SourceState>, Error> {
+        let config = self.config.clone();
+        let topic = self.topic.clone();
+        let records =
+            tokio::task::spawn_blocking(move || super::consumer::read_to_end(&config, &topic))
+                .await
+                .map_err(|e| Error::fatal("reading the state topic").with_source(e))??;
+        let Some(last) = records
+            .into_iter()
+            .filter(|r| r.key.as_deref() == Some(self.key.as_bytes()))
+            .max_by_key(|r| r.offset)
+        else {
+            return Ok(None);
+        };
+        let Some(value) = last.value else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&value).map(Some).map_err(|e| {
+            Error::operator(format!(
+                "the source state in {} at partition {} offset {} is not valid",
+                self.topic, last.partition, last.offset
+            ))
+            .with_source(e)
+            .with_hint(
+                "pgferry wrote it; if something else wrote to that topic, remove that record's key",
+            )
+        })
+    }
+
+    async fn save(&mut self, state: &SourceState) -> Result<(), Error> {
+        let value = serde_json::to_vec(state)
+            .map_err(|e| Error::fatal("serializing the source state").with_source(e))?;
+        let record = FutureRecord::to(&self.topic)
+            .key(&self.key)
+            .payload(&value)
+            .partition(0);
+        // message.timeout.ms = 0: while the brokers are away this waits, and so do confirms.
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(60)))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| {
+                Error::fatal(format!("writing the source state to {}", self.topic)).with_source(e)
+            })
+    }
+}
