@@ -76,6 +76,8 @@ impl Error {
     }
 
     /// Wrap a PostgreSQL client error, classifying it by SQLSTATE (mapped once, here).
+    /// The server's own text is kept only where it cannot carry row values (see
+    /// [`postgres_summary`]); the whole of it goes to the debug log.
     pub fn postgres(context: impl Into<String>, err: tokio_postgres::Error) -> Self {
         let kind = match err.code() {
             Some(code) => sqlstate_kind(code.code()),
@@ -83,11 +85,12 @@ impl Error {
         };
         let mut e = Self::new(kind, context);
         if let Some(db) = err.as_db_error() {
-            if let Some(hint) = db.hint() {
+            if let Some(hint) = db.hint().filter(|_| message_is_safe(db.code().code())) {
                 e.hint = Some(hint.to_string());
             }
         }
-        e.with_source(err)
+        tracing::debug!(error = %err, context = %e.context, "PostgreSQL error, in full (may carry values)");
+        e.with_source(PgSummary(postgres_summary(&err)))
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -126,6 +129,82 @@ pub fn sqlstate_kind(code: &str) -> ErrorKind {
         // insufficient privilege, undefined table/object, object in use
         "42" | "55" => ErrorKind::Operator,
         _ => ErrorKind::Fatal,
+    }
+}
+
+/// A PostgreSQL error as pgferry shows it above debug level.
+#[derive(Debug)]
+struct PgSummary(String);
+
+impl fmt::Display for PgSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PgSummary {}
+
+/// Classes whose messages name objects and settings, never row values. Data exceptions
+/// (22), integrity violations (23, whose DETAIL is `Key (mrn)=(…)`) and the rest may
+/// quote a value, so only their SQLSTATE and the names of the objects involved show.
+fn message_is_safe(code: &str) -> bool {
+    matches!(
+        code.get(..2).unwrap_or(""),
+        "08" | "28" | "3D" | "3F" | "42" | "53" | "55" | "57" | "58"
+    )
+}
+
+/// A PHI-free description of a PostgreSQL error: SQLSTATE, the objects it names
+/// (schema, table, column, constraint, data type) and, where safe, the message. Never
+/// DETAIL, which quotes values.
+pub fn postgres_summary(err: &tokio_postgres::Error) -> String {
+    let Some(db) = err.as_db_error() else {
+        // Client-side: I/O, a closed connection, a protocol problem; no row values.
+        return err.to_string();
+    };
+    let code = db.code().code();
+    let mut out = if message_is_safe(code) {
+        format!("{} (SQLSTATE {code})", db.message())
+    } else {
+        format!("{} (SQLSTATE {code})", sqlstate_class(code))
+    };
+    let mut names = Vec::new();
+    if let (Some(schema), Some(table)) = (db.schema(), db.table()) {
+        names.push(format!("table {schema}.{table}"));
+    } else if let Some(table) = db.table() {
+        names.push(format!("table {table}"));
+    }
+    for (what, v) in [
+        ("column", db.column()),
+        ("constraint", db.constraint()),
+        ("type", db.datatype()),
+    ] {
+        if let Some(v) = v {
+            names.push(format!("{what} {v}"));
+        }
+    }
+    if !names.is_empty() {
+        out.push_str(&format!(" on {}", names.join(", ")));
+    }
+    out
+}
+
+fn sqlstate_class(code: &str) -> &'static str {
+    match code {
+        "22001" => "a value is too long for its column",
+        "22003" => "a numeric value is out of range for its column",
+        "22P02" | "22007" | "22008" => "a value is not valid input for its column's type",
+        "23502" => "a NOT NULL column got a null",
+        "23503" => "a foreign key is violated",
+        "23505" => "a unique constraint is violated",
+        "23514" => "a check constraint is violated",
+        _ => match code.get(..2).unwrap_or("") {
+            "22" => "a data exception",
+            "23" => "an integrity constraint is violated",
+            "25" | "40" => "the transaction failed",
+            "P0" => "a trigger or function raised an error",
+            _ => "the server refused the statement",
+        },
     }
 }
 

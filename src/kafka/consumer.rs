@@ -48,7 +48,8 @@ fn base_config(config: &Config, purpose: &str) -> ClientConfig {
         .set("group.id", format!("pgferry-{purpose}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        // Never jump elsewhere: an offset out of range is an error the sink stops on.
+        .set("auto.offset.reset", "error")
         .set("enable.partition.eof", "false")
         // Notice topics created after a group subscription soon, not after 5 minutes.
         .set("topic.metadata.refresh.interval.ms", "5000")

@@ -329,15 +329,35 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
     }
 }
 
+/// Why a run did not apply.
+#[derive(Debug)]
+pub enum ApplyError {
+    Postgres(tokio_postgres::Error),
+    /// An update of only the sent columns (the others are unchanged TOAST values that
+    /// exist only in the target row) found fewer rows than it had changes: the target
+    /// lacks rows the source has, and the change would be lost.
+    MissingRows {
+        table: TableName,
+        expected: u64,
+        found: u64,
+    },
+}
+
+impl From<tokio_postgres::Error> for ApplyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ApplyError::Postgres(e)
+    }
+}
+
 /// Execute one run inside the batch transaction.
 pub async fn execute(
     tx: &Transaction<'_>,
     run: &Run,
     target: &TargetTable,
-) -> Result<u64, tokio_postgres::Error> {
+) -> Result<u64, ApplyError> {
     let name = run.table().quoted();
     match run {
-        Run::Truncate { .. } => tx.execute(&format!("truncate {name}"), &[]).await,
+        Run::Truncate { .. } => Ok(tx.execute(&format!("truncate {name}"), &[]).await?),
         Run::Delete { key, keys, .. } => {
             let cols = columns_of(keys, key.len());
             let cond: Vec<String> = key
@@ -351,7 +371,7 @@ pub async fn execute(
             );
             let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                 cols.iter().map(|c| c as _).collect();
-            tx.execute(&sql, &params).await
+            Ok(tx.execute(&sql, &params).await?)
         }
         Run::Update {
             columns,
@@ -391,7 +411,16 @@ pub async fn execute(
                 cond.join(" and ")
             );
             tracing::debug!(%sql, rows = rows.len(), "update");
-            tx.execute(&sql, &params).await
+            let found = tx.execute(&sql, &params).await?;
+            let expected = rows.len() as u64;
+            if found < expected {
+                return Err(ApplyError::MissingRows {
+                    table: run.table().clone(),
+                    expected,
+                    found,
+                });
+            }
+            Ok(found)
         }
         Run::Upsert { columns, rows, .. } => {
             // COPY into a staging table, then one INSERT … SELECT: measured ~1.8x

@@ -62,12 +62,47 @@ struct Item {
     headers: Vec<(String, Vec<u8>)>,
 }
 
-/// Why a batch did not commit.
+/// Why a batch did not commit. The one place where target errors become policies:
+/// retry, stop the stage, or treat one event as poison.
 enum Failure {
     /// Worth retrying (target unreachable, serialization failure, …).
     Transient(Error),
-    /// The target refused the event at this index of the slice.
+    /// Retrying or skipping cannot help and every event would fail the same way (a
+    /// wrong password, a missing grant or table): stop the stage for the operator.
+    Stop(Error),
+    /// The target refused the event at this index of the slice (a value that does
+    /// not fit, a constraint): poison, stopped or dead-lettered as configured. The
+    /// reason names objects and SQLSTATEs, never values.
     Rejected(usize, String),
+}
+
+impl Failure {
+    /// The policy for an error from preparing or applying a batch.
+    fn of(e: Error) -> Failure {
+        match e.kind() {
+            ErrorKind::Transient => Failure::Transient(e),
+            ErrorKind::Operator => Failure::Stop(e),
+            ErrorKind::Fatal => Failure::Rejected(0, e.to_string()),
+        }
+    }
+
+    fn into_error(self) -> Error {
+        match self {
+            Failure::Transient(e) | Failure::Stop(e) => e,
+            Failure::Rejected(_, r) => Error::fatal(r),
+        }
+    }
+}
+
+/// What became of a slice of events.
+enum Outcome {
+    /// Applied and checkpointed.
+    Applied,
+    /// The event at this index was refused; those before it are applied.
+    Rejected(usize, String),
+    /// Shutdown came while the target was unavailable: nothing of the slice was
+    /// applied or checkpointed, and nothing after it may be.
+    Interrupted,
 }
 
 type SchemaEntry = Arc<(apache_avro::Schema, Json)>;
@@ -84,6 +119,9 @@ pub struct SinkStage {
     dlq: Option<FutureProducer>,
     topics: Vec<String>,
     assigned: HashSet<(String, i32)>,
+    /// Every configured table's topic exists and its partitions are assigned (or, in
+    /// group mode, the group gave this sink its share): readiness.
+    all_topics_consumed: bool,
     health: Arc<Health>,
 }
 
@@ -125,6 +163,7 @@ impl SinkStage {
             dlq: None,
             topics,
             assigned: HashSet::new(),
+            all_topics_consumed: false,
             health,
             config,
         })
@@ -153,9 +192,8 @@ impl SinkStage {
                 if self.consumer.context().take_rebalanced() {
                     self.seek_assigned().await?;
                 }
-            } else if self.assigned.len() < self.expected_partitions()
-                && last_refresh.elapsed() >= ASSIGNMENT_REFRESH
-            {
+            } else if last_refresh.elapsed() >= ASSIGNMENT_REFRESH {
+                // Always: topics appear and gain partitions at any time.
                 self.refresh_assignment()?;
                 last_refresh = Instant::now();
             }
@@ -173,14 +211,11 @@ impl SinkStage {
         }
     }
 
-    fn expected_partitions(&self) -> usize {
-        // Unknown until the topics exist; at least one per topic.
-        self.topics.len().max(1)
-    }
-
-    /// Assign every partition of the topics that exist, at its checkpoint offset.
+    /// Assign every partition of the topics that exist, at its checkpoint offset,
+    /// following the topics' metadata as it changes.
     fn refresh_assignment(&mut self) -> Result<(), Error> {
-        let counts = consumer::partitions(&self.consumer, &self.topics)?;
+        let counts =
+            tokio::task::block_in_place(|| consumer::partitions(&self.consumer, &self.topics))?;
         let mut at = HashMap::new();
         for (topic, n) in &counts {
             for p in 0..*n {
@@ -197,10 +232,13 @@ impl SinkStage {
             .filter(|t| !counts.contains_key(*t))
             .collect();
         if !missing.is_empty() {
-            tracing::info!(topics = ?missing, "waiting for topics to exist");
+            tracing::info!(topics = ?missing, "waiting for topics to exist; not ready until they are consumed");
         }
         let now: HashSet<(String, i32)> = at.keys().cloned().collect();
         if now != self.assigned {
+            for k in now.difference(&self.assigned) {
+                self.check_position(&k.0, k.1, at[k])?;
+            }
             consumer::assign(&self.consumer, &at)?;
             tracing::info!(
                 partitions = now.len(),
@@ -208,8 +246,48 @@ impl SinkStage {
             );
             self.assigned = now;
         }
-        self.health.set_sink_streaming(missing.is_empty());
+        self.all_topics_consumed = missing.is_empty();
+        self.health.set_sink_streaming(self.all_topics_consumed);
         Ok(())
+    }
+
+    /// The checkpoint must lie inside what the partition holds. Before its start,
+    /// retention deleted events this sink never applied; past its end, the topic was
+    /// re-created (or the broker lost data) and offsets mean other events now. Either
+    /// way reading on would skip or misplace changes: stop.
+    fn check_position(&self, topic: &str, partition: i32, next: Option<i64>) -> Result<(), Error> {
+        let (low, high) = tokio::task::block_in_place(|| {
+            self.consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        })
+        .map_err(|e| {
+            Error::transient(format!(
+                "reading the offsets of topic {topic} partition {partition}"
+            ))
+            .with_source(e)
+        })?;
+        let at = format!("topic {topic} partition {partition}");
+        match next {
+            Some(next) if next > high => Err(Error::fatal(format!(
+                "the target's checkpoint for {at} is at offset {next}, beyond the partition's end {high}: \
+                 the topic was deleted and re-created, or the brokers lost acknowledged data"
+            ))
+            .with_hint("the offsets no longer name the events that were applied; resynchronise the target \
+                        (re-snapshot) and delete this consumer's rows in pgferry.checkpoints for that topic")),
+            Some(next) if next < low => Err(Error::fatal(format!(
+                "the target's checkpoint for {at} is at offset {next}, but the partition now starts at {low}: \
+                 events {next}..{} were deleted (retention) before this sink applied them",
+                low - 1
+            ))
+            .with_hint("raise the topic's retention; resynchronise the target (re-snapshot)")),
+            None if low > 0 => Err(Error::fatal(format!(
+                "this sink has no checkpoint for {at}, and the partition starts at offset {low}: \
+                 the events before it were deleted before this sink applied them"
+            ))
+            .with_hint("load the table by a snapshot first; or, if the target already holds them, \
+                        insert a checkpoint row for that partition")),
+            _ => Ok(()),
+        }
     }
 
     /// Group mode: after a rebalance, move every newly assigned partition to the
@@ -227,13 +305,11 @@ impl SinkStage {
         let added: Vec<(String, i32)> = now.difference(&self.assigned).cloned().collect();
         if !added.is_empty() {
             let consumer_name = self.sink().consumer.clone();
-            let client = self.target().await.map_err(|f| match f {
-                Failure::Transient(e) => e,
-                Failure::Rejected(_, r) => Error::fatal(r),
-            })?;
+            let client = self.target().await.map_err(Failure::into_error)?;
             let fresh = checkpoint::load(client, &consumer_name).await?;
             for (topic, partition) in &added {
                 let k = (topic.clone(), *partition);
+                self.check_position(topic, *partition, fresh.get(&k).map(|c| c.next_offset))?;
                 let offset = fresh.get(&k).map_or(rdkafka::Offset::Beginning, |c| {
                     rdkafka::Offset::Offset(c.next_offset)
                 });
@@ -265,6 +341,7 @@ impl SinkStage {
             );
         }
         self.assigned = now;
+        self.all_topics_consumed = true;
         self.health.set_sink_streaming(true);
         Ok(())
     }
@@ -288,6 +365,16 @@ impl SinkStage {
             };
             let m = match msg {
                 Ok(m) => m,
+                Err(rdkafka::error::KafkaError::MessageConsumption(
+                    code @ (rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange
+                    | rdkafka::types::RDKafkaErrorCode::AutoOffsetReset),
+                )) => {
+                    return Err(Error::fatal(format!(
+                        "a partition's offset is out of range ({code}): events the sink has not applied \
+                         were deleted, or the topic was re-created"
+                    ))
+                    .with_hint("the sink never skips; resynchronise the target (re-snapshot)"));
+                }
                 Err(e) => {
                     // Broker trouble or a topic that does not exist yet: librdkafka
                     // recovers by itself; note it and keep waiting.
@@ -351,13 +438,16 @@ impl SinkStage {
                     .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
                     .collect();
                 match self.apply_with_retry(&slice, shutdown).await? {
-                    None => start = end,
-                    Some((i, reason)) => {
+                    Outcome::Applied => start = end,
+                    Outcome::Rejected(i, reason) => {
                         let poison = start + i;
                         self.poison(&decoded[poison].0, &reason).await?;
                         start = poison + 1;
                         continue;
                     }
+                    // Nothing after an unapplied event may be checkpointed: a poison
+                    // event later in the batch would move the checkpoint past it.
+                    Outcome::Interrupted => return Ok(()),
                 }
             }
             if end < decoded.len() {
@@ -477,7 +567,7 @@ impl SinkStage {
         &mut self,
         items: &[(&Item, Option<&SinkEvent>)],
         shutdown: &CancellationToken,
-    ) -> Result<Option<(usize, String)>, Error> {
+    ) -> Result<Outcome, Error> {
         let mut backoff = BACKOFF_START;
         loop {
             let outcome = match self.apply(items).await {
@@ -488,12 +578,14 @@ impl SinkStage {
             };
             match outcome {
                 Ok(r) => {
-                    if self.assigned.len() >= self.topics.len() {
-                        self.health.set_sink_streaming(true);
-                    }
-                    return Ok(r);
+                    self.health.set_sink_streaming(self.all_topics_consumed);
+                    return Ok(match r {
+                        None => Outcome::Applied,
+                        Some((i, reason)) => Outcome::Rejected(i, reason),
+                    });
                 }
-                Err(Failure::Rejected(i, reason)) => return Ok(Some((i, reason))),
+                Err(Failure::Rejected(i, reason)) => return Ok(Outcome::Rejected(i, reason)),
+                Err(Failure::Stop(e)) => return Err(e),
                 Err(Failure::Transient(e)) => {
                     self.health.set_sink_streaming(false);
                     record_error("sink", &e);
@@ -502,7 +594,7 @@ impl SinkStage {
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         // Nothing was applied or checkpointed: the batch is read again.
-                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = shutdown.cancelled() => return Ok(Outcome::Interrupted),
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -527,13 +619,9 @@ impl SinkStage {
     async fn target(&mut self) -> Result<&Client, Failure> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let url = self.sink().url.clone();
-            let client =
-                crate::pg::connect(&url, "sink target")
-                    .await
-                    .map_err(|e| match e.kind() {
-                        ErrorKind::Transient => Failure::Transient(e),
-                        _ => Failure::Transient(e),
-                    })?;
+            let client = crate::pg::connect(&url, "sink target")
+                .await
+                .map_err(Failure::of)?;
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("just connected"))
@@ -565,10 +653,7 @@ impl SinkStage {
                 let client = self.target().await?;
                 let table = target::prepare(client, &config, &mapping, event, known)
                     .await
-                    .map_err(|e| match e.kind() {
-                        ErrorKind::Transient => Failure::Transient(e),
-                        _ => Failure::Rejected(0, e.to_string()),
-                    })?;
+                    .map_err(Failure::of)?;
                 self.tables.insert(event.table.clone(), (mapping, table));
             }
         }
@@ -603,13 +688,29 @@ impl SinkStage {
             None | Some(ErrorKind::Transient) => {
                 Failure::Transient(Error::postgres("applying a batch to the target", e))
             }
-            Some(_) => Failure::Rejected(
+            Some(ErrorKind::Operator) => {
+                Failure::Stop(Error::postgres("applying a batch to the target", e))
+            }
+            Some(ErrorKind::Fatal) => {
+                tracing::debug!(error = %e, "the target refused a batch (full text; may carry values)");
+                Failure::Rejected(0, crate::error::postgres_summary(&e))
+            }
+        };
+        let classify_apply = |e: apply::ApplyError| {
+            match e {
+            apply::ApplyError::Postgres(e) => classify(e),
+            apply::ApplyError::MissingRows {
+                table,
+                expected,
+                found,
+            } => Failure::Rejected(
                 0,
-                e.as_db_error().map_or_else(
-                    || e.to_string(),
-                    |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+                format!(
+                    "an update with unchanged TOAST columns found {found} of {expected} rows in target table {table}: \
+                     the target lacks rows the source has, and those columns can only be kept from the target row"
                 ),
             ),
+        }
         };
         let tx = client.transaction().await.map_err(classify)?;
         if self_group {
@@ -651,7 +752,9 @@ impl SinkStage {
                 .find(|(m, _)| &m.target == run.table())
                 .map(|(_, t)| t)
                 .expect("planned runs only name prepared tables");
-            apply::execute(&tx, run, target).await.map_err(classify)?;
+            apply::execute(&tx, run, target)
+                .await
+                .map_err(classify_apply)?;
         }
         for ((topic, partition), cp) in &next {
             checkpoint::save(&tx, &consumer_name, topic, *partition, cp)
@@ -751,8 +854,8 @@ impl SinkStage {
         let skip = [(item, None)];
         let never = CancellationToken::new();
         match self.apply_with_retry(&skip, &never).await? {
-            None => Ok(()),
-            Some((_, r)) => Err(Error::fatal(format!(
+            Outcome::Applied | Outcome::Interrupted => Ok(()),
+            Outcome::Rejected(_, r) => Err(Error::fatal(format!(
                 "checkpointing past the poison event at {at}: {r}"
             ))),
         }

@@ -15,9 +15,13 @@ use crate::event::{quote_ident, TableName};
 #[derive(Debug, Clone)]
 pub struct TargetTable {
     pub name: TableName,
-    /// Column -> `format_type` of its type.
+    /// Column -> its type *without* its modifier (`character varying`, not
+    /// `character varying(5)`). Values are cast to this, and the column's own
+    /// assignment coercion then checks length, precision and scale exactly as a plain
+    /// INSERT does: an explicit cast to `varchar(5)` would silently truncate.
     pub types: HashMap<String, String>,
-    /// Primary key columns (the conflict target of upserts).
+    /// The conflict target of upserts and the match of updates and deletes: the
+    /// primary key, or the configured key when a unique index backs it.
     pub key: Vec<String>,
 }
 
@@ -48,7 +52,7 @@ impl Mapping {
 pub async fn describe(client: &Client, name: &TableName) -> Result<Option<TargetTable>, Error> {
     let rows = client
         .query(
-            "select a.attname::text, format_type(a.atttypid, a.atttypmod),
+            "select a.attname::text, format_type(a.atttypid, null),
                     coalesce(array_position(i.indkey::int2[], a.attnum), -1)
              from pg_class c join pg_namespace n on n.oid = c.relnamespace
              join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
@@ -110,6 +114,7 @@ pub async fn prepare(
             }
         },
     };
+    let table = with_key(client, config, mapping, event, table).await?;
     let row = event.after.as_ref().or(event.before.as_ref());
     let missing: Vec<&str> = row
         .map(|r| {
@@ -136,6 +141,7 @@ pub async fn prepare(
             .find(|(c, _)| mapping.column(c) == *col)
             .map(|(_, t)| t.as_str())
             .unwrap_or("text");
+        let source_col = checked_type(client, name, col, source_col).await?;
         let sql = format!(
             "begin; {}; alter table {} add column if not exists {} {source_col}; commit",
             super::checkpoint::DDL_LOCK,
@@ -154,11 +160,12 @@ pub async fn prepare(
 
 async fn create(client: &Client, mapping: &Mapping, event: &SinkEvent) -> Result<(), Error> {
     let name = &mapping.target;
-    let columns: Vec<String> = event
-        .types
-        .iter()
-        .map(|(c, t)| format!("{} {t}", quote_ident(mapping.column(c))))
-        .collect();
+    let mut columns: Vec<String> = Vec::with_capacity(event.types.len());
+    for (c, t) in &event.types {
+        let col = mapping.column(c);
+        let t = checked_type(client, name, col, t).await?;
+        columns.push(format!("{} {t}", quote_ident(col)));
+    }
     let key: Vec<String> = event
         .key
         .iter()
@@ -182,4 +189,174 @@ async fn create(client: &Client, mapping: &Mapping, event: &SinkEvent) -> Result
     })?;
     tracing::info!(table = %name, "created target table");
     Ok(())
+}
+
+/// A target without a primary key cannot take updates and deletes by key: use the
+/// table's configured `key` when a unique index covers exactly it, else refuse.
+async fn with_key(
+    client: &Client,
+    config: &Config,
+    mapping: &Mapping,
+    event: &SinkEvent,
+    mut table: TargetTable,
+) -> Result<TargetTable, Error> {
+    if !table.key.is_empty() {
+        return Ok(table);
+    }
+    let name = &table.name;
+    let configured: Option<Vec<String>> = config
+        .table(&event.table)
+        .and_then(|t| t.key.clone())
+        .map(|k| k.iter().map(|c| mapping.column(c).to_string()).collect());
+    let Some(key) = configured else {
+        return Err(Error::operator(format!(
+            "target table {name} has no primary key: updates and deletes could not find their row"
+        ))
+        .with_hint("add a primary key to the target table, or set `key` in the table's file to columns that a unique index covers"));
+    };
+    let unique = client
+        .query_opt(
+            "select 1 from pg_index i join pg_class c on c.oid = i.indrelid
+             join pg_namespace n on n.oid = c.relnamespace
+             where n.nspname = $1 and c.relname = $2 and i.indisunique and i.indpred is null
+               and i.indexprs is null
+               and (select array_agg(a.attname::text order by a.attname)
+                    from pg_attribute a where a.attrelid = c.oid and a.attnum = any(i.indkey::int2[]))
+                   = (select array_agg(k order by k) from unnest($3::text[]) k)",
+            &[&name.schema, &name.name, &key],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading the unique indexes of target table {name}"), e))?;
+    if unique.is_none() {
+        return Err(Error::operator(format!(
+            "target table {name} has no primary key and no unique index on the configured key ({})",
+            key.join(", ")
+        ))
+        .with_hint("create a unique index on those columns, or a primary key"));
+    }
+    table.key = key;
+    Ok(table)
+}
+
+/// A column type named by an event (the `pgferry.type` schema property), checked before
+/// it goes into DDL: anyone who can write the schema topic or the registry writes this
+/// text, so it must be a type name and nothing else, and the type must exist here.
+async fn checked_type(
+    client: &Client,
+    table: &TableName,
+    column: &str,
+    type_name: &str,
+) -> Result<String, Error> {
+    let refuse = |why: &str| {
+        Error::operator(format!(
+            "target table {table}, column {column}: the event's type is {why}"
+        ))
+        .with_hint("create the column (or table) in the target yourself; only plain type names are used in DDL")
+    };
+    let base = type_name_base(type_name).ok_or_else(|| refuse("not a plain type name"))?;
+    let known: Option<String> = client
+        .query_one("select to_regtype($1)::text", &[&base])
+        .await
+        .map_err(|e| Error::postgres(format!("looking up type {base} in the target"), e))?
+        .get(0);
+    if known.is_none() {
+        return Err(refuse("a type that does not exist in the target database"));
+    }
+    Ok(type_name.to_string())
+}
+
+/// The name part of a type (without modifier and array brackets) when `t` is a plain
+/// type name: words, dots and quoted identifiers, then optionally `(n[,m])` and `[]`s.
+/// Anything else (quotes, semicolons, comments, commas outside the modifier) is `None`.
+pub(crate) fn type_name_base(t: &str) -> Option<&str> {
+    let bytes = t.as_bytes();
+    let mut i = 0;
+    let mut in_quotes = false;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if in_quotes {
+            match c {
+                b'"' if bytes.get(i + 1) == Some(&b'"') => i += 1,
+                b'"' => in_quotes = false,
+                0 => return None,
+                _ => {}
+            }
+        } else {
+            match c {
+                b'"' => in_quotes = true,
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b' ' | b'.' => {}
+                b'(' | b'[' => break,
+                _ => return None,
+            }
+        }
+        i += 1;
+    }
+    if in_quotes {
+        return None;
+    }
+    let (base, rest) = t.split_at(i);
+    let base = base.trim_end();
+    // Each dotted part is one quoted identifier, or words (`double precision`).
+    let plain_part = |p: &str| {
+        if let Some(q) = p.strip_prefix('"').and_then(|q| q.strip_suffix('"')) {
+            return !q.is_empty() && !q.contains('"');
+        }
+        p.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && !p.ends_with(' ')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b' ')
+    };
+    if !base.split('.').all(plain_part) {
+        return None;
+    }
+    let mut rest = rest;
+    if let Some(r) = rest.strip_prefix('(') {
+        let close = r.find(')')?;
+        let inside = &r[..close];
+        if inside.is_empty()
+            || !inside
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b',' || b == b' ')
+        {
+            return None;
+        }
+        rest = &r[close + 1..];
+    }
+    while let Some(r) = rest.strip_prefix("[]") {
+        rest = r;
+    }
+    rest.is_empty().then_some(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::type_name_base;
+
+    #[test]
+    fn only_plain_type_names_pass() {
+        for (t, base) in [
+            ("integer", "integer"),
+            ("character varying(5)", "character varying"),
+            ("numeric(10,2)", "numeric"),
+            ("timestamp with time zone", "timestamp with time zone"),
+            ("public.mood", "public.mood"),
+            ("\"Odd Type\"[]", "\"Odd Type\""),
+            ("text[][]", "text"),
+        ] {
+            assert_eq!(type_name_base(t), Some(base), "{t}");
+        }
+        for bad in [
+            "int); drop table patients; --",
+            "text default 'x'",
+            "int, evil int",
+            "text collate \"C\"",
+            "int4 /* */",
+            "numeric(1)(2)",
+            "\"unterminated",
+            "",
+            "(5)",
+        ] {
+            assert_eq!(type_name_base(bad), None, "{bad}");
+        }
+    }
 }
