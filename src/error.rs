@@ -159,8 +159,14 @@ fn message_is_safe(code: &str) -> bool {
 /// DETAIL, which quotes values.
 pub fn postgres_summary(err: &tokio_postgres::Error) -> String {
     let Some(db) = err.as_db_error() else {
-        // Client-side: I/O, a closed connection, a protocol problem; no row values.
-        return err.to_string();
+        // Client-side: I/O, TLS, a closed connection, a protocol problem; no row values.
+        let mut text = err.to_string();
+        let mut next = std::error::Error::source(err);
+        while let Some(cause) = next {
+            text.push_str(&format!(": {cause}"));
+            next = cause.source();
+        }
+        return text;
     };
     let code = db.code().code();
     let mut out = if message_is_safe(code) {

@@ -28,7 +28,7 @@ pub async fn schema(config: &Config, only: Option<&str>) -> Result<(), Error> {
         }));
     }
     let catalog = crate::pg::connect(&config.source.url, "schema").await?;
-    let mut cache = RelationCache::new();
+    let mut cache = RelationCache::default();
     let prefix = &config.kafka.topic_prefix;
     let mut out = std::io::stdout().lock();
     for table in tables {

@@ -228,11 +228,14 @@ pub async fn run(config: Arc<Config>, stages: Stages, accept_data_loss: bool) ->
     cancel_on_signals(shutdown.clone());
     crate::systemd::supervise(health.clone(), shutdown.clone());
 
-    let sink = if with_sink {
-        Some(crate::sink::SinkStage::new(config.clone(), health.clone()).await?)
-    } else {
-        None
-    };
+    // The sink connects in its own task: a hospital-database outage at start must not
+    // keep the source from publishing (and confirming) the EHR's changes.
+    let sink = with_sink.then(|| {
+        let config = config.clone();
+        let health = health.clone();
+        let stop = shutdown.clone();
+        async move { start_sink(config, health, stop).await }
+    });
     let source_side = if with_source {
         let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
         let mut kafka = crate::kafka::producer::KafkaStage::new(config.clone(), durable_tx).await?;
@@ -264,10 +267,14 @@ pub async fn run(config: Arc<Config>, stages: Stages, accept_data_loss: bool) ->
     } else {
         None
     };
-    let sink_task = sink.map(|s| {
+    let sink_task = sink.map(|start| {
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let r = s.run(stop.clone()).await;
+            let r = match start.await {
+                Ok(Some(s)) => s.run(stop.clone()).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
             if r.is_err() {
                 stop.cancel();
             }
@@ -290,4 +297,31 @@ pub async fn run(config: Arc<Config>, stages: Stages, accept_data_loss: bool) ->
         None => Ok(()),
     };
     source_result.and(sink_result)
+}
+
+/// Connect the sink, retrying while the target is unreachable; `None` when shutdown
+/// came first. Errors other than transient ones (a wrong password, a missing grant)
+/// stop it.
+async fn start_sink(
+    config: Arc<Config>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<Option<crate::sink::SinkStage>, Error> {
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match crate::sink::SinkStage::new(config.clone(), health.clone()).await {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if e.is_transient() => {
+                crate::metrics::record_error("sink", &e);
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "the target is not available; the sink waits for it while the source goes on");
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+    }
 }

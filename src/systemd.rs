@@ -34,8 +34,16 @@ pub fn notify(state: &str) {
     }
 }
 
-/// Tell systemd READY=1 once `health` is ready, ping the watchdog while it stays
-/// ready, and say STOPPING=1 when `shutdown` fires.
+/// Tell systemd READY=1 once `health` is ready (or, at the latest, [`READY_AT_LATEST`]
+/// after start), ping the watchdog while the process is alive, and say STOPPING=1 when
+/// `shutdown` fires.
+///
+/// The watchdog is liveness, not readiness: during a hospital-database outage the sink
+/// waits and retries while the source keeps publishing, and a watchdog tied to
+/// readiness would have systemd kill the source for the target's sake. READY=1 is
+/// likewise "started"; `/readyz` says whether every stage streams.
+const READY_AT_LATEST: Duration = Duration::from_secs(10);
+
 pub fn supervise(health: Arc<Health>, shutdown: CancellationToken) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
@@ -52,6 +60,7 @@ pub fn supervise(health: Arc<Health>, shutdown: CancellationToken) {
                 .min(Duration::from_millis(200)),
         );
         let mut last_ping = tokio::time::Instant::now();
+        let started = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -60,15 +69,15 @@ pub fn supervise(health: Arc<Health>, shutdown: CancellationToken) {
                 }
                 _ = tick.tick() => {}
             }
-            let ready = health.ready();
+            let ready = health.ready() || started.elapsed() >= READY_AT_LATEST;
             if ready && !ready_sent {
                 notify("READY=1");
                 ready_sent = true;
             }
             if let Some(every) = watchdog {
-                // A stage that stopped streaming stops the pings: systemd restarts us
-                // if it does not come back within the watchdog interval.
-                if ready && last_ping.elapsed() >= every {
+                // The runtime ticking is the liveness that counts: a hung process
+                // stops pinging and systemd restarts it.
+                if last_ping.elapsed() >= every {
                     notify("WATCHDOG=1");
                     last_ping = tokio::time::Instant::now();
                 }

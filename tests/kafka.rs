@@ -148,6 +148,7 @@ fn avro_events_decode_with_the_schema_topic_and_carry_every_field() {
     // The key is the Key record.
     let key_schema_fp: String = rec.key.as_ref().unwrap()[2..10]
         .iter()
+        .rev()
         .map(|b| format!("{b:02x}"))
         .collect();
     assert!(schemas.contains_key(&key_schema_fp));

@@ -164,6 +164,13 @@ impl Config {
                 ));
             }
         }
+        if !(1 << 20..=1 << 30).contains(&raw.kafka.max_message_bytes) {
+            return Err(err(
+                path,
+                "kafka.max_message_bytes",
+                "must be between 1 MiB (1048576) and 1 GiB",
+            ));
+        }
         if raw.kafka.brokers.trim().is_empty() {
             return Err(err(
                 path,

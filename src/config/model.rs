@@ -73,6 +73,11 @@ pub struct KafkaConfig {
     /// Create missing topics through the admin API. Default true.
     #[serde(default = "default_true")]
     pub create_topics: bool,
+    /// Largest message (key + value + headers) pgferry produces or accepts, and the
+    /// `max.message.bytes` of the topics it creates. Default 20 MiB: a scanned PDF in a
+    /// bytea column is an everyday row. The brokers' `message.max.bytes` must allow it.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
 }
 
 impl Default for KafkaConfig {
@@ -87,6 +92,7 @@ impl Default for KafkaConfig {
             replication_factor: default_replication_factor(),
             tombstones: true,
             create_topics: true,
+            max_message_bytes: default_max_message_bytes(),
         }
     }
 }
@@ -199,6 +205,9 @@ fn default_partitions() -> i32 {
 }
 fn default_replication_factor() -> i32 {
     -1
+}
+fn default_max_message_bytes() -> usize {
+    20 << 20
 }
 fn default_true() -> bool {
     true

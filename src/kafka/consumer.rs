@@ -55,6 +55,19 @@ fn base_config(config: &Config, purpose: &str) -> ClientConfig {
         .set("topic.metadata.refresh.interval.ms", "5000")
         // Bounded prefetch while the target is slow or down.
         .set("queued.max.messages.kbytes", "16384")
+        // Room for the largest message pgferry produces.
+        .set(
+            "fetch.message.max.bytes",
+            config.kafka.max_message_bytes.to_string(),
+        )
+        .set(
+            "fetch.max.bytes",
+            (config.kafka.max_message_bytes.max(50 << 20)).to_string(),
+        )
+        .set(
+            "receive.message.max.bytes",
+            (config.kafka.max_message_bytes.max(50 << 20) + (1 << 20)).to_string(),
+        )
         .set("client.id", "pgferry-sink");
     for (k, v) in &config.kafka.properties {
         // Producer settings are meaningless here and librdkafka warns about them.

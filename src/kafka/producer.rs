@@ -126,6 +126,10 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("message.timeout.ms", "0")
         .set("queue.buffering.max.kbytes", "65536")
         .set("linger.ms", "5")
+        .set(
+            "message.max.bytes",
+            config.kafka.max_message_bytes.to_string(),
+        )
         .set("client.id", "pgferry");
     for (k, v) in &config.kafka.properties {
         c.set(k, v);
@@ -323,6 +327,15 @@ impl KafkaStage {
         }
         let topic = codec.topic.clone();
         let partitions = codec.partitions;
+        let size = self.value_buf.len() + if has_key { self.key_buf.len() } else { 0 };
+        if size > self.config.kafka.max_message_bytes {
+            return Err(too_large(
+                change,
+                &topic,
+                size,
+                self.config.kafka.max_message_bytes,
+            ));
+        }
         let headers = headers(change);
         let key = has_key.then(|| self.key_buf.clone());
         let value = std::mem::take(&mut self.value_buf);
@@ -502,6 +515,8 @@ impl KafkaStage {
             if compacted {
                 new = new.set("cleanup.policy", "compact");
             }
+            let max_bytes = self.config.kafka.max_message_bytes.to_string();
+            new = new.set("max.message.bytes", &max_bytes);
             let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
             let results =
                 self.admin.create_topics([&new], &opts).await.map_err(|e| {
@@ -574,6 +589,33 @@ fn headers(change: &Change) -> OwnedHeaders {
 /// little-endian bytes that single-object framing carries.
 pub fn fingerprint_hex(fp: &[u8; 8]) -> String {
     format!("{:016x}", u64::from_le_bytes(*fp))
+}
+
+/// A row too large for a Kafka message: named by table, key columns and position,
+/// never by value. The slot is not confirmed past it.
+fn too_large(change: &Change, topic: &str, size: usize, max: usize) -> Error {
+    let key: Vec<&str> = change
+        .table
+        .key
+        .iter()
+        .map(|&i| change.table.columns[i].name.as_str())
+        .collect();
+    Error::fatal(format!(
+        "a change of table {} (key columns {}; commit {}, change {}) is {size} bytes encoded, \
+         more than [kafka] max_message_bytes = {max}, for topic {topic}",
+        change.table.name,
+        if key.is_empty() {
+            "none".to_string()
+        } else {
+            key.join(", ")
+        },
+        change.commit_lsn,
+        change.ordinal
+    ))
+    .with_hint(
+        "raise [kafka] max_message_bytes together with the brokers' message.max.bytes and the \
+                topic's max.message.bytes, then restart; nothing past it was confirmed",
+    )
 }
 
 fn encode_error(e: avro::EncodeError) -> Error {

@@ -138,6 +138,9 @@ async fn run_checks(
                 "table {at}: has no primary key; set `key = [...]` in its table file so events have a key"
             ));
         }
+        if let Some(p) = slot::key_problem(client, t).await? {
+            problems.push(p);
+        }
         let oid: u32 = row.get(0);
         let attrs = client
             .query(

@@ -67,6 +67,8 @@ pub struct Source {
     end_lsn: Option<Lsn>,
     /// The state to remember (see [`state`]), at the slot's position now.
     state: SourceState,
+    /// The configured tables' OIDs at start (renames are followed by OID).
+    table_oids: std::collections::HashMap<u32, crate::event::TableName>,
 }
 
 /// The channels that connect the source to the next stage.
@@ -98,6 +100,7 @@ impl Source {
         let catalog = crate::pg::connect(&config.source.url, "source catalog").await?;
         slot::require_logical_wal(&catalog).await?;
         slot::ensure_publication(&catalog, &config).await?;
+        let table_oids = slot::configured_tables(&catalog, &config).await?;
         let system = {
             let mut conn = ReplicationConn::connect(&config.source.url).await?;
             let id = conn.identify_system().await?;
@@ -150,6 +153,7 @@ impl Source {
             status_interval,
             end_lsn: None,
             state,
+            table_oids,
         })
     }
 
@@ -181,7 +185,7 @@ impl Source {
         let mut session = Session {
             source: &self,
             progress: Progress::new(self.start),
-            relations: RelationCache::new(),
+            relations: RelationCache::new(self.table_oids.clone()),
             shutdown: &shutdown,
             health: &health,
             downstream_gone: false,

@@ -43,19 +43,26 @@ fn op_index(op: Op) -> usize {
 pub struct RelationCache {
     relations: HashMap<u32, RelationState>,
     types: HashMap<u32, Arc<PgType>>,
+    /// The configured tables' OIDs when the source started: a table renamed (or moved
+    /// to another schema) since is still followed, under its configured name.
+    configured_oids: HashMap<u32, TableName>,
+    /// Unconfigured relations already warned about.
+    warned: std::collections::HashSet<u32>,
 }
 
 impl Default for RelationCache {
     fn default() -> Self {
-        Self::new()
+        Self::new(HashMap::new())
     }
 }
 
 impl RelationCache {
-    pub fn new() -> Self {
+    pub fn new(configured_oids: HashMap<u32, TableName>) -> Self {
         RelationCache {
             relations: HashMap::new(),
             types: HashMap::new(),
+            configured_oids,
+            warned: std::collections::HashSet::new(),
         }
     }
 
@@ -75,9 +82,53 @@ impl RelationCache {
         config: &Config,
         rel: Relation,
     ) -> Result<&RelationState, Error> {
-        let name = TableName::new(rel.namespace.clone(), rel.name.clone());
+        let mut name = TableName::new(rel.namespace.clone(), rel.name.clone());
+        if config.table(&name).is_none() {
+            if let Some(configured) = self.configured_oids.get(&rel.oid) {
+                // Renamed, or moved by SET SCHEMA, while streaming. Its changes keep
+                // their configured name (and so their topic and target); the next start
+                // stops until the configuration names the table as it is now.
+                tracing::warn!(configured = %configured, now = %name, oid = rel.oid,
+                    "a configured table was renamed on the source; following it by OID under its configured name \
+                     (update its table file before the next restart)");
+                metrics()
+                    .errors
+                    .with_label_values(&["source", "renamed_table"])
+                    .inc();
+                name = configured.clone();
+            }
+        }
         let table_cfg = config.table(&name);
         let selected = config.tables.is_empty() || table_cfg.is_some();
+        if !selected {
+            // Not ours: its changes are skipped. Nothing of it is resolved (a type it
+            // alone uses may be gone), but it is said once, not hidden.
+            if self.warned.insert(rel.oid) {
+                tracing::warn!(table = %name, oid = rel.oid,
+                    "the publication carries a table that is not configured; its changes are skipped");
+            }
+            let schema = Arc::new(TableSchema {
+                oid: rel.oid,
+                name,
+                columns: Vec::new(),
+                key: Vec::new(),
+                replica_identity: ReplicaIdentity::Default,
+            });
+            let table = schema.name.to_string();
+            let counters = ["c", "u", "d", "t"]
+                .map(|op| metrics().source_changes.with_label_values(&[&table, op]));
+            self.relations.insert(
+                rel.oid,
+                RelationState {
+                    schema,
+                    positions: Vec::new(),
+                    wire_columns: rel.columns.len(),
+                    selected,
+                    counters,
+                },
+            );
+            return Ok(&self.relations[&rel.oid]);
+        }
         let attrs = catalog_columns(catalog, rel.oid).await?;
         let mut columns = Vec::new();
         let mut positions = Vec::new();

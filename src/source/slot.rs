@@ -2,11 +2,12 @@
 //! publication and slot when missing, extend the publication to the configured tables,
 //! watch the slot's health (`wal_status`, lag), and write heartbeats.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::config::{Config, Table};
 use crate::error::Error;
 use crate::event::{quote_ident, TableName};
 use crate::lsn::Lsn;
@@ -232,4 +233,81 @@ pub async fn heartbeat(client: &Client) -> Result<(), Error> {
         .batch_execute("select pg_logical_emit_message(false, 'pgferry', 'heartbeat')")
         .await
         .map_err(|e| Error::postgres("writing the heartbeat message", e))
+}
+
+/// The configured tables' OIDs (so a table renamed while streaming is still followed),
+/// after checking that each configured key is one the server can send: see
+/// [`key_problem`]. Errors name every table at fault at once.
+pub async fn configured_tables(
+    client: &Client,
+    config: &Config,
+) -> Result<HashMap<u32, TableName>, Error> {
+    let mut oids = HashMap::new();
+    let mut problems = Vec::new();
+    for t in &config.tables {
+        let row = client
+            .query_opt(
+                "select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                 where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
+                &[&t.source.schema, &t.source.name],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("looking up table {}", t.source), e))?;
+        if let Some(r) = row {
+            oids.insert(r.get::<_, u32>(0), t.source.clone());
+        }
+        if let Some(p) = key_problem(client, t).await? {
+            problems.push(p);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::operator(problems.join("; "))
+            .with_hint("make `key` the table's replica identity (its primary key, or ALTER TABLE … REPLICA IDENTITY USING INDEX), set REPLICA IDENTITY FULL, or remove `key`"));
+    }
+    Ok(oids)
+}
+
+/// A configured `key` must be what the server sends for updates and deletes: with
+/// REPLICA IDENTITY DEFAULT or USING INDEX, old rows carry only the identity's columns,
+/// so any other key makes deletes lose their key and key changes duplicate rows. Only
+/// FULL (whole old rows) allows any key.
+pub async fn key_problem(client: &Client, table: &Table) -> Result<Option<String>, Error> {
+    let Some(key) = &table.key else {
+        return Ok(None);
+    };
+    let row = client
+        .query_opt(
+            "select c.relreplident::text, \
+                    (select array_agg(a.attname::text order by a.attname) from pg_index i \
+                       join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey::int2[]) \
+                      where i.indrelid = c.oid and \
+                            ((c.relreplident = 'd' and i.indisprimary) or (c.relreplident = 'i' and i.indisreplident))) \
+             from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = $1 and c.relname = $2",
+            &[&table.source.schema, &table.source.name],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading the replica identity of {}", table.source), e))?;
+    let Some(row) = row else { return Ok(None) };
+    let identity: String = row.get(0);
+    if identity == "f" {
+        return Ok(None);
+    }
+    let identity_cols: Vec<String> = row.get::<_, Option<Vec<String>>>(1).unwrap_or_default();
+    let mut configured = key.clone();
+    configured.sort();
+    if configured == identity_cols {
+        return Ok(None);
+    }
+    let what = if identity_cols.is_empty() {
+        "has no replica identity columns".to_string()
+    } else {
+        format!("sends ({}) as the old key", identity_cols.join(", "))
+    };
+    Ok(Some(format!(
+        "{}: key = [{}] of table {} differs from its replica identity, which {what}",
+        table.origin.display(),
+        key.join(", "),
+        table.source
+    )))
 }
