@@ -21,18 +21,48 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct SinkContext {
     rebalanced: AtomicBool,
+    /// A permanent client error (credentials, certificates, ACLs), for the sink to
+    /// stop on.
+    failure: std::sync::Mutex<Option<String>>,
 }
 
 impl SinkContext {
+    /// A permanent client error, if one happened.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
     /// Whether a rebalance happened since the last call.
     pub fn take_rebalanced(&self) -> bool {
         self.rebalanced.swap(false, Ordering::SeqCst)
     }
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if super::permanent_client_error(&error, reason) {
+            if let Ok(mut f) = self.failure.lock() {
+                f.get_or_insert(super::permanent_client_message(&error, reason));
+            }
+        } else {
+            tracing::warn!(%error, %reason, "Kafka client");
+        }
+    }
+}
 
 impl ConsumerContext for SinkContext {
+    /// Newly assigned partitions start at their beginning, not at a committed group
+    /// offset (pgferry commits none, and `auto.offset.reset = error` would refuse the
+    /// lack of one); the sink then seeks each to the target's checkpoint, and events
+    /// read before that are skipped by position.
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            for mut e in tpl.elements() {
+                let _ = e.set_offset(Offset::Beginning);
+            }
+        }
+    }
+
     fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
         self.rebalanced.store(true, Ordering::SeqCst);
     }

@@ -51,7 +51,18 @@ struct Shared {
 
 struct AckContext(Arc<Shared>);
 
-impl ClientContext for AckContext {}
+impl ClientContext for AckContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if super::permanent_client_error(&error, reason) {
+            if let Ok(mut f) = self.0.failure.lock() {
+                f.get_or_insert(super::permanent_client_message(&error, reason));
+            }
+            self.0.delivered.notify_waiters();
+        } else {
+            tracing::warn!(%error, %reason, "Kafka client");
+        }
+    }
+}
 
 impl ProducerContext for AckContext {
     /// The transaction sequence number of the message.
@@ -163,6 +174,9 @@ impl KafkaStage {
             .await
             .map_err(|e| Error::fatal("checking the Kafka connection").with_source(e))?
             .map_err(|e| {
+                if let Some(text) = shared.failure.lock().ok().and_then(|f| f.clone()) {
+                    return Error::fatal(text);
+                }
                 Error::transient(format!(
                     "cannot reach the Kafka brokers {brokers} (kafka.brokers)"
                 ))

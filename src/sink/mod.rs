@@ -194,7 +194,18 @@ impl SinkStage {
                 }
             } else if last_refresh.elapsed() >= ASSIGNMENT_REFRESH {
                 // Always: topics appear and gain partitions at any time.
-                self.refresh_assignment()?;
+                match self.refresh_assignment() {
+                    Ok(()) => {}
+                    Err(e) if e.is_transient() => {
+                        if let Some(text) = self.consumer.context().failure() {
+                            return Err(Error::fatal(text));
+                        }
+                        // A restarting broker: keep consuming what is assigned.
+                        record_error("sink", &e);
+                        tracing::warn!(error = %e, "cannot refresh the partition assignment; retrying");
+                    }
+                    Err(e) => return Err(e),
+                }
                 last_refresh = Instant::now();
             }
             let batch = tokio::select! {
@@ -359,6 +370,9 @@ impl SinkStage {
         let mut bytes = 0;
         let mut deadline = tokio::time::Instant::now() + ASSIGNMENT_REFRESH;
         while batch.len() < max_events && bytes < max_bytes {
+            if let Some(text) = self.consumer.context().failure() {
+                return Err(Error::fatal(text));
+            }
             let msg = tokio::select! {
                 m = self.consumer.recv() => m,
                 _ = tokio::time::sleep_until(deadline) => break,
