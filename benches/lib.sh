@@ -302,9 +302,7 @@ readonly PYTHON
 
 # kafka_py <count|delete> <topic...>: prints "<messages> <distinct keys> <latest
 # message timestamp, Unix seconds>" of each topic, read from the start until 2 s
-# pass without a message, or deletes the topics. It reads the messages rather than trusting the watermarks: tansu's
-# ListOffsets answers a high watermark below the last offset (it said 9401 for a
-# topic whose 10000 messages read back as offsets 0..9999).
+# pass without a message, or deletes the topics.
 kafka_py() {
     "$PYTHON" - "$PGFERRY_BROKERS" "$@" <<'PY'
 import sys

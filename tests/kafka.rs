@@ -1,4 +1,4 @@
-//! `pgferry run --only source` against the real broker (tansu, from
+//! `pgferry run --only source` against the real broker (Apache Kafka, from
 //! scripts/services.sh) and rdkafka's mock cluster for faults: events decode with the
 //! published schemas, every envelope field and type is right, a crash loses nothing,
 //! broker outages stall confirmation without growing memory, retries keep key order.

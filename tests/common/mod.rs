@@ -285,6 +285,11 @@ impl Pgferry {
 
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // Never signal a pid that was already reaped: it may belong to another
+        // process by now (the broker was hit that way once).
+        if let Some(status) = self.child.try_wait().unwrap() {
+            return status;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
