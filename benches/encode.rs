@@ -145,6 +145,7 @@ fn change(table: &Arc<TableSchema>, op: Op, row: &[&str], ordinal: u32) -> Chang
         lsn: Lsn(0x0000_0001_6B37_4D48 + u64::from(ordinal) * 0x1A8),
         ordinal,
         commit_ts: PgTimestamp(COMMIT_TS),
+        prev_commit_end: Lsn(0x0000_0001_6B37_4C00),
         before: None,
         after: Some(Row {
             values: row
@@ -196,13 +197,13 @@ impl Ctx {
 // ------------------------------------------------------------- generic encoder --
 
 /// A column value as the generic encoder's tree holds it; `None` means the value
-/// has no typed form (numeric NaN / ±Infinity) and goes in the `string` branch.
+/// has no typed form (numeric NaN / ±Infinity) and goes in the `Special` branch.
 /// Only the kinds of the bench table are covered.
 fn typed_value(kind: &ValueKind, text: &str) -> Option<Value> {
     Some(match kind {
         ValueKind::Long => Value::Long(text.parse().expect("int8 text")),
         ValueKind::String => Value::String(text.to_owned()),
-        ValueKind::Date => Value::Date(pgtext::parse_date(text).expect("date text")),
+        ValueKind::Date => Value::Int(pgtext::parse_date(text).expect("date text")),
         ValueKind::Decimal { scale, .. } => {
             match pgtext::parse_numeric_scaled(text, *scale).expect("numeric text") {
                 Numeric::Finite { unscaled, .. } => Value::Decimal(Decimal::from(unscaled)),
@@ -230,8 +231,11 @@ fn field_value(plan: &FieldPlan, datum: &Datum) -> Value {
         Datum::Text(text) => match typed_value(&plan.kind, text.as_str()) {
             Some(v) => (plan.value_branch, v),
             None => (
-                plan.string_branch.expect("field has a string branch"),
-                Value::String(text.as_str().to_owned()),
+                plan.special_branch.expect("field has a Special branch"),
+                Value::Record(vec![(
+                    "text".into(),
+                    Value::String(text.as_str().to_owned()),
+                )]),
             ),
         },
     };
@@ -312,7 +316,7 @@ fn value_tree(ctx: &Ctx, change: &Change, now: PgTimestamp) -> Value {
                 1,
                 Box::new(Value::String(format!(
                     "[\"{}\",\"{}\"]",
-                    change.commit_lsn.0, change.lsn.0
+                    change.prev_commit_end.0, change.lsn.0
                 ))),
             ),
         ),
@@ -320,11 +324,17 @@ fn value_tree(ctx: &Ctx, change: &Change, now: PgTimestamp) -> Value {
             "ts_us".into(),
             opt_long(Some(change.commit_ts.unix_micros())),
         ),
+        (
+            "ts_ns".into(),
+            opt_long(Some(change.commit_ts.unix_micros() * 1000)),
+        ),
         ("schema".into(), s(&change.table.name.schema)),
         ("table".into(), s(&change.table.name.name)),
         ("txId".into(), opt_long(Some(i64::from(change.xid)))),
         ("lsn".into(), opt_long(Some(change.lsn.0 as i64))),
         ("xmin".into(), opt_long(None)),
+        ("origin".into(), Value::Union(0, Box::new(Value::Null))),
+        ("origin_lsn".into(), opt_long(None)),
     ]);
     Value::Record(vec![
         (
@@ -336,9 +346,11 @@ fn value_tree(ctx: &Ctx, change: &Change, now: PgTimestamp) -> Value {
             row_value(ctx, change, change.after.as_ref()),
         ),
         ("source".into(), source),
+        ("transaction".into(), Value::Union(0, Box::new(Value::Null))),
         ("op".into(), s(change.op.as_str())),
         ("ts_ms".into(), opt_long(Some(now.unix_millis()))),
         ("ts_us".into(), opt_long(Some(now.unix_micros()))),
+        ("ts_ns".into(), opt_long(Some(now.unix_micros() * 1000))),
         (
             "unchanged".into(),
             Value::Array(change.unchanged().map(s).collect()),

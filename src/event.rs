@@ -255,6 +255,9 @@ pub struct Change {
     /// Position of the change inside its transaction, from 0.
     pub ordinal: u32,
     pub commit_ts: PgTimestamp,
+    /// End LSN of the transaction the source handed on before this one (Debezium's
+    /// `source.sequence[0]`, the last committed LSN).
+    pub prev_commit_end: Lsn,
     pub before: Option<Row>,
     pub after: Option<Row>,
 }
@@ -301,6 +304,8 @@ pub struct Txn {
     pub xid: u32,
     pub commit_lsn: Lsn,
     pub commit_ts: PgTimestamp,
+    /// See [`Change::prev_commit_end`].
+    pub prev_commit_end: Lsn,
 }
 
 /// What the source hands to the next stage, in commit order.

@@ -28,6 +28,10 @@ impl Health {
         self.sink_streaming.store(on, Ordering::Relaxed);
     }
 
+    pub fn source_streaming(&self) -> bool {
+        self.source_streaming.load(Ordering::Relaxed)
+    }
+
     /// Ready when every enabled stage is streaming.
     pub fn ready(&self) -> bool {
         let source = !self.source_enabled.load(Ordering::Relaxed)

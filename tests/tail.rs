@@ -239,7 +239,7 @@ fn every_type_is_printed_faithfully() {
         "ninf": "Infinity", "m": "$1,234.56",
         "t": "unicode: Émilie 🩺 \"quoted\" \\ back", "vc": "short", "bp": "ab ", "ci": "MiXeD", "nm": "nm",
         "ip": "192.168.0.1/24", "cidr": "10.0.0.0/8", "mac": "08:00:2b:01:02:03",
-        "e": "calm", "r": "[1,5)", "x": "<a>1</a>", "iv": "1 year 2 mons 3 days 04:05:06.5",
+        "e": "calm", "r": "[1,5)", "x": "<a>1</a>", "iv": "P1Y2M3DT4H5M6.5S",
         "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
         "j": {"b": 1, "a": [1, 2]}, "jb": {"a": [1, 2], "b": 1},
         "d": "2026-11-22", "dinf": "infinity", "tm": "04:05:06.789", "ts": "2026-11-22 01:02:03.123456",

@@ -93,22 +93,24 @@ pub fn write_debezium_envelope(
     write_str(out, db);
     let _ = write!(
         out,
-        ",\"sequence\":\"[\\\"{}\\\",\\\"{}\\\"]\",\"ts_us\":{},\"schema\":",
-        change.commit_lsn.0,
+        ",\"sequence\":\"[\\\"{}\\\",\\\"{}\\\"]\",\"ts_us\":{},\"ts_ns\":{},\"schema\":",
+        change.prev_commit_end.0,
         change.lsn.0,
-        change.commit_ts.unix_micros()
+        change.commit_ts.unix_micros(),
+        i128::from(change.commit_ts.unix_micros()) * 1000
     );
     write_str(out, &table.name.schema);
     out.extend_from_slice(b",\"table\":");
     write_str(out, &table.name.name);
     let _ = write!(
         out,
-        ",\"txId\":{},\"lsn\":{},\"xmin\":null}},\"op\":\"{}\",\"ts_ms\":{},\"ts_us\":{},\"unchanged\":[",
+        ",\"txId\":{},\"lsn\":{},\"xmin\":null,\"origin\":null,\"origin_lsn\":null}},\"transaction\":null,\"op\":\"{}\",\"ts_ms\":{},\"ts_us\":{},\"ts_ns\":{},\"unchanged\":[",
         change.xid,
         change.lsn.0,
         change.op.as_str(),
         now.unix_millis(),
-        now.unix_micros()
+        now.unix_micros(),
+        i128::from(now.unix_micros()) * 1000
     );
     for (i, name) in change.unchanged().enumerate() {
         if i > 0 {
@@ -272,6 +274,7 @@ mod tests {
             lsn: Lsn(0x1A2B300),
             ordinal: 3,
             commit_ts: PgTimestamp(0),
+            prev_commit_end: Lsn(0x1A2B000),
             before: None,
             after: Some(Row {
                 values: vec![text("7"), text("Ada"), Datum::Unchanged],
@@ -296,7 +299,7 @@ mod tests {
         assert_eq!(env["op"], "u");
         assert_eq!(env["after"]["name"], "Ada");
         assert_eq!(env["source"]["db"], "ehrdb");
-        assert_eq!(env["source"]["sequence"], "[\"27440068\",\"27439872\"]");
+        assert_eq!(env["source"]["sequence"], "[\"27439104\",\"27439872\"]");
         assert_eq!(env["source"]["txId"], 771);
         assert_eq!(env["ts_ms"], 946_684_801_000_i64);
         assert_eq!(env["unchanged"][0], "scan");

@@ -4,7 +4,7 @@
 //! `date`, `time`, `timestamp`, `timestamptz`, `numeric` and `money` and the integers (or
 //! ISO-8601 strings and two's-complement decimal bytes) that travel in Avro, in both
 //! directions. The text forms are those printed under the session settings pgferry
-//! pins: `DateStyle=ISO`, `IntervalStyle=postgres`, `TimeZone=UTC`,
+//! pins: `DateStyle=ISO`, `IntervalStyle=iso_8601`, `TimeZone=UTC`,
 //! `extra_float_digits=1`, `lc_monetary=C`.
 //!
 //! Parsers accept what the server prints and reject the rest instead of guessing: a

@@ -208,6 +208,13 @@ fn avro_text(v: &Avro, ty: &Json) -> Result<SinkValue, DecodeError> {
             if fields.is_empty() {
                 return Ok(SinkValue::Unchanged);
             }
+            // io.pgferry.Special: the PostgreSQL text of a value the field's type
+            // cannot hold.
+            if let [(name, Avro::String(text))] = fields.as_slice() {
+                if name == "text" {
+                    return Ok(SinkValue::Text(text.clone()));
+                }
+            }
         }
         return avro_text(inner, b);
     }
@@ -234,6 +241,12 @@ fn float_text(f: f64, single: bool) -> String {
 fn plain_text(v: &Avro, ty: &Json) -> Result<String, DecodeError> {
     Ok(match v {
         Avro::Boolean(b) => if *b { "t" } else { "f" }.into(),
+        // Debezium's semantic types carry no Avro logical type: the name says.
+        Avro::Int(d) if is_named(ty, "io.debezium.time.Date") => pgtext::format_date(*d),
+        Avro::Long(t) if is_named(ty, "io.debezium.time.MicroTime") => pgtext::format_time(*t),
+        Avro::Long(t) if is_named(ty, "io.debezium.time.MicroTimestamp") => {
+            pgtext::format_timestamp(*t)
+        }
         Avro::Int(i) => i.to_string(),
         Avro::Long(l) => l.to_string(),
         Avro::Float(f) => float_text(f64::from(*f), true),

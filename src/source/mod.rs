@@ -196,6 +196,11 @@ impl Source {
             match session.stream(&mut down, &mut monitor_rx).await {
                 Ok(()) => break Ok(()),
                 Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                    // A session that got to streaming starts the backoff afresh
+                    // (whatever the sink is doing).
+                    if health.source_streaming() {
+                        backoff = BACKOFF_START;
+                    }
                     health.set_source_streaming(false);
                     record_error("source", &e);
                     session.progress.reset_transaction();
@@ -210,10 +215,6 @@ impl Source {
                     record_error("source", &e);
                     break Err(e);
                 }
-            }
-            // A session that streamed resets the backoff.
-            if health.ready() {
-                backoff = BACKOFF_START;
             }
         };
         health.set_source_streaming(false);
@@ -361,6 +362,7 @@ impl Session<'_> {
                     xid,
                     commit_lsn: final_lsn,
                     commit_ts,
+                    prev_commit_end: self.progress.forwarded(),
                 };
                 *open = Some(OpenTxn { txn, ordinal: 0 });
                 self.progress.begin();
@@ -462,6 +464,7 @@ impl Session<'_> {
             lsn,
             ordinal: o.ordinal,
             commit_ts: o.txn.commit_ts,
+            prev_commit_end: o.txn.prev_commit_end,
             before,
             after,
         };

@@ -44,6 +44,11 @@ impl Progress {
         }
     }
 
+    /// End LSN of the last commit handed to the next stage.
+    pub fn forwarded(&self) -> Lsn {
+        self.forwarded
+    }
+
     pub fn received(&mut self, lsn: Lsn) {
         self.received = self.received.max(lsn);
     }

@@ -83,6 +83,30 @@ impl RelationCache {
         rel: Relation,
     ) -> Result<&RelationState, Error> {
         let mut name = TableName::new(rel.namespace.clone(), rel.name.clone());
+        let configured_oid = self
+            .configured_oids
+            .iter()
+            .find(|(_, n)| **n == name)
+            .map(|(oid, _)| *oid);
+        if let Some(old) = configured_oid.filter(|old| *old != rel.oid) {
+            // Another table now has a configured table's name. If the configured one
+            // still exists (renamed, and this is a new table in its place), this one
+            // is not ours; if it was dropped, this is its successor.
+            let still_there = catalog
+                .query_opt("select 1 from pg_class where oid = $1", &[&old])
+                .await
+                .map_err(|e| Error::postgres("looking up a renamed table", e))?
+                .is_some();
+            if still_there {
+                name = TableName::new(
+                    format!("{}", rel.namespace),
+                    format!("{} (oid {}, not the configured table)", rel.name, rel.oid),
+                );
+            } else {
+                self.configured_oids.remove(&old);
+                self.configured_oids.insert(rel.oid, name.clone());
+            }
+        }
         if config.table(&name).is_none() {
             if let Some(configured) = self.configured_oids.get(&rel.oid) {
                 // Renamed, or moved by SET SCHEMA, while streaming. Its changes keep

@@ -31,7 +31,9 @@ const STANDBY_STATUS_UPDATE: u8 = b'r';
 const MAX_FRAME: usize = 1 << 30;
 
 /// Settings that make the server's text output of values stable and unambiguous.
-const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c TimeZone=UTC \
+/// Intervals print as ISO 8601 durations (`P1Y2M3DT4H5M6.5S`): exact, accepted back by
+/// PostgreSQL's input, and the form of Debezium's lossless `interval.handling.mode=string`.
+const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
      -c extra_float_digits=1 -c bytea_output=hex -c client_encoding=UTF8 -c lc_monetary=C";
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -91,21 +91,28 @@ pub fn encode_value(
         },
     );
     write_bytes(out, source.db.as_bytes());
+    // sequence: [last committed LSN, this change's LSN], as Debezium writes it.
     write_long(out, 1);
+    let mut seq = itoa_buf();
     write_bytes(
         out,
-        format!("[\"{}\",\"{}\"]", change.commit_lsn.0, change.lsn.0).as_bytes(),
+        sequence(&mut seq, change.prev_commit_end.0, change.lsn.0).as_bytes(),
     );
     write_opt_long(out, Some(change.commit_ts.unix_micros()));
+    write_opt_long(out, change.commit_ts.unix_micros().checked_mul(1000));
     write_bytes(out, change.table.name.schema.as_bytes());
     write_bytes(out, change.table.name.name.as_bytes());
     write_opt_long(out, Some(i64::from(change.xid)));
     write_opt_long(out, Some(change.lsn.0 as i64));
-    write_opt_long(out, None);
-    // op, ts_ms, ts_us
+    write_opt_long(out, None); // xmin
+    write_long(out, 0); // origin
+    write_long(out, 0); // origin_lsn
+    write_long(out, 0); // transaction: null
+                        // op, ts_ms, ts_us, ts_ns
     write_bytes(out, change.op.as_str().as_bytes());
     write_opt_long(out, Some(now.unix_millis()));
     write_opt_long(out, Some(now.unix_micros()));
+    write_opt_long(out, now.unix_micros().checked_mul(1000));
     // unchanged
     let unchanged: Vec<&str> = change.unchanged().collect();
     if !unchanged.is_empty() {
@@ -116,6 +123,18 @@ pub fn encode_value(
     }
     write_long(out, 0);
     Ok(())
+}
+
+fn itoa_buf() -> String {
+    String::with_capacity(48)
+}
+
+/// `["<a>","<b>"]` into `buf`, without a `format!` allocation per change.
+fn sequence(buf: &mut String, a: u64, b: u64) -> &str {
+    use std::fmt::Write;
+    buf.clear();
+    let _ = write!(buf, "[\"{a}\",\"{b}\"]");
+    buf
 }
 
 fn write_row(
@@ -171,7 +190,7 @@ fn write_field(
             let special =
                 write_value(&mut value, &plan.kind, column.ty.delimiter, text).map_err(err)?;
             if plan.is_union() {
-                let branch = match (special, plan.string_branch) {
+                let branch = match (special, plan.special_branch) {
                     (true, Some(b)) => b,
                     (true, None) => return Err(err("value has no Avro representation".into())),
                     (false, _) => plan.value_branch,
@@ -183,6 +202,7 @@ fn write_field(
                 ));
             }
             if special {
+                // The Special record's one field: the PostgreSQL text.
                 write_bytes(out, text.as_bytes());
             } else {
                 out.extend_from_slice(&value);
@@ -192,7 +212,7 @@ fn write_field(
     Ok(())
 }
 
-/// Encode `text` as `kind`. `Ok(true)` means it must travel in the string branch.
+/// Encode `text` as `kind`. `Ok(true)` means it must travel in the `Special` branch.
 fn write_value(
     out: &mut Vec<u8>,
     kind: &ValueKind,
@@ -203,7 +223,7 @@ fn write_value(
         |what: &str, e: &dyn std::fmt::Display| format!("cannot encode the value as {what}: {e}");
     match kind {
         ValueKind::Boolean => out.push(u8::from(text == "t")),
-        ValueKind::Int => write_long(
+        ValueKind::Short | ValueKind::Int => write_long(
             out,
             i64::from(text.parse::<i32>().map_err(|e| bad("int", &e))?),
         ),
@@ -237,25 +257,43 @@ fn write_value(
         }
         ValueKind::Money => {
             let cents = pgtext::parse_money(text).map_err(|e| bad("money", &e))?;
-            write_long(out, 2);
             write_bytes(out, &pgtext::i64_to_be_bytes_minimal(cents));
         }
-        ValueKind::String | ValueKind::Uuid | ValueKind::Json => write_bytes(out, text.as_bytes()),
-        ValueKind::Date => write_long(
-            out,
-            i64::from(pgtext::parse_date(text).map_err(|e| bad("date", &e))?),
-        ),
+        ValueKind::String | ValueKind::Uuid | ValueKind::Json | ValueKind::Interval => {
+            write_bytes(out, text.as_bytes())
+        }
+        ValueKind::Date => {
+            if is_infinity(text) {
+                return Ok(true);
+            }
+            write_long(
+                out,
+                i64::from(pgtext::parse_date(text).map_err(|e| bad("date", &e))?),
+            )
+        }
         ValueKind::Time => write_long(out, pgtext::parse_time(text).map_err(|e| bad("time", &e))?),
-        ValueKind::Timestamp => write_long(
-            out,
-            pgtext::parse_timestamp(text).map_err(|e| bad("timestamp", &e))?,
-        ),
-        ValueKind::Timestamptz => write_bytes(
-            out,
-            pgtext::timestamptz_to_iso(text)
-                .map_err(|e| bad("timestamptz", &e))?
-                .as_bytes(),
-        ),
+        ValueKind::Timestamp => {
+            if is_infinity(text) {
+                return Ok(true);
+            }
+            match pgtext::parse_timestamp(text) {
+                Ok(micros) => write_long(out, micros),
+                // PostgreSQL wrote it, so it is a legal timestamp: one past 294246 AD,
+                // beyond i64 microseconds. Its text travels instead.
+                Err(_) => return Ok(true),
+            }
+        }
+        ValueKind::Timestamptz => {
+            if is_infinity(text) {
+                return Ok(true);
+            }
+            write_bytes(
+                out,
+                pgtext::timestamptz_to_iso(text)
+                    .map_err(|e| bad("timestamptz", &e))?
+                    .as_bytes(),
+            )
+        }
         ValueKind::Bytes => write_bytes(
             out,
             &decode_bytea(text).ok_or_else(|| "bytea is not in hex format".to_string())?,
@@ -290,6 +328,10 @@ fn write_value(
         }
     }
     Ok(false)
+}
+
+fn is_infinity(text: &str) -> bool {
+    matches!(text, "infinity" | "-infinity")
 }
 
 /// `\x00ff` -> [0x00, 0xff].

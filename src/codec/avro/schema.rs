@@ -2,23 +2,33 @@
 //! key record `Key`, value record `Envelope` with row record `Value` and the `Source`
 //! block, in namespace `<prefix>.<schema>.<table>`.
 //!
-//! Representations for what the plain Avro type cannot hold (documented in README):
-//! - numeric NaN / ±Infinity, and arrays that are multi-dimensional or have explicit
-//!   bounds, travel in a `string` branch of the field's union (the PostgreSQL text);
-//! - ±infinity dates and timestamps are `i32`/`i64` MAX and MIN;
-//! - float NaN, ±Infinity and -0 are native IEEE values;
-//! - money is a `VariableScaleDecimal` with scale 2 (lc_monetary=C in our session);
-//! - an unchanged TOAST value is the `io.pgferry.Unchanged` branch: never null, never
-//!   a placeholder; the column is also listed in the `unchanged` envelope field.
+//! The rule (DESIGN §2): Debezium 3.x's default encoding wherever it is lossless, its
+//! own lossless option where the default loses (`interval.handling.mode=string`), and
+//! otherwise a pgferry extension that a reader holding Debezium's schema cannot
+//! misread. So no Avro logical type that a legal PostgreSQL value can overflow (dates,
+//! times and timestamps carry only Debezium's `connect.name`, as Debezium's do), and
+//! what the Debezium type cannot hold travels in a named record branch,
+//! `io.pgferry.Special { text }` with the PostgreSQL text: numeric NaN/±Infinity,
+//! ±infinity dates and timestamps, timestamps past 294246 AD, arrays that are
+//! multi-dimensional or have explicit bounds. A reader resolving against Debezium's
+//! schema finds no branch for it and fails on that record instead of reading another
+//! value (a `string` branch would have been promoted to the bytes of a decimal).
 //!
-//! Every `Value` field is nullable: a key-only old image (REPLICA IDENTITY DEFAULT)
-//! has no values for its other columns.
+//! Also: float NaN, ±Infinity and -0 are native IEEE values; money is Debezium's
+//! `Decimal` with scale 2 (lc_monetary=C in our session); an unchanged TOAST value is
+//! the `io.pgferry.Unchanged` branch, never null, never a placeholder, and the column
+//! is also listed in the `unchanged` envelope field.
+//!
+//! Every `Value` field is nullable, where Debezium makes NOT NULL columns required: a
+//! key-only old image (REPLICA IDENTITY DEFAULT) has no values for its other columns,
+//! and null says so where a required field would need an invented value.
 
 use serde_json::{json, Value as Json};
 
 use crate::event::{Column, PgType, TableSchema, TypeKind};
 
 pub const UNCHANGED_NAME: &str = "io.pgferry.Unchanged";
+pub const SPECIAL_NAME: &str = "io.pgferry.Special";
 pub const VARIABLE_SCALE_DECIMAL: &str = "io.debezium.data.VariableScaleDecimal";
 pub const SOURCE_NAME: &str = "io.debezium.connector.postgresql.Source";
 
@@ -26,6 +36,8 @@ pub const SOURCE_NAME: &str = "io.debezium.connector.postgresql.Source";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ValueKind {
     Boolean,
+    /// int2: an Avro int marked `connect.type: int16`, as Debezium marks it.
+    Short,
     Int,
     Long,
     Float,
@@ -37,9 +49,11 @@ pub enum ValueKind {
     },
     /// numeric without modifier: VariableScaleDecimal.
     VarDecimal,
-    /// money: VariableScaleDecimal, scale 2.
+    /// money: Debezium's Decimal, scale 2.
     Money,
     String,
+    /// interval: ISO 8601 text (Debezium's `interval.handling.mode=string`).
+    Interval,
     Uuid,
     Json,
     Date,
@@ -54,7 +68,8 @@ impl ValueKind {
     pub fn of(ty: &PgType, typmod: i32) -> ValueKind {
         match &ty.kind {
             TypeKind::Bool => ValueKind::Boolean,
-            TypeKind::Int2 | TypeKind::Int4 => ValueKind::Int,
+            TypeKind::Int2 => ValueKind::Short,
+            TypeKind::Int4 => ValueKind::Int,
             TypeKind::Int8 | TypeKind::Oid => ValueKind::Long,
             TypeKind::Float4 => ValueKind::Float,
             TypeKind::Float8 => ValueKind::Double,
@@ -75,20 +90,25 @@ impl ValueKind {
             TypeKind::Bytea => ValueKind::Bytes,
             // Element modifiers are not carried by arrays: elements use -1.
             TypeKind::Array(elem) => ValueKind::Array(Box::new(ValueKind::of(elem, -1))),
-            TypeKind::Text
-            | TypeKind::Timetz
-            | TypeKind::Interval
-            | TypeKind::Enum
-            | TypeKind::Other => ValueKind::String,
+            TypeKind::Interval => ValueKind::Interval,
+            TypeKind::Text | TypeKind::Timetz | TypeKind::Enum | TypeKind::Other => {
+                ValueKind::String
+            }
         }
     }
 
-    /// Whether some values need the union's `string` branch (numeric specials; arrays
-    /// that do not fit a one-dimensional Avro array).
-    pub fn has_string_branch(&self) -> bool {
+    /// Whether some values need the union's `Special` branch (numeric specials,
+    /// infinite or far-future dates and timestamps, arrays that do not fit a
+    /// one-dimensional Avro array).
+    pub fn has_special_branch(&self) -> bool {
         matches!(
             self,
-            ValueKind::Decimal { .. } | ValueKind::VarDecimal | ValueKind::Array(_)
+            ValueKind::Decimal { .. }
+                | ValueKind::VarDecimal
+                | ValueKind::Date
+                | ValueKind::Timestamp
+                | ValueKind::Timestamptz
+                | ValueKind::Array(_)
         )
     }
 
@@ -102,6 +122,7 @@ impl ValueKind {
                 | ValueKind::Array(_)
                 | ValueKind::Decimal { .. }
                 | ValueKind::VarDecimal
+                | ValueKind::Interval
         )
     }
 }
@@ -119,8 +140,8 @@ fn numeric_typmod(typmod: i32) -> Option<(u32, i32)> {
 pub struct FieldPlan {
     pub kind: ValueKind,
     pub nullable: bool,
-    /// Union index of the `string` branch, if any.
-    pub string_branch: Option<u32>,
+    /// Union index of the `Special` branch, if any.
+    pub special_branch: Option<u32>,
     /// Union index of the `Unchanged` branch, if any.
     pub unchanged_branch: Option<u32>,
     /// Union index of the value itself (0 when the field is not a union).
@@ -137,19 +158,19 @@ impl FieldPlan {
         };
         let _null = nullable.then(&mut take);
         let value_branch = take();
-        let string_branch = kind.has_string_branch().then(&mut take);
+        let special_branch = kind.has_special_branch().then(&mut take);
         let unchanged_branch = (allow_unchanged && kind.toastable()).then(&mut take);
         FieldPlan {
             kind,
             nullable,
-            string_branch,
+            special_branch,
             unchanged_branch,
             value_branch,
         }
     }
 
     pub fn is_union(&self) -> bool {
-        self.nullable || self.string_branch.is_some() || self.unchanged_branch.is_some()
+        self.nullable || self.special_branch.is_some() || self.unchanged_branch.is_some()
     }
 }
 
@@ -210,47 +231,71 @@ impl Names {
     }
 }
 
+/// The `Special` record: its definition the first time, its name afterwards.
+fn special(names: &mut Names) -> Json {
+    names.define(SPECIAL_NAME, || {
+        json!({"type": "record", "name": "Special", "namespace": "io.pgferry",
+               "fields": [{"name": "text", "type": "string"}],
+               "doc": "a value the field's Debezium type cannot hold, as PostgreSQL text"})
+    })
+}
+
 fn type_json(kind: &ValueKind, names: &mut Names) -> Json {
     match kind {
         ValueKind::Boolean => json!("boolean"),
+        ValueKind::Short => json!({"type": "int", "connect.type": "int16"}),
         ValueKind::Int => json!("int"),
         ValueKind::Long => json!("long"),
         ValueKind::Float => json!("float"),
         ValueKind::Double => json!("double"),
         ValueKind::Decimal { precision, scale } => json!({
             "type": "bytes", "logicalType": "decimal", "precision": precision.max(&1), "scale": scale,
-            "connect.name": "org.apache.kafka.connect.data.Decimal",
+            "connect.version": 1, "connect.name": "org.apache.kafka.connect.data.Decimal",
             "connect.parameters": {"scale": scale.to_string(), "connect.decimal.precision": precision.to_string()}
         }),
-        ValueKind::VarDecimal | ValueKind::Money => names.define(VARIABLE_SCALE_DECIMAL, || {
+        // Debezium: Decimal with money.fraction.digits (2) and no declared precision,
+        // which Kafka Connect's Avro converter writes as 64.
+        ValueKind::Money => json!({
+            "type": "bytes", "logicalType": "decimal", "precision": 64, "scale": 2,
+            "connect.version": 1, "connect.name": "org.apache.kafka.connect.data.Decimal",
+            "connect.parameters": {"scale": "2"}
+        }),
+        ValueKind::VarDecimal => names.define(VARIABLE_SCALE_DECIMAL, || {
             json!({
                 "type": "record", "name": "VariableScaleDecimal", "namespace": "io.debezium.data",
                 "fields": [{"name": "scale", "type": "int"}, {"name": "value", "type": "bytes"}],
-                "connect.name": VARIABLE_SCALE_DECIMAL
+                "connect.version": 1, "connect.name": VARIABLE_SCALE_DECIMAL,
+                "connect.doc": "Variable scaled decimal"
             })
         }),
         ValueKind::String => json!("string"),
-        ValueKind::Uuid => {
-            json!({"type": "string", "logicalType": "uuid", "connect.name": "io.debezium.data.Uuid"})
-        }
-        ValueKind::Json => json!({"type": "string", "connect.name": "io.debezium.data.Json"}),
-        ValueKind::Date => {
-            json!({"type": "int", "logicalType": "date", "connect.name": "io.debezium.time.Date"})
-        }
-        ValueKind::Time => {
-            json!({"type": "long", "logicalType": "time-micros", "connect.name": "io.debezium.time.MicroTime"})
-        }
-        ValueKind::Timestamp => json!({
-            "type": "long", "logicalType": "local-timestamp-micros", "connect.name": "io.debezium.time.MicroTimestamp"
+        ValueKind::Interval => json!({
+            "type": "string", "connect.version": 1, "connect.name": "io.debezium.time.Interval"
         }),
-        ValueKind::Timestamptz => {
-            json!({"type": "string", "connect.name": "io.debezium.time.ZonedTimestamp"})
+        ValueKind::Uuid => json!({
+            "type": "string", "logicalType": "uuid", "connect.version": 1,
+            "connect.name": "io.debezium.data.Uuid"
+        }),
+        ValueKind::Json => {
+            json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.data.Json"})
         }
+        ValueKind::Date => {
+            json!({"type": "int", "connect.version": 1, "connect.name": "io.debezium.time.Date"})
+        }
+        ValueKind::Time => json!({
+            "type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroTime"
+        }),
+        ValueKind::Timestamp => json!({
+            "type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroTimestamp"
+        }),
+        ValueKind::Timestamptz => json!({
+            "type": "string", "connect.version": 1, "connect.name": "io.debezium.time.ZonedTimestamp"
+        }),
         ValueKind::Bytes => json!("bytes"),
         ValueKind::Array(elem) => {
             let mut items = vec![json!("null"), type_json(elem, names)];
-            if elem.has_string_branch() {
-                items.push(json!("string"));
+            if elem.has_special_branch() {
+                items.push(special(names));
             }
             json!({"type": "array", "items": items})
         }
@@ -267,8 +312,8 @@ fn field_type(plan: &FieldPlan, names: &mut Names) -> Json {
         branches.push(json!("null"));
     }
     branches.push(value);
-    if plan.string_branch.is_some() {
-        branches.push(json!("string"));
+    if plan.special_branch.is_some() {
+        branches.push(special(names));
     }
     if plan.unchanged_branch.is_some() {
         branches.push(names.define(UNCHANGED_NAME, || {
@@ -319,15 +364,18 @@ pub fn derive(table: &TableSchema, prefix: &str) -> TableSchemas {
         .collect();
     let value = json!({
         "type": "record", "name": "Envelope", "namespace": ns,
-        "connect.name": format!("{ns}.Envelope"),
+        "connect.version": 2, "connect.name": format!("{ns}.Envelope"),
         "fields": [
             {"name": "before", "type": ["null", {"type": "record", "name": "Value", "fields": row_fields,
                                                  "connect.name": format!("{ns}.Value")}], "default": null},
             {"name": "after", "type": ["null", "Value"], "default": null},
             {"name": "source", "type": source_schema()},
+            {"name": "transaction", "type": ["null", transaction_schema()], "default": null},
             {"name": "op", "type": "string"},
             {"name": "ts_ms", "type": ["null", "long"], "default": null},
             {"name": "ts_us", "type": ["null", "long"], "default": null},
+            {"name": "ts_ns", "type": ["null", "long"], "default": null},
+            // pgferry's extension: the columns whose unchanged TOAST value was not sent.
             {"name": "unchanged", "type": {"type": "array", "items": "string"}, "default": []}
         ]
     });
@@ -350,25 +398,48 @@ pub fn derive(table: &TableSchema, prefix: &str) -> TableSchemas {
     }
 }
 
+/// The allowed values of `source.snapshot`, as Debezium declares them.
+pub const SNAPSHOT_VALUES: &str =
+    "true,first,first_in_data_collection,last_in_data_collection,last,false,incremental";
+
 fn source_schema() -> Json {
     let opt = |name: &str, ty: &str| json!({"name": name, "type": ["null", ty], "default": null});
     json!({
         "type": "record", "name": "Source", "namespace": "io.debezium.connector.postgresql",
-        "connect.name": SOURCE_NAME,
+        "connect.version": 1, "connect.name": SOURCE_NAME,
         "fields": [
             {"name": "version", "type": "string"},
             {"name": "connector", "type": "string"},
             {"name": "name", "type": "string"},
             {"name": "ts_ms", "type": "long"},
-            {"name": "snapshot", "type": ["string", "null"], "default": "false"},
+            {"name": "snapshot", "type": [{"type": "string", "connect.version": 1,
+                "connect.parameters": {"allowed": SNAPSHOT_VALUES}, "connect.default": "false",
+                "connect.name": "io.debezium.data.Enum"}, "null"], "default": "false"},
             {"name": "db", "type": "string"},
             opt("sequence", "string"),
             opt("ts_us", "long"),
+            opt("ts_ns", "long"),
             {"name": "schema", "type": "string"},
             {"name": "table", "type": "string"},
             opt("txId", "long"),
             opt("lsn", "long"),
-            opt("xmin", "long")
+            opt("xmin", "long"),
+            opt("origin", "string"),
+            opt("origin_lsn", "long")
+        ]
+    })
+}
+
+/// Debezium's transaction metadata block (`event.block`); pgferry writes null, as
+/// Debezium does without `provide.transaction.metadata`.
+fn transaction_schema() -> Json {
+    json!({
+        "type": "record", "name": "block", "namespace": "event",
+        "connect.version": 1, "connect.name": "event.block",
+        "fields": [
+            {"name": "id", "type": "string"},
+            {"name": "total_order", "type": "long"},
+            {"name": "data_collection_order", "type": "long"}
         ]
     })
 }
@@ -422,8 +493,8 @@ mod tests {
             .canonical_form()
             .contains("io.debezium.connector.postgresql.Source"));
         assert!(key.canonical_form().contains("ehr.public.pa_tients.Key"));
-        // null, decimal, string (specials), Unchanged
-        assert_eq!(s.value_fields[1].string_branch, Some(2));
+        // null, decimal, Special, Unchanged
+        assert_eq!(s.value_fields[1].special_branch, Some(2));
         assert_eq!(s.value_fields[1].unchanged_branch, Some(3));
         assert_eq!(
             s.value_fields[0].unchanged_branch, None,
