@@ -99,7 +99,7 @@ impl RelationCache {
                 .is_some();
             if still_there {
                 name = TableName::new(
-                    format!("{}", rel.namespace),
+                    rel.namespace.clone(),
                     format!("{} (oid {}, not the configured table)", rel.name, rel.oid),
                 );
             } else {
