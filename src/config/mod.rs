@@ -164,6 +164,16 @@ impl Config {
                 ));
             }
         }
+        if let Some(m) = raw.kafka.min_insync_replicas {
+            let rf = raw.kafka.replication_factor;
+            if m == 0 || (rf > 0 && m as i32 > rf) {
+                return Err(err(
+                    path,
+                    "kafka.min_insync_replicas",
+                    format!("must be at least 1 and at most kafka.replication_factor ({rf})"),
+                ));
+            }
+        }
         if !(1 << 20..=1 << 30).contains(&raw.kafka.max_message_bytes) {
             return Err(err(
                 path,

@@ -67,6 +67,11 @@ pub struct KafkaConfig {
     /// Replication factor of created topics; -1 = the broker's default.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: i32,
+    /// `min.insync.replicas` of created topics: with `acks=all`, how many replicas
+    /// must hold an event before it counts as durable (and the slot may move past
+    /// it). Unset = the broker's default. Use 2 with a replication factor of 3.
+    #[serde(default)]
+    pub min_insync_replicas: Option<u32>,
     /// Follow each delete with a tombstone (null value) for log compaction. Default true.
     #[serde(default = "default_true")]
     pub tombstones: bool,
@@ -90,6 +95,7 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             partitions: default_partitions(),
             replication_factor: default_replication_factor(),
+            min_insync_replicas: None,
             tombstones: true,
             create_topics: true,
             max_message_bytes: default_max_message_bytes(),

@@ -531,6 +531,10 @@ impl KafkaStage {
             }
             let max_bytes = self.config.kafka.max_message_bytes.to_string();
             new = new.set("max.message.bytes", &max_bytes);
+            let min_isr = self.config.kafka.min_insync_replicas.map(|m| m.to_string());
+            if let Some(m) = &min_isr {
+                new = new.set("min.insync.replicas", m);
+            }
             let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
             let results =
                 self.admin.create_topics([&new], &opts).await.map_err(|e| {
