@@ -19,6 +19,7 @@
 //! error in its headers before the checkpoint moves past it.
 
 pub mod apply;
+pub mod barrier;
 pub mod checkpoint;
 pub mod decode;
 pub mod target;
@@ -122,8 +123,13 @@ pub struct SinkStage {
     /// Every configured table's topic exists and its partitions are assigned (or, in
     /// group mode, the group gave this sink its share): readiness.
     all_topics_consumed: bool,
+    /// Truncates waiting for their copies on the topic's other partitions.
+    barrier: barrier::Barrier<(Item, Decoded)>,
     health: Arc<Health>,
 }
+
+/// What decoding one message gave: `Ok(None)` for a tombstone.
+type Decoded = Result<Option<SinkEvent>, DecodeError>;
 
 impl SinkStage {
     /// Connect to the target (failing fast if it is unreachable at start), create the
@@ -164,6 +170,7 @@ impl SinkStage {
             topics,
             assigned: HashSet::new(),
             all_topics_consumed: false,
+            barrier: barrier::Barrier::default(),
             health,
             config,
         })
@@ -438,7 +445,9 @@ impl SinkStage {
         let mut decoded = Vec::with_capacity(batch.len());
         for item in batch {
             let event = self.decode(&item).await?;
-            decoded.push((item, event));
+            if let Some((item, event)) = self.through_barrier(item, event)? {
+                decoded.push((item, event));
+            }
         }
         let mut start = 0;
         while start < decoded.len() {
@@ -472,6 +481,116 @@ impl SinkStage {
                 self.poison(&decoded[end].0, &reason).await?;
                 start = end + 1;
             }
+        }
+        self.release_barriers(shutdown).await
+    }
+
+    /// Partitions of `topic` this sink consumes.
+    fn partition_count(&self, topic: &str) -> usize {
+        self.assigned.iter().filter(|(t, _)| t == topic).count()
+    }
+
+    /// Hold a truncate of a multi-partition topic at the barrier (see [`barrier`]), and
+    /// drop what a held partition delivers past it (it is read again on release).
+    /// Everything else passes. Group mode, where one sink may not own every
+    /// partition, applies truncates as they come.
+    fn through_barrier(
+        &mut self,
+        item: Item,
+        event: Decoded,
+    ) -> Result<Option<(Item, Decoded)>, Error> {
+        if self.barrier.blocks(&item.topic, item.partition) {
+            return Ok(None);
+        }
+        let truncate = match &event {
+            Ok(Some(e)) if e.op == crate::event::Op::Truncate => e.position,
+            _ => return Ok(Some((item, event))),
+        };
+        let k = (item.topic.clone(), item.partition);
+        let resent = self
+            .checkpoints
+            .get(&k)
+            .is_some_and(|c| truncate <= c.position);
+        if resent || self.sink().group.is_some() || self.partition_count(&item.topic) < 2 {
+            return Ok(Some((item, event)));
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&item.topic, item.partition);
+        self.consumer.pause(&tpl).map_err(|e| {
+            Error::transient(format!(
+                "pausing topic {} partition {} at a truncate",
+                item.topic, item.partition
+            ))
+            .with_source(e)
+        })?;
+        tracing::debug!(topic = %item.topic, partition = item.partition, offset = item.offset,
+            "truncate held until every partition reaches it");
+        let (topic, partition, offset) = (item.topic.clone(), item.partition, item.offset);
+        self.barrier
+            .hold(&topic, partition, truncate, (item, event))
+            .map_err(|held| {
+                Error::fatal(format!(
+                    "topic {topic} partition {partition} offset {offset} carries a truncate at {}/{} while \
+                     another partition waits at the truncate at {}/{}: the partitions disagree on their order",
+                    truncate.0, truncate.1, held.0, held.1
+                ))
+            })?;
+        Ok(None)
+    }
+
+    /// Apply each truncate that every partition of its topic reached, in one target
+    /// transaction with all their checkpoints, then let the partitions go on from
+    /// just past it.
+    async fn release_barriers(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
+        if self.barrier.is_empty() {
+            return Ok(());
+        }
+        let assigned = self.assigned.clone();
+        let complete = self
+            .barrier
+            .complete(|t| assigned.iter().filter(|(a, _)| a == t).count());
+        for (topic, copies) in complete {
+            let slice: Vec<(&Item, Option<&SinkEvent>)> = copies
+                .iter()
+                .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
+                .collect();
+            match self.apply_with_retry(&slice, shutdown).await? {
+                Outcome::Applied => {}
+                // Nothing moved: on restart the barrier forms again from the checkpoints.
+                Outcome::Interrupted => return Ok(()),
+                Outcome::Rejected(_, reason) => {
+                    return Err(Error::fatal(format!(
+                        "the target refused the truncate of topic {topic}: {reason}"
+                    ))
+                    .with_hint("a truncate cannot be dead-lettered; fix the target (e.g. foreign keys onto the table) and restart"))
+                }
+            }
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for (item, _) in &copies {
+                let next = rdkafka::Offset::Offset(item.offset + 1);
+                let mut sought = false;
+                for _ in 0..20 {
+                    if self
+                        .consumer
+                        .seek(&item.topic, item.partition, next, Duration::from_secs(2))
+                        .is_ok()
+                    {
+                        sought = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if !sought {
+                    // Re-assigning at the checkpoints puts every partition right.
+                    self.assigned.clear();
+                }
+                tpl.add_partition(&item.topic, item.partition);
+            }
+            self.consumer.resume(&tpl).map_err(|e| {
+                Error::transient(format!("resuming topic {topic} after its truncate"))
+                    .with_source(e)
+            })?;
+            tracing::info!(%topic, partitions = copies.len(), "truncate applied once every partition reached it");
         }
         Ok(())
     }
@@ -730,12 +849,16 @@ impl SinkStage {
         if self_group {
             // Several sinks may own a partition in turn: the target's checkpoint, locked
             // for this transaction, is the truth about what is applied.
+            // Only this batch's own partitions: locking a whole topic's rows made two
+            // sinks that share a topic wait on (and re-plan against) each other.
             let topics: Vec<String> = next.keys().map(|(t, _)| t.clone()).collect();
+            let partitions: Vec<i32> = next.keys().map(|(_, p)| *p).collect();
             let rows = tx
                 .query(
                     "select topic, partition, next_offset, commit_lsn::text, ordinal from pgferry.checkpoints \
-                     where consumer = $1 and topic = any($2) for update",
-                    &[&consumer_name, &topics],
+                     where consumer = $1 and (topic, partition) in (select * from unnest($2::text[], $3::int[])) \
+                     for update",
+                    &[&consumer_name, &topics, &partitions],
                 )
                 .await
                 .map_err(classify)?;
