@@ -402,9 +402,11 @@ pub fn wait_streaming(db: &TestDb, tag: &str) {
         "select count(*) from pg_stat_replication r join pg_replication_slots s on s.active_pid = r.pid \
          where s.slot_name = '{slot}'"
     );
+    // Creating a slot waits for every transaction open on the server to end, and
+    // other tests run long ones: allow for it.
     wait_for(
         &format!("slot {slot} to be streamed"),
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         || (db.value(&query).as_deref() == Some("1")).then_some(()),
     );
 }
