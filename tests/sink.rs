@@ -81,34 +81,59 @@ fn rows(db: &TestDb, query: &str) -> Vec<Vec<Option<String>>> {
 
 #[test]
 fn end_to_end_every_type_mapping_toast_and_add_column() {
-    let src = TestDb::new("e2e");
-    let tgt = TestDb::on(&target_url(), "e2e_t");
+    every_type_end_to_end("avro");
+}
+
+/// Issue 8.10: the JSON format carries every type exactly as Avro does (json byte for
+/// byte, jsonb null apart from SQL NULL, big numbers, multi-dimensional arrays).
+#[test]
+fn end_to_end_every_type_in_json_format() {
+    every_type_end_to_end("json");
+}
+
+fn every_type_end_to_end(format: &str) {
+    let src = TestDb::new(&format!("e2e{format}"));
+    let tgt = TestDb::on(&target_url(), &format!("e2e{format}_t"));
     let types_ddl = "create extension if not exists citext;
          create type mood as enum ('calm', 'tense');
          create domain posint as int check (value > 0);";
-    src.sql(&format!(
-        "{types_ddl}
-         create table patients (id int primary key, name text not null, ssn text, ward text, notes text);
-         alter table patients alter column notes set storage external;
-         create table types (
+    let types_table = "create table types (
            id int primary key, b bool, i2 int2, i8 int8, o oid, f4 float4, f8 float8, f8z float8,
            n numeric(12,4), nn numeric, nnan numeric, m money, t text, vc varchar(10), bp char(3), ci citext,
            nm name, ip inet, cidr cidr, mac macaddr, e mood, r int4range, x xml, iv interval, u uuid,
            j json, jb jsonb, d date, dinf date, tm time, ts timestamp, tsinf timestamp, tz timestamptz,
            ttz timetz, by bytea, ai int[], a2 int[], at text[], dm posint
-         );"
+         );";
+    src.sql(&format!(
+        "{types_ddl}
+         create table patients (id int primary key, name text not null, ssn text, ward text, notes text);
+         alter table patients alter column notes set storage external;
+         {types_table}"
     ));
     tgt.sql(&format!("{types_ddl} create table patients_h (id int primary key, full_name text not null, ward text, notes text)"));
+    // JSON carries no column types: the target tables exist, with the later column.
+    let sink_extra = if format == "json" {
+        tgt.sql(&format!(
+            "{types_table} alter table patients_h add column bed int;"
+        ));
+        String::new()
+    } else {
+        "create_tables = true".to_string()
+    };
     let (cfg, _) = pipeline_config(
         &src,
         &tgt,
-        "s_e2e",
-        "create_tables = true",
+        &format!("s_e2e{format}"),
+        &sink_extra,
         "[[tables]]\nsource = \"public.patients\"\ntarget = \"public.patients_h\"\nexclude = [\"ssn\"]\n\
          rename = { name = \"full_name\" }\n[[tables]]\nsource = \"public.types\"\n",
     );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[kafka]\n", &format!("[kafka]\nformat = \"{format}\"\n"));
+    std::fs::write(&cfg, text).unwrap();
     let p = run(&cfg);
-    wait_streaming(&src, "s_e2e");
+    wait_streaming(&src, &format!("s_e2e{format}"));
     src.sql(
         r#"insert into patients select g, 'patient ' || g, 'ssn' || g, 'ward ' || (g % 5),
                   (select string_agg(md5(g::text || h::text), '') from generate_series(1, 500) h)
@@ -147,7 +172,11 @@ fn end_to_end_every_type_mapping_toast_and_add_column() {
                   '{1,NULL,3}'::int[], '{{1,2},{3,4}}'::int[], '{"a b",NULL,"NULL","q\"uote"}'::text[], 5::posint))
                 as v(id, b, i2, i8, o, f4, f8, f8z, n, nn, nnan, m, t, vc, bp, ci, nm, ip, cidr, mac, e, r, x, iv, u, j,
                      jb, d, dinf, tm, ts, tsinf, tz, ttz, by, ai, a2, at, dm);
-         insert into types (id) values (12);"#,
+         insert into types (id) values (12);
+         insert into types (id, j, jb, nn) values
+           (20, '{"a": 1,   "a": 2}', 'null', 12345678901234567890.123456789),
+           (21, '[1, "x"]', '[1, {"k": 12345678901234567890.123456789}]', null),
+           (22, '"scalar"', '3', null);"#,
     );
     wait_equal(&cfg, &p);
 
@@ -164,8 +193,14 @@ fn end_to_end_every_type_mapping_toast_and_add_column() {
     assert_eq!(source, target);
     let source = rows(&src, "select row(t.*)::text from types t order by id");
     let target = rows(&tgt, "select row(t.*)::text from types t order by id");
-    assert_eq!(source.len(), 3);
+    assert_eq!(source.len(), 6);
     assert_eq!(source, target);
+    // json byte for byte; a jsonb null is not SQL NULL.
+    assert_eq!(
+        tgt.value("select j::text || '|' || (jb is null)::text from types where id = 20")
+            .as_deref(),
+        Some(r#"{"a": 1,   "a": 2}|false"#)
+    );
     // Excluded columns never arrive; the added column did.
     assert_eq!(tgt.value("select count(*) from information_schema.columns where table_name = 'patients_h' and column_name = 'ssn'").as_deref(), Some("0"));
     assert_eq!(

@@ -325,7 +325,7 @@ impl KafkaStage {
                 has_key
             }
             Format::Json => {
-                let has_key = json::write_key_object(change, &mut self.key_buf);
+                let has_key = json::write_key_object(change, json::Style::Kafka, &mut self.key_buf);
                 json::write_debezium_envelope(
                     change,
                     &self.source.name,
@@ -553,29 +553,41 @@ impl KafkaStage {
                 }
             }
         }
-        let producer = self.producer.clone();
-        let name = topic.to_string();
-        let meta = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
-        })
-        .await
-        .map_err(|e| Error::fatal("reading topic metadata").with_source(e))?
-        .map_err(|e| {
-            Error::transient(format!("reading the metadata of topic {topic}")).with_source(e)
-        })?;
-        let partitions = meta
-            .topics()
-            .first()
-            .map(|t| t.partitions().len() as i32)
-            .filter(|p| *p > 0)
-            .ok_or_else(|| {
-                Error::operator(format!("topic {topic} does not exist"))
-                    .with_hint("create it, or set kafka.create_topics = true")
+        // A topic just created may take a moment to show in every broker's metadata.
+        let deadline = tokio::time::Instant::now() + METADATA_TIMEOUT;
+        loop {
+            let producer = self.producer.clone();
+            let name = topic.to_string();
+            let meta = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+            })
+            .await
+            .map_err(|e| Error::fatal("reading topic metadata").with_source(e))?
+            .map_err(|e| {
+                Error::transient(format!("reading the metadata of topic {topic}")).with_source(e)
             })?;
-        self.topics.insert(topic.to_string(), partitions);
-        Ok(partitions)
+            let partitions = meta
+                .topics()
+                .first()
+                .filter(|t| t.error().is_none())
+                .map(|t| t.partitions().len() as i32)
+                .filter(|p| *p > 0);
+            match partitions {
+                Some(p) => {
+                    self.topics.insert(topic.to_string(), p);
+                    return Ok(p);
+                }
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => {
+                    return Err(Error::operator(format!("topic {topic} does not exist"))
+                        .with_hint("create it, or set kafka.create_topics = true"))
+                }
+            }
+        }
     }
 }
 

@@ -243,6 +243,12 @@ fn plain_text(v: &Avro, ty: &Json) -> Result<String, DecodeError> {
         Avro::Boolean(b) => if *b { "t" } else { "f" }.into(),
         // Debezium's semantic types carry no Avro logical type: the name says.
         Avro::Int(d) if is_named(ty, "io.debezium.time.Date") => pgtext::format_date(*d),
+        Avro::Int(ms) if is_named(ty, "io.debezium.time.Time") => {
+            pgtext::format_time(i64::from(*ms) * 1000)
+        }
+        Avro::Long(ms) if is_named(ty, "io.debezium.time.Timestamp") => {
+            pgtext::format_timestamp(ms.saturating_mul(1000))
+        }
         Avro::Long(t) if is_named(ty, "io.debezium.time.MicroTime") => pgtext::format_time(*t),
         Avro::Long(t) if is_named(ty, "io.debezium.time.MicroTimestamp") => {
             pgtext::format_timestamp(*t)
@@ -378,8 +384,10 @@ fn json_text(v: &Json) -> SinkValue {
                 if i > 0 {
                     out.push(',');
                 }
-                match json_text(item) {
-                    SinkValue::Text(t) => quote_array_element(&mut out, &t),
+                match (item, json_text(item)) {
+                    // A sub-array of a multi-dimensional array: its literal, unquoted.
+                    (Json::Array(_), SinkValue::Text(t)) => out.push_str(&t),
+                    (_, SinkValue::Text(t)) => quote_array_element(&mut out, &t),
                     _ => out.push_str("NULL"),
                 }
             }
@@ -403,6 +411,10 @@ mod tests {
         assert_eq!(
             json_text(&serde_json::json!([1, null, "x y"])),
             SinkValue::Text(r#"{"1",NULL,"x y"}"#.into())
+        );
+        assert_eq!(
+            json_text(&serde_json::json!([[1, 2], [3, null]])),
+            SinkValue::Text(r#"{{"1","2"},{"3",NULL}}"#.into())
         );
     }
 

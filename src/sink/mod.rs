@@ -808,6 +808,10 @@ impl SinkStage {
                     cp.position = event.position;
                     fresh.push(*event);
                 }
+            } else if let Ok(position) = decode::position(&item.headers) {
+                // A tombstone, or a dead-lettered event: passed over, and its position
+                // too, so a re-send of it is not taken up again.
+                cp.position = cp.position.max(position);
             }
         }
         let mut counts = apply::Counts::new();

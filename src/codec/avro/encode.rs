@@ -272,11 +272,18 @@ fn write_value(
             )
         }
         ValueKind::Time => write_long(out, pgtext::parse_time(text).map_err(|e| bad("time", &e))?),
-        ValueKind::Timestamp => {
+        ValueKind::TimeMillis => write_long(
+            out,
+            pgtext::parse_time(text).map_err(|e| bad("time", &e))? / 1000,
+        ),
+        ValueKind::Timestamp | ValueKind::TimestampMillis => {
             if is_infinity(text) {
                 return Ok(true);
             }
             match pgtext::parse_timestamp(text) {
+                Ok(micros) if *kind == ValueKind::TimestampMillis => {
+                    write_long(out, micros.div_euclid(1000))
+                }
                 Ok(micros) => write_long(out, micros),
                 // PostgreSQL wrote it, so it is a legal timestamp: one past 294246 AD,
                 // beyond i64 microseconds. Its text travels instead.

@@ -58,7 +58,11 @@ pub enum ValueKind {
     Json,
     Date,
     Time,
+    /// time(0..3): milliseconds, as Debezium's adaptive precision writes them.
+    TimeMillis,
     Timestamp,
+    /// timestamp(0..3): milliseconds, as Debezium's adaptive precision writes them.
+    TimestampMillis,
     Timestamptz,
     Bytes,
     Array(Box<ValueKind>),
@@ -84,7 +88,12 @@ impl ValueKind {
             TypeKind::Uuid => ValueKind::Uuid,
             TypeKind::Json | TypeKind::Jsonb => ValueKind::Json,
             TypeKind::Date => ValueKind::Date,
+            // Debezium's default (adaptive) precision: milliseconds up to a declared
+            // precision of 3, microseconds beyond. A reader holding its schema would
+            // read microseconds where it expects milliseconds as a value 1000x larger.
+            TypeKind::Time if (0..=3).contains(&typmod) => ValueKind::TimeMillis,
             TypeKind::Time => ValueKind::Time,
+            TypeKind::Timestamp if (0..=3).contains(&typmod) => ValueKind::TimestampMillis,
             TypeKind::Timestamp => ValueKind::Timestamp,
             TypeKind::Timestamptz => ValueKind::Timestamptz,
             TypeKind::Bytea => ValueKind::Bytes,
@@ -107,6 +116,7 @@ impl ValueKind {
                 | ValueKind::VarDecimal
                 | ValueKind::Date
                 | ValueKind::Timestamp
+                | ValueKind::TimestampMillis
                 | ValueKind::Timestamptz
                 | ValueKind::Array(_)
         )
@@ -288,6 +298,12 @@ fn type_json(kind: &ValueKind, names: &mut Names) -> Json {
         ValueKind::Timestamp => json!({
             "type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroTimestamp"
         }),
+        ValueKind::TimeMillis => json!({
+            "type": "int", "connect.version": 1, "connect.name": "io.debezium.time.Time"
+        }),
+        ValueKind::TimestampMillis => json!({
+            "type": "long", "connect.version": 1, "connect.name": "io.debezium.time.Timestamp"
+        }),
         ValueKind::Timestamptz => json!({
             "type": "string", "connect.version": 1, "connect.name": "io.debezium.time.ZonedTimestamp"
         }),
@@ -464,6 +480,34 @@ mod tests {
             type_name: "t".into(),
             nullable,
         }
+    }
+
+    #[test]
+    fn times_follow_debeziums_adaptive_precision() {
+        let ty = |kind| PgType {
+            oid: 0,
+            name: "t".into(),
+            kind,
+            delimiter: b',',
+        };
+        assert_eq!(
+            ValueKind::of(&ty(TypeKind::Timestamp), 3),
+            ValueKind::TimestampMillis
+        );
+        assert_eq!(
+            ValueKind::of(&ty(TypeKind::Timestamp), 0),
+            ValueKind::TimestampMillis
+        );
+        assert_eq!(
+            ValueKind::of(&ty(TypeKind::Timestamp), 4),
+            ValueKind::Timestamp
+        );
+        assert_eq!(
+            ValueKind::of(&ty(TypeKind::Timestamp), -1),
+            ValueKind::Timestamp
+        );
+        assert_eq!(ValueKind::of(&ty(TypeKind::Time), 2), ValueKind::TimeMillis);
+        assert_eq!(ValueKind::of(&ty(TypeKind::Time), -1), ValueKind::Time);
     }
 
     #[test]
