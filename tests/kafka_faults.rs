@@ -28,6 +28,8 @@ fn config(
 ) -> std::path::PathBuf {
     mock.create_topic(&format!("{prefix}.public.{table}"), 1, 3)
         .unwrap();
+    mock.create_topic(&format!("{prefix}._state"), 1, 3)
+        .unwrap();
     db.config(
         &format!("{slot}.toml"),
         slot,
@@ -114,6 +116,48 @@ fn brokers_down_stalls_confirmation_with_bounded_memory_and_loses_nothing() {
     wait_for("confirmation to resume", Duration::from_secs(60), || {
         (lsn(&db.confirmed_flush("s_kdown").unwrap()) >= end).then_some(())
     });
+}
+
+/// Issue 8.16: SIGTERM while every broker is down ends the process within a bounded
+/// time, with exit 0, and confirms nothing that Kafka did not take.
+#[test]
+fn sigterm_while_brokers_are_down_stops_in_bounded_time_confirming_nothing_undelivered() {
+    let mock = MockCluster::new(3).unwrap();
+    let db = TestDb::new("ktermdown");
+    db.sql("create table d (id int primary key, pad text)");
+    let cfg = config(&db, "s_ktd", &mock, "termdown", "", "d");
+    let mut run = run_source(&cfg);
+    wait_streaming(&db, "s_ktd");
+    db.sql("insert into d select g, 'x' from generate_series(1, 100) g");
+    let before_outage = last_commit(&db);
+    wait_for(
+        "the first rows to be confirmed",
+        Duration::from_secs(30),
+        || (lsn(&db.confirmed_flush("s_ktd").unwrap()) >= before_outage).then_some(()),
+    );
+    for broker in 1..=3 {
+        mock.broker_down(broker).unwrap();
+    }
+    db.sql("insert into d select g, 'y' from generate_series(101, 5000) g");
+    let after_inserts = last_commit(&db);
+    std::thread::sleep(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let status = run.terminate();
+    let took = started.elapsed();
+    eprintln!("SIGTERM with every broker down: exit {status:?} after {took:?}");
+    assert!(status.success(), "exit 0 on SIGTERM: {}", run.stderr_text());
+    assert!(
+        took < Duration::from_secs(35),
+        "stops within a bounded time, took {took:?}"
+    );
+    let confirmed = lsn(&db.confirmed_flush("s_ktd").unwrap());
+    assert!(
+        confirmed < after_inserts,
+        "nothing Kafka did not take may be confirmed"
+    );
+    for broker in 1..=3 {
+        mock.broker_up(broker).unwrap();
+    }
 }
 
 #[test]

@@ -38,7 +38,9 @@ use crate::metrics::{metrics, record_error};
 use crate::timestamp::PgTimestamp;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The producer's last flush at stop; by then the source has stopped confirming, so
+/// what is still undelivered is only sent again after a restart.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// State shared with librdkafka's delivery callback thread.
 struct Shared {

@@ -53,8 +53,11 @@ const STATUS_TICK: Duration = Duration::from_secs(1);
 const STATUS_MIN_GAP: Duration = Duration::from_millis(100);
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How long a graceful stop waits for in-flight events to become durable.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a graceful stop waits for in-flight events to become durable (and their
+/// position recorded). With the brokers down it ends the stop: what was not durable
+/// is not confirmed and is read again on restart. Short enough that SIGTERM stays
+/// well inside systemd's stop timeout together with the producer's flush.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A source that passed its startup checks and is ready to stream.
 pub struct Source {
