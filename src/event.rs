@@ -321,6 +321,29 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// About how many bytes the event holds: its values, plus a fixed overhead. What
+    /// the byte budget between stages counts (see `budget`).
+    pub fn weight(&self) -> usize {
+        const OVERHEAD: usize = 64;
+        let Event::Change(c) = self else {
+            return OVERHEAD;
+        };
+        let row = |r: &Option<Row>| {
+            r.as_ref().map_or(0, |r| {
+                r.values
+                    .iter()
+                    .map(|d| match d {
+                        Datum::Text(t) => t.as_str().len() + 8,
+                        _ => 8,
+                    })
+                    .sum()
+            })
+        };
+        OVERHEAD + row(&c.before) + row(&c.after)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@
 //! One event model ([`event`]) flows through every stage; stages talk through bounded
 //! channels; the wiring lives in [`pipeline`].
 
+pub mod budget;
 pub mod codec;
 pub mod config;
 pub mod error;

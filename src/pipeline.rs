@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::ByteBudget;
 use crate::codec::json;
 use crate::config::Config;
 use crate::error::Error;
@@ -144,15 +145,17 @@ pub async fn tail(
     cancel_on_signals(shutdown.clone());
     let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let budget = Arc::new(ByteBudget::new(crate::budget::DEFAULT_BYTES));
     let downstream = Downstream {
         events: events_tx,
+        budget: budget.clone(),
         durable: durable_rx,
     };
     let source_task = tokio::spawn(source.run(downstream, link, shutdown.clone(), health));
 
     // A plain thread writes stdout: tokio's stdout hands every write to its blocking
     // pool, and the thread hops cost more than the JSON itself.
-    let writer = std::thread::spawn(move || write_tail_lines(events, durable_tx));
+    let writer = std::thread::spawn(move || write_tail_lines(events, &budget, durable_tx));
     let result = source_task
         .await
         .map_err(|e| Error::fatal("the source task failed").with_source(e))?;
@@ -174,6 +177,7 @@ pub async fn tail(
 /// sender, which tells the source to confirm what is durable and stop.
 fn write_tail_lines(
     mut events: mpsc::Receiver<Event>,
+    budget: &ByteBudget,
     durable: watch::Sender<Lsn>,
 ) -> std::io::Result<()> {
     use std::io::Write;
@@ -182,6 +186,7 @@ fn write_tail_lines(
     let mut buf = Vec::with_capacity(TAIL_WRITE_CHUNK * 2);
     let mut pending: Option<Lsn> = None;
     while let Some(event) = events.blocking_recv() {
+        budget.give(&event);
         match event {
             Event::Change(change) => json::write_tail_line(&change, &mut buf),
             Event::Commit { end_lsn, .. } => pending = Some(end_lsn),
@@ -244,15 +249,17 @@ pub async fn run(config: Arc<Config>, stages: Stages, accept_data_loss: bool) ->
         let store = crate::kafka::state::KafkaStateStore::new(config.clone(), &slot)?;
         let (source, link, keeper) = prepare_source(&config, slot, store, accept_data_loss).await?;
         let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+        let budget = Arc::new(ByteBudget::new(crate::budget::DEFAULT_BYTES));
         let downstream = Downstream {
             events: events_tx,
+            budget: budget.clone(),
             durable: durable_rx,
         };
         let source_task =
             tokio::spawn(source.run(downstream, link, shutdown.clone(), health.clone()));
         let stop = shutdown.clone();
         Some(tokio::spawn(async move {
-            let kafka_result = kafka.run(events).await;
+            let kafka_result = kafka.run(events, budget).await;
             if kafka_result.is_err() {
                 // The producer (and with it the durable channel) is gone: the source
                 // stops without confirming anything more.

@@ -67,7 +67,27 @@ impl AckTracker {
         if let Some(p) = self.get(seq) {
             p.end = Some(end);
         }
+        // A transaction that sent nothing, right after a complete one, adds only its
+        // end: fold it into that one, so that a stream of such transactions (changes
+        // of unconfigured tables) does not grow the queue while the brokers are down.
+        // Its sequence number is handed out again: nothing refers to it any more.
+        let n = self.pending.len();
+        if n >= 2 {
+            let (last, prev) = (&self.pending[n - 1], &self.pending[n - 2]);
+            if last.seq == seq && last.outstanding == 0 && prev.end.is_some() {
+                self.pending.pop_back();
+                self.next_seq -= 1;
+                if let Some(p) = self.pending.back_mut() {
+                    p.end = p.end.max(Some(end));
+                }
+            }
+        }
         self.advance()
+    }
+
+    /// Transactions still waiting for acknowledgements.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
     }
 
     fn advance(&mut self) -> Option<Lsn> {
@@ -135,6 +155,28 @@ mod tests {
         assert_eq!(t.acked(a), Some(Lsn(200)));
         let c = t.begin();
         assert_eq!(t.commit(c, Lsn(300)), Some(Lsn(300)));
+    }
+
+    #[test]
+    fn empty_transactions_do_not_grow_the_queue_while_nothing_is_acked() {
+        let mut t = AckTracker::new();
+        let a = t.begin();
+        t.sent(a);
+        t.commit(a, Lsn(100));
+        for i in 0..10_000u64 {
+            let e = t.begin();
+            assert_eq!(t.commit(e, Lsn(200 + i)), None);
+        }
+        assert_eq!(t.pending(), 1, "folded into the waiting transaction");
+        let b = t.begin();
+        t.sent(b);
+        t.commit(b, Lsn(20_000));
+        assert_eq!(
+            t.acked(a),
+            Some(Lsn(10_199)),
+            "durable up to the last empty one"
+        );
+        assert_eq!(t.acked(b), Some(Lsn(20_000)));
     }
 
     #[test]

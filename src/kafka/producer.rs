@@ -230,7 +230,11 @@ impl KafkaStage {
     }
 
     /// Produce events until the source closes the channel, then flush.
-    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<(), Error> {
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        budget: Arc<crate::budget::ByteBudget>,
+    ) -> Result<(), Error> {
         let mut open: Option<u64> = None;
         let shared = self.shared.clone();
         let result = loop {
@@ -247,7 +251,7 @@ impl KafkaStage {
                 _ = &mut delivered => continue,
             };
             let Some(event) = event else { break Ok(()) };
-            let step = match event {
+            let step = match &event {
                 Event::Begin(_) => {
                     // A Begin while a transaction is open means the source reconnected
                     // mid-transaction and sends it again whole: keep counting its
@@ -258,12 +262,12 @@ impl KafkaStage {
                     Ok(())
                 }
                 Event::Change(change) => match open {
-                    Some(seq) => self.produce_change(&change, seq).await,
+                    Some(seq) => self.produce_change(change, seq).await,
                     None => Err(Error::fatal("a change arrived outside a transaction")),
                 },
                 Event::Commit { end_lsn, .. } => {
                     if let Some(seq) = open.take() {
-                        let moved = self.lock_tracker().commit(seq, end_lsn);
+                        let moved = self.lock_tracker().commit(seq, *end_lsn);
                         if let Some(lsn) = moved {
                             self.shared.durable.send_replace(lsn);
                         }
@@ -271,6 +275,8 @@ impl KafkaStage {
                     Ok(())
                 }
             };
+            // Produced: its bytes are in librdkafka's own bounded queue now.
+            budget.give(&event);
             if let Err(e) = step {
                 break Err(e);
             }

@@ -15,7 +15,8 @@
 //! after the last transaction handed on, so nothing is lost; a transaction cut off
 //! mid-way is sent again whole (the next stage may see its first changes twice).
 //!
-//! Backpressure: the event channel is bounded. While it is full the stage stops
+//! Backpressure: the event channel is bounded, by count and by bytes
+//! ([`crate::budget`]). While it is full the stage stops
 //! reading the socket (TCP pushes back on the walsender) but keeps sending status
 //! updates so `wal_sender_timeout` does not end the connection.
 
@@ -77,6 +78,8 @@ pub struct Source {
 /// The channels that connect the source to the next stage.
 pub struct Downstream {
     pub events: mpsc::Sender<Event>,
+    /// Bytes of events in the channel: taken here, given back by the next stage.
+    pub budget: Arc<crate::budget::ByteBudget>,
     /// Highest commit end LSN that is durable downstream.
     pub durable: watch::Receiver<Lsn>,
 }
@@ -482,6 +485,21 @@ impl Session<'_> {
         conn: &mut ReplicationConn,
         down: &mut Downstream,
     ) -> Result<(), Error> {
+        // Room by bytes first (status updates go on while waiting), then by count.
+        {
+            let budget = down.budget.clone();
+            let taken = budget.take(&event);
+            tokio::pin!(taken);
+            loop {
+                tokio::select! {
+                    _ = &mut taken => break,
+                    _ = tokio::time::sleep(self.source.status_interval) => {
+                        self.progress.durable(*down.durable.borrow());
+                        self.status(conn, false).await?;
+                    }
+                }
+            }
+        }
         loop {
             tokio::select! {
                 permit = down.events.reserve() => {
