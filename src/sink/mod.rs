@@ -49,8 +49,9 @@ use target::{Mapping, TargetTable};
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const ASSIGNMENT_REFRESH: Duration = Duration::from_secs(5);
-/// Reads of the schema topic before an unknown fingerprint makes an event poison.
-const SCHEMA_ATTEMPTS: usize = 20;
+/// Reads of the schema topic, half a second apart, before an unknown fingerprint is
+/// reported (and waited for with backoff).
+const SCHEMA_ATTEMPTS: usize = 6;
 
 /// One consumed message, owned.
 #[derive(Debug, Clone)]
@@ -444,7 +445,28 @@ impl SinkStage {
     ) -> Result<(), Error> {
         let mut decoded = Vec::with_capacity(batch.len());
         for item in batch {
-            let event = self.decode(&item).await?;
+            // A registry or broker hiccup, or a schema not visible yet, is waited
+            // out: never a reason to stop, nor to dead-letter the event.
+            let mut backoff = BACKOFF_START;
+            let event = loop {
+                match self.decode(&item).await {
+                    Ok(event) => break event,
+                    Err(e) if e.is_transient() => {
+                        self.health.set_sink_streaming(false);
+                        record_error("sink", &e);
+                        tracing::warn!(error = %e, topic = %item.topic, partition = item.partition,
+                            offset = item.offset, retry_in_ms = backoff.as_millis() as u64,
+                            "cannot decode the event yet; waiting");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            // Nothing of this batch was applied: it is read again.
+                            _ = shutdown.cancelled() => return Ok(()),
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             if let Some((item, event)) = self.through_barrier(item, event)? {
                 decoded.push((item, event));
             }
@@ -664,11 +686,15 @@ impl SinkStage {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     self.load_schema_topic().await?;
-                    if self.by_fingerprint.contains_key(&fp) {
-                        break;
+                    if let Some(s) = self.by_fingerprint.get(&fp) {
+                        return Ok(Some(s.clone()));
                     }
                 }
-                Ok(self.by_fingerprint.get(&fp).cloned())
+                Err(Error::transient(format!(
+                    "the schema with fingerprint {} is not on {}._schemas (yet)",
+                    crate::kafka::producer::fingerprint_hex(&fp),
+                    self.config.kafka.topic_prefix
+                )))
             }
         }
     }
