@@ -1,6 +1,11 @@
 //! The HTTP endpoint on `[http].listen`: `/metrics` (Prometheus text), `/healthz`
 //! (the process is alive) and `/readyz` (every enabled stage is streaming).
 //! A deliberately tiny HTTP/1.1 responder: three GET routes do not need a framework.
+//!
+//! It faces whatever can reach the port, so it is bounded: at most
+//! [`MAX_CONNECTIONS`] at once (more are closed at once), request headers of at most
+//! [`MAX_HEADER_BYTES`] (else 431), and [`HEADER_TIMEOUT`] to send them (a slow client
+//! is dropped and frees its slot).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +15,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::error::Error;
 use crate::health::Health;
+
+pub const MAX_CONNECTIONS: usize = 32;
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bind the listener now (so a busy port is a startup error) and serve in the
 /// background. Returns the bound address (useful with port 0).
@@ -22,15 +31,22 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> Result<std::net::Socket
     let addr = listener
         .local_addr()
         .map_err(|e| Error::fatal("http.listen: reading the bound address").with_source(e))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        // Full: close at once rather than queue behind slow clients.
+                        drop(stream);
+                        continue;
+                    };
                     let health = health.clone();
                     tokio::spawn(async move {
                         let _ =
                             tokio::time::timeout(Duration::from_secs(10), respond(stream, &health))
                                 .await;
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -47,12 +63,31 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> Result<std::net::Socket
 async fn respond(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
+    let read_headers = async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() <= MAX_HEADER_BYTES {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        buf.extend_from_slice(&chunk[..n]);
+        Ok::<_, std::io::Error>(())
+    };
+    if tokio::time::timeout(HEADER_TIMEOUT, read_headers)
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    if buf.len() > MAX_HEADER_BYTES {
+        let body = "request headers too large\n";
+        let head = format!(
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        return stream.shutdown().await;
     }
     let request = String::from_utf8_lossy(&buf);
     let mut parts = request.split_whitespace();
@@ -89,4 +124,39 @@ async fn respond(mut stream: TcpStream, health: &Health) -> std::io::Result<()> 
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(request.as_bytes()).await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn slow_clients_and_huge_headers_cannot_starve_the_probes() {
+        let addr = serve("127.0.0.1:0", Arc::new(Health::new(true, false)))
+            .await
+            .unwrap();
+        // More idle connections than there are slots, sending nothing.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS * 3 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(HEADER_TIMEOUT + Duration::from_millis(500)).await;
+        let ok = get(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        let big = format!(
+            "GET /healthz HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEADER_BYTES * 2)
+        );
+        let refused = get(addr, &big).await;
+        assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+        drop(idle);
+    }
 }
