@@ -169,6 +169,9 @@ async fn run(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            for w in pgferry::source::check::warnings(&config) {
+                eprintln!("pgferry: warning: {w}");
+            }
             let problems = pgferry::source::check::check(&config).await;
             for p in &problems {
                 println!("{p}");

@@ -227,6 +227,9 @@ pub async fn run(config: Arc<Config>, stages: Stages, accept_data_loss: bool) ->
             config.path.display()
         )));
     }
+    for w in crate::source::check::warnings(&config) {
+        tracing::warn!("{w}");
+    }
     let health = Arc::new(Health::new(with_source, with_sink));
     start_http(&config, &health).await?;
     let shutdown = CancellationToken::new();

@@ -157,6 +157,27 @@ fn check_reports_each_problem_on_its_own_line() {
     let (code, out, err) = run(&["check", "--config", ok.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ok:"), "{out}");
+    // Issue 8.19: a connection that does not verify the server is warned about.
+    assert!(
+        err.contains("warning: source.url: sslmode=prefer"),
+        "the default sslmode does not verify the server: {err}"
+    );
+    let ca = format!("{}/ca.crt", service_env("PGFERRY_SERVICES_DIR"));
+    let verified = db.config_with_url(
+        "verified.toml",
+        &format!(
+            "{}?sslmode=verify-full&sslrootcert={ca}",
+            db.url.replace("127.0.0.1", "localhost")
+        ),
+        "s_check",
+        "[[tables]]\nsource = \"public.good\"\nexclude = [\"ssn\"]\n",
+    );
+    let (code, out, err) = run(&["check", "--config", verified.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !err.contains("warning"),
+        "verify-full is not warned about: {err}"
+    );
 
     let bad = db.config(
         "bad.toml",

@@ -7,6 +7,32 @@ use super::slot;
 use crate::config::Config;
 use crate::error::Error;
 
+/// Warnings that do not stop pgferry but that an operator should know: connections
+/// whose server certificate is not verified (`sslmode` `disable`, `prefer` or
+/// `require`), over which a man in the middle could read PHI or the password.
+pub fn warnings(config: &Config) -> Vec<String> {
+    use crate::pg::url::SslMode;
+    let mut out = Vec::new();
+    let urls = std::iter::once(("source.url", &config.source.url))
+        .chain(config.sink.as_ref().map(|s| ("sink.url", &s.url)));
+    for (key, url) in urls {
+        let what = match url.sslmode {
+            SslMode::Disable => "sends everything, the password too, in clear text",
+            SslMode::Prefer => "falls back to clear text when the server offers no TLS, and does not verify the server",
+            SslMode::Require => "encrypts but does not verify the server's certificate",
+            SslMode::VerifyCa | SslMode::VerifyFull => continue,
+        };
+        if url.host.starts_with('/') {
+            continue; // a Unix socket never leaves the machine
+        }
+        out.push(format!(
+            "{key}: sslmode={} {what}; use sslmode=verify-full with sslrootcert=<CA file>",
+            url.sslmode.as_str()
+        ));
+    }
+    out
+}
+
 /// Problems found on the source (empty = ready).
 pub async fn check(config: &Config) -> Vec<String> {
     let client = match crate::pg::connect(&config.source.url, "check").await {
