@@ -55,9 +55,20 @@ pub struct KafkaConfig {
     /// `avro` (default) or `json`.
     #[serde(default)]
     pub format: Format,
-    /// Confluent-compatible schema registry URL; empty = schemas on `<prefix>._schemas`.
+    /// Confluent-compatible schema registry URL (`http://` or `https://`); empty =
+    /// schemas on `<prefix>._schemas`.
     #[serde(default)]
     pub schema_registry: String,
+    /// CA certificates (PEM) that verify an `https://` registry; default: the system's
+    /// bundle (/etc/ssl/certs/ca-certificates.crt).
+    #[serde(default)]
+    pub schema_registry_ca: Option<std::path::PathBuf>,
+    /// Basic-auth user of the registry (with `schema_registry_password`).
+    #[serde(default)]
+    pub schema_registry_user: Option<String>,
+    /// Basic-auth password of the registry; write `${VAR}` to keep it out of the file.
+    #[serde(default)]
+    pub schema_registry_password: Option<String>,
     /// Passed to librdkafka as is (after pgferry's defaults, so they win).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -92,6 +103,9 @@ impl Default for KafkaConfig {
             topic_prefix: default_prefix(),
             format: Format::default(),
             schema_registry: String::new(),
+            schema_registry_ca: None,
+            schema_registry_user: None,
+            schema_registry_password: None,
             properties: BTreeMap::new(),
             partitions: default_partitions(),
             replication_factor: default_replication_factor(),

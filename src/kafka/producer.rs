@@ -187,7 +187,7 @@ impl KafkaStage {
             })?;
         let registry = match config.kafka.schema_registry.as_str() {
             "" => None,
-            url => Some(Registry::new(url)?),
+            _ => Some(Registry::from_config(&config.kafka)?),
         };
         let source = SourceInfo {
             name: config.kafka.topic_prefix.clone(),

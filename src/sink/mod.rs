@@ -148,7 +148,7 @@ impl SinkStage {
         let topics = topics_of(&config);
         let registry = match config.kafka.schema_registry.as_str() {
             "" => None,
-            url => Some(Registry::new(url)?),
+            _ => Some(Registry::from_config(&config.kafka)?),
         };
         let kafka_consumer = consumer::stream_consumer(&config, sink.group.as_deref())?;
         if let Some(group) = &sink.group {
