@@ -110,6 +110,27 @@ fn ensure_role(db: &TestDb, role: &str, encryption: &str, password: &str) {
 }
 
 #[test]
+fn channel_binding_require_refuses_a_password_without_scram() {
+    let db = TestDb::new("cbind");
+    ensure_role(&db, "pgferry_md5", "md5", "pw-md5");
+    let url = format!(
+        "{}?sslmode=require&channel_binding=require",
+        db.url.replace("postgres@", "pgferry_md5:pw-md5@")
+    );
+    let cfg = db.config_with_url("p.toml", &url, "s", "");
+    let (code, _, err) = run(&["tail", "--config", cfg.to_str().unwrap()]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("channel binding") || err.contains("channel_binding"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("pw-md5"),
+        "the password must not be printed: {err}"
+    );
+}
+
+#[test]
 fn wrong_password_exits_2() {
     let db = TestDb::new("badpw");
     ensure_role(&db, "pgferry_md5", "md5", "right-password");
@@ -283,6 +304,15 @@ fn authentication_methods_and_tls_modes_stream() {
             "require",
             format!(
                 "{}?sslmode=require",
+                db.url.replace("postgres@", "pgferry_scram:pw-scram@")
+            ),
+        ),
+        // SCRAM-SHA-256-PLUS: the server checks pgferry's tls-server-end-point hash
+        // of its certificate, on the catalog and the replication connection alike.
+        (
+            "scramplus",
+            format!(
+                "{}?sslmode=require&channel_binding=require",
                 db.url.replace("postgres@", "pgferry_scram:pw-scram@")
             ),
         ),

@@ -77,6 +77,66 @@ fn load_roots(url: &PgUrl) -> Result<RootCertStore, Error> {
     Ok(roots)
 }
 
+/// The `tls-server-end-point` channel binding data (RFC 5929) of a TLS connection: a
+/// hash of the server's certificate, with the hash of the certificate's signature
+/// algorithm (SHA-256 for MD5, SHA-1 and anything else, as PostgreSQL does). With it,
+/// SCRAM-SHA-256-PLUS ties the password exchange to this TLS session, so a man in the
+/// middle cannot relay it even where the certificate is not verified.
+pub fn server_end_point(conn: &rustls::ClientConnection) -> Option<Vec<u8>> {
+    let cert = conn.peer_certificates()?.first()?;
+    let algorithm = match signature_algorithm(cert.as_ref()) {
+        // sha384WithRSAEncryption, ecdsa-with-SHA384
+        Some(oid)
+            if oid == [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c]
+                || oid == [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03] =>
+        {
+            &ring::digest::SHA384
+        }
+        // sha512WithRSAEncryption, ecdsa-with-SHA512
+        Some(oid)
+            if oid == [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d]
+                || oid == [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04] =>
+        {
+            &ring::digest::SHA512
+        }
+        _ => &ring::digest::SHA256,
+    };
+    Some(
+        ring::digest::digest(algorithm, cert.as_ref())
+            .as_ref()
+            .to_vec(),
+    )
+}
+
+/// The OID of a DER certificate's `signatureAlgorithm`: Certificate ::= SEQUENCE {
+/// tbsCertificate, signatureAlgorithm AlgorithmIdentifier, signature }.
+fn signature_algorithm(der: &[u8]) -> Option<&[u8]> {
+    /// (tag, content, rest) of one DER element.
+    fn element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, mut b) = b.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n]
+                .iter()
+                .fold(0usize, |l, &x| (l << 8) | usize::from(x));
+            b = &b[n..];
+            len
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (_, certificate, _) = element(der)?;
+    let (_, _tbs, rest) = element(certificate)?;
+    let (_, algorithm, _) = element(rest)?;
+    let (tag, oid, _) = element(algorithm)?;
+    (tag == 0x06).then_some(oid)
+}
+
 /// The server name rustls sends (SNI) and, for verify-full, checks.
 pub fn server_name(host: &str) -> Result<ServerName<'static>, Error> {
     ServerName::try_from(host.to_string()).map_err(|e| {
@@ -233,8 +293,10 @@ pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     fn channel_binding(&self) -> ChannelBinding {
-        // SCRAM channel binding is not offered; the server accepts SCRAM without it.
-        ChannelBinding::none()
+        match server_end_point(self.0.get_ref().1) {
+            Some(hash) => ChannelBinding::tls_server_end_point(hash),
+            None => ChannelBinding::none(),
+        }
     }
 }
 

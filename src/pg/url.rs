@@ -56,6 +56,10 @@ pub struct PgUrl {
     pub sslrootcert: Option<PathBuf>,
     pub application_name: Option<String>,
     pub connect_timeout: Option<Duration>,
+    /// `channel_binding=require`: SCRAM must be bound to the TLS session
+    /// (SCRAM-SHA-256-PLUS), as libpq's option of that name. Default `prefer`: bound
+    /// whenever the server offers it.
+    pub channel_binding_required: bool,
 }
 
 /// What is wrong with a connection URL (never includes the password).
@@ -110,6 +114,7 @@ impl PgUrl {
             sslrootcert: None,
             application_name: None,
             connect_timeout: None,
+            channel_binding_required: false,
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -123,6 +128,17 @@ impl PgUrl {
                     })?
                 }
                 "sslrootcert" => url.sslrootcert = Some(PathBuf::from(v)),
+                "channel_binding" => {
+                    url.channel_binding_required = match v.as_str() {
+                        "require" => true,
+                        "prefer" | "disable" => false,
+                        _ => {
+                            return Err(UrlError(format!(
+                                "channel_binding={v} is not supported: use prefer or require"
+                            )))
+                        }
+                    }
+                }
                 "application_name" => url.application_name = Some(v),
                 "connect_timeout" => {
                     let secs: u64 = v.parse().map_err(|_| {
@@ -183,6 +199,11 @@ impl PgUrl {
             _ => tokio_postgres::config::SslMode::Require,
         });
         c.application_name(self.application_name.as_deref().unwrap_or("pgferry"));
+        c.channel_binding(if self.channel_binding_required {
+            tokio_postgres::config::ChannelBinding::Require
+        } else {
+            tokio_postgres::config::ChannelBinding::Prefer
+        });
         // "already exists, skipping" notices of idempotent DDL are not news.
         c.options("-c client_min_messages=warning");
         c.connect_timeout(self.connect_timeout.unwrap_or(Duration::from_secs(10)));

@@ -42,6 +42,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// A connection in replication mode, before or after START_REPLICATION.
 pub struct ReplicationConn {
     stream: Box<dyn Stream>,
+    /// `tls-server-end-point` data for SCRAM-SHA-256-PLUS, when on TLS.
+    channel_binding: Option<Vec<u8>>,
     read: BytesMut,
     write: BytesMut,
     url: PgUrl,
@@ -102,9 +104,10 @@ impl ReplicationConn {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let stream = negotiate_tls(tcp, url).await?;
+        let (stream, channel_binding) = negotiate_tls(tcp, url).await?;
         let mut conn = ReplicationConn {
             stream,
+            channel_binding,
             read: BytesMut::with_capacity(64 * 1024),
             write: BytesMut::with_capacity(1024),
             url: url.clone(),
@@ -138,6 +141,17 @@ impl ReplicationConn {
             };
             match msg {
                 backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword
+                | backend::Message::AuthenticationMd5Password(_)
+                    if self.url.channel_binding_required =>
+                {
+                    return Err(Error::operator(format!(
+                        "{}: channel_binding=require, but the server asks for a password without SCRAM; \
+                         pgferry does not send it",
+                        self.url
+                    ))
+                    .with_hint("make the role's pg_hba.conf method scram-sha-256, or drop channel_binding=require"));
+                }
                 backend::Message::AuthenticationCleartextPassword => {
                     let pw = self.password()?;
                     frontend::password_message(pw.as_bytes(), &mut self.write)
@@ -157,27 +171,41 @@ impl ReplicationConn {
                 }
                 backend::Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut has_scram = false;
+                    let (mut has_scram, mut has_plus) = (false, false);
                     while let Some(m) = mechanisms.next().map_err(|e| self.io_error(e))? {
                         has_scram |= m == sasl::SCRAM_SHA_256;
+                        has_plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
-                    if !has_scram {
+                    if !has_scram && !has_plus {
                         return Err(Error::operator(format!(
                             "{}: the server offers no SASL mechanism pgferry supports (SCRAM-SHA-256)",
                             self.url
                         )));
                     }
                     let pw = self.password()?;
-                    // No channel binding: we do not hash the server certificate; the
-                    // server accepts SCRAM without it.
-                    let s =
-                        sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        s.message(),
-                        &mut self.write,
-                    )
-                    .map_err(|e| self.io_error(e))?;
+                    // Bind the exchange to the TLS session when the server can
+                    // (SCRAM-SHA-256-PLUS); on TLS without it, say so ("y"), which
+                    // lets the server detect a downgrade by a man in the middle.
+                    if self.url.channel_binding_required
+                        && (!has_plus || self.channel_binding.is_none())
+                    {
+                        return Err(Error::operator(format!(
+                            "{}: channel_binding=require, but the server offers no SCRAM-SHA-256-PLUS over this connection",
+                            self.url
+                        ))
+                        .with_hint("use TLS (sslmode=require or stricter) and a scram-sha-256 role, or drop channel_binding=require"));
+                    }
+                    let (mechanism, binding) = match &self.channel_binding {
+                        Some(hash) if has_plus => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            sasl::ChannelBinding::tls_server_end_point(hash.clone()),
+                        ),
+                        Some(_) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+                        None => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                    };
+                    let s = sasl::ScramSha256::new(pw.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.write)
+                        .map_err(|e| self.io_error(e))?;
                     scram = Some(s);
                     self.flush().await?;
                 }
@@ -486,9 +514,13 @@ impl ReplicationConn {
     }
 }
 
-async fn negotiate_tls(mut tcp: TcpStream, url: &PgUrl) -> Result<Box<dyn Stream>, Error> {
+/// The stream, and the TLS channel binding data when TLS is on.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    url: &PgUrl,
+) -> Result<(Box<dyn Stream>, Option<Vec<u8>>), Error> {
     if url.sslmode == SslMode::Disable {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), None));
     }
     let mut buf = BytesMut::new();
     frontend::ssl_request(&mut buf);
@@ -505,9 +537,10 @@ async fn negotiate_tls(mut tcp: TcpStream, url: &PgUrl) -> Result<Box<dyn Stream
                 .map_err(|e| {
                     Error::operator(format!("{url}: TLS handshake failed (sslmode)")).with_source(e)
                 })?;
-            Ok(Box::new(tls))
+            let binding = tls::server_end_point(tls.get_ref().1);
+            Ok((Box::new(tls), binding))
         }
-        b'N' if url.sslmode == SslMode::Prefer => Ok(Box::new(tcp)),
+        b'N' if url.sslmode == SslMode::Prefer => Ok((Box::new(tcp), None)),
         b'N' => Err(Error::operator(format!(
             "{url}: the server does not accept TLS connections but the URL asks for sslmode that needs TLS"
         ))
