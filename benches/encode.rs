@@ -100,6 +100,7 @@ fn column(name: &str, oid: u32, type_name: &str, kind: TypeKind, typmod: i32) ->
         typmod,
         type_name: type_name.into(),
         nullable: name != "id",
+        transform: None,
     }
 }
 

@@ -95,6 +95,36 @@ pub struct Column {
     /// `format_type(oid, typmod)`, e.g. `numeric(10,2)`.
     pub type_name: String,
     pub nullable: bool,
+    /// A PHI transform applied at the source (the type above is then the transformed
+    /// value's: `text` for `hmac` and `redact`).
+    pub transform: Option<Transform>,
+}
+
+/// A column transform of the source stage (`[transform]` in a table file): the
+/// plaintext never leaves the source, whatever reads the events (Kafka, `tail`, the
+/// sink, dead-letter topics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transform {
+    /// Lowercase hex HMAC-SHA256 of the value's PostgreSQL text, keyed by `[phi] key`.
+    Hmac,
+    /// The string `REDACTED` (text columns only).
+    Redact,
+    /// Always NULL.
+    Null,
+    /// A date or timestamp truncated to January 1st of its year (HIPAA Safe Harbor).
+    Year,
+}
+
+impl Transform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transform::Hmac => "hmac",
+            Transform::Redact => "redact",
+            Transform::Null => "null",
+            Transform::Year => "year",
+        }
+    }
 }
 
 impl Column {
@@ -360,6 +390,7 @@ mod tests {
             typmod,
             type_name: "numeric".into(),
             nullable: true,
+            transform: None,
         }
     }
 

@@ -265,6 +265,7 @@ mod tests {
             typmod: -1,
             type_name: "t".into(),
             nullable: true,
+            transform: None,
         }
     }
 

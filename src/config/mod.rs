@@ -42,12 +42,24 @@ fn err(file: &Path, key: impl Into<String>, message: impl Into<String>) -> Confi
     }
 }
 
+/// Key material of `hmac` transforms. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct PhiKey(pub Vec<u8>);
+
+impl fmt::Debug for PhiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PhiKey(<secret>)")
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
     /// The main file, for messages.
     pub path: PathBuf,
     pub source: Source,
+    /// The HMAC key of `hmac` transforms; present whenever a table uses one.
+    pub phi_key: Option<PhiKey>,
     pub kafka: KafkaConfig,
     pub sink: Option<Sink>,
     /// `None` when `[http].listen` is empty.
@@ -88,6 +100,8 @@ pub struct Table {
     pub key: Option<Vec<String>>,
     pub exclude: BTreeSet<String>,
     pub rename: BTreeMap<String, String>,
+    /// Source column -> transform (see [`crate::event::Transform`]).
+    pub transform: BTreeMap<String, crate::event::Transform>,
 }
 
 impl Config {
@@ -211,6 +225,7 @@ impl Config {
                 tables.push(validate_table(&file, "", t)?);
             }
         }
+        let phi_key = phi_key(path, base, &raw.phi, &tables)?;
         let mut seen: BTreeMap<&TableName, &Path> = BTreeMap::new();
         for t in &tables {
             if let Some(first) = seen.insert(&t.source, &t.origin) {
@@ -228,6 +243,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             source,
+            phi_key,
             kafka: raw.kafka,
             sink,
             http_listen: Some(raw.http.listen).filter(|l| !l.is_empty()),
@@ -458,6 +474,15 @@ fn validate_table(file: &Path, prefix: &str, t: TableConfig) -> Result<Table, Co
             ));
         }
     }
+    for column in t.transform.keys() {
+        if exclude.contains(column) {
+            return Err(err(
+                file,
+                key("transform"),
+                format!("column {column:?} is excluded; it cannot also be transformed"),
+            ));
+        }
+    }
     Ok(Table {
         origin: file.to_path_buf(),
         source,
@@ -465,7 +490,60 @@ fn validate_table(file: &Path, prefix: &str, t: TableConfig) -> Result<Table, Co
         key: t.key,
         exclude,
         rename: t.rename,
+        transform: t.transform,
     })
+}
+
+/// The `[phi]` key, required (and only then read) when some table uses `hmac`.
+fn phi_key(
+    path: &Path,
+    base: &Path,
+    phi: &model::PhiConfig,
+    tables: &[Table],
+) -> Result<Option<PhiKey>, ConfigError> {
+    let needed = tables.iter().find(|t| {
+        t.transform
+            .values()
+            .any(|x| *x == crate::event::Transform::Hmac)
+    });
+    let key = match (&phi.key, &phi.key_file) {
+        (Some(_), Some(_)) => {
+            return Err(err(path, "phi", "set key or key_file, not both"));
+        }
+        (Some(k), None) => Some(k.as_bytes().to_vec()),
+        (None, Some(file)) => {
+            let file = base.join(file);
+            let bytes = std::fs::read(&file).map_err(|e| {
+                err(
+                    path,
+                    "phi.key_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            let text = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+            Some(text.strip_suffix(b"\r").unwrap_or(text).to_vec())
+        }
+        (None, None) => None,
+    };
+    match (key, needed) {
+        (Some(k), _) if k.is_empty() => Err(err(path, "phi.key", "the key is empty")),
+        (Some(k), _) if k.len() < 16 => Err(err(
+            path,
+            "phi.key",
+            "the key is shorter than 16 bytes; use at least 32 random bytes",
+        )),
+        (None, Some(t)) => Err(err(
+            &t.origin,
+            "transform",
+            format!(
+                "table {} uses an hmac transform, but {} has no [phi] key or key_file; \
+                 there is no default key: set key = \"${{PGFERRY_PHI_KEY}}\"",
+                t.source,
+                path.display()
+            ),
+        )),
+        (k, _) => Ok(k.map(PhiKey)),
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ pub struct RawConfig {
     pub sink: Option<SinkConfig>,
     #[serde(default)]
     pub http: HttpConfig,
+    /// Key material of PHI transforms (`hmac`).
+    #[serde(default)]
+    pub phi: PhiConfig,
     /// Tables may also be listed inline.
     #[serde(default)]
     pub tables: Vec<TableConfig>,
@@ -190,6 +193,26 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[phi]`: the HMAC key of `hmac` transforms, from the config (`key = "${VAR}"`) or a
+/// file. Never a default: a missing key with an `hmac` transform is a config error.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhiConfig {
+    /// The key itself; write `"${PGFERRY_PHI_KEY}"` to keep it out of the file.
+    pub key: Option<String>,
+    /// A file whose content (without a trailing newline) is the key.
+    pub key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for PhiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhiConfig")
+            .field("key", &self.key.as_ref().map(|_| "<secret>"))
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
 /// One source table (a file in `tables_dir` or an entry of `[[tables]]`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,6 +229,10 @@ pub struct TableConfig {
     /// Source column -> target column.
     #[serde(default)]
     pub rename: BTreeMap<String, String>,
+    /// Source column -> PHI transform applied before anything leaves the source:
+    /// `hmac`, `redact`, `null` or `year`.
+    #[serde(default)]
+    pub transform: BTreeMap<String, crate::event::Transform>,
 }
 
 fn default_name() -> String {

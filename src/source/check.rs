@@ -167,6 +167,7 @@ async fn run_checks(
         if let Some(p) = slot::key_problem(client, t).await? {
             problems.push(p);
         }
+        problems.extend(slot::transform_problems(client, t).await?);
         let oid: u32 = row.get(0);
         let attrs = client
             .query(

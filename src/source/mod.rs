@@ -27,6 +27,7 @@ pub mod relation;
 pub mod replication;
 pub mod slot;
 pub mod state;
+pub mod transform;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -28,6 +28,18 @@ pub struct RelationState {
     pub selected: bool,
     /// `pgferry_source_changes_total{table,op}` for this table, by [`op_index`].
     counters: [IntCounter; 4],
+    /// The key of `hmac` transforms.
+    phi_key: Option<Arc<[u8]>>,
+}
+
+/// The type of a transformed (`hmac`, `redact`) column's values.
+fn text_type() -> PgType {
+    PgType {
+        oid: 25,
+        name: "text".into(),
+        kind: TypeKind::Text,
+        delimiter: b',',
+    }
 }
 
 /// Index into [`RelationState::count`]'s counters.
@@ -149,6 +161,7 @@ impl RelationCache {
                     wire_columns: rel.columns.len(),
                     selected,
                     counters,
+                    phi_key: None,
                 },
             );
             return Ok(&self.relations[&rel.oid]);
@@ -174,13 +187,36 @@ impl RelationCache {
             if rc.is_key() {
                 identity_key.push(columns.len());
             }
-            columns.push(Column {
+            let transform = table_cfg.and_then(|t| t.transform.get(&rc.name).copied());
+            let mut column = Column {
                 name: rc.name.clone(),
                 ty,
                 typmod: rc.typmod,
                 type_name,
                 nullable: attr.is_none_or(|a| !a.not_null),
-            });
+                transform,
+            };
+            if let Some(t) = transform {
+                super::transform::check(t, &column.ty).map_err(|why| {
+                    Error::operator(format!(
+                        "{}: transform of table {} column {}: {why}",
+                        table_cfg.map_or_else(String::new, |c| c.origin.display().to_string()),
+                        name,
+                        rc.name
+                    ))
+                })?;
+                match t {
+                    // What leaves the source is text.
+                    crate::event::Transform::Hmac | crate::event::Transform::Redact => {
+                        column.ty = Arc::new(text_type());
+                        column.typmod = -1;
+                        column.type_name = "text".into();
+                    }
+                    crate::event::Transform::Null => column.nullable = true,
+                    crate::event::Transform::Year => {}
+                }
+            }
+            columns.push(column);
             positions.push(pos);
         }
         let replica_identity =
@@ -211,6 +247,7 @@ impl RelationCache {
             wire_columns: rel.columns.len(),
             selected,
             counters,
+            phi_key: config.phi_key.as_ref().map(|k| Arc::from(k.0.as_slice())),
         };
         self.relations.insert(rel.oid, state);
         Ok(&self.relations[&rel.oid])
@@ -305,6 +342,18 @@ impl RelationState {
                         self.schema.name
                     )))
                 }
+            };
+            let datum = match (self.schema.columns[i].transform, datum) {
+                (Some(t), Datum::Text(text)) => {
+                    let key = self.phi_key.as_deref().unwrap_or_default();
+                    match super::transform::apply(t, key, text.as_str()) {
+                        Some(v) => Datum::Text(Text::from_string(v)),
+                        None => Datum::Null,
+                    }
+                }
+                // Unchanged TOAST stays unchanged: the target keeps its transformed value.
+                (Some(crate::event::Transform::Null), Datum::Unchanged) => Datum::Null,
+                (_, d) => d,
             };
             values.push(datum);
         }

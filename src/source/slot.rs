@@ -259,12 +259,56 @@ pub async fn configured_tables(
         if let Some(p) = key_problem(client, t).await? {
             problems.push(p);
         }
+        problems.extend(transform_problems(client, t).await?);
     }
     if !problems.is_empty() {
         return Err(Error::operator(problems.join("; "))
-            .with_hint("make `key` the table's replica identity (its primary key, or ALTER TABLE … REPLICA IDENTITY USING INDEX), set REPLICA IDENTITY FULL, or remove `key`"));
+            .with_hint("fix the table files named above: a `key` must be the table's replica identity (its primary key, \
+                        or ALTER TABLE … REPLICA IDENTITY USING INDEX) unless REPLICA IDENTITY FULL; a transform must name \
+                        a column of a type it applies to"));
     }
     Ok(oids)
+}
+
+/// Each `[transform]` must name a column of the table, of a type it applies to.
+pub async fn transform_problems(client: &Client, table: &Table) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    for (column, transform) in &table.transform {
+        let row = client
+            .query_opt(
+                "select t.typcategory::text, coalesce(nullif(t.typbasetype, 0), t.oid)::oid \
+                 from pg_attribute a join pg_class c on c.oid = a.attrelid \
+                 join pg_namespace n on n.oid = c.relnamespace join pg_type t on t.oid = a.atttypid \
+                 where n.nspname = $1 and c.relname = $2 and a.attname = $3 and a.attnum > 0 and not a.attisdropped",
+                &[&table.source.schema, &table.source.name, column],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("reading the columns of {}", table.source), e))?;
+        let Some(row) = row else {
+            out.push(format!(
+                "{}: transform: table {} has no column {column:?}",
+                table.origin.display(),
+                table.source
+            ));
+            continue;
+        };
+        let (category, base): (String, u32) = (row.get(0), row.get(1));
+        let fits = match transform {
+            crate::event::Transform::Redact => category == "S",
+            crate::event::Transform::Year => matches!(base, 1082 | 1114 | 1184),
+            _ => true,
+        };
+        if !fits {
+            out.push(format!(
+                "{}: transform: {} cannot apply to column {column} of table {} (redact takes text columns, \
+                 year dates and timestamps)",
+                table.origin.display(),
+                transform.as_str(),
+                table.source
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// A configured `key` must be what the server sends for updates and deletes: with

@@ -351,6 +351,9 @@ fn field(column: &Column, plan: &FieldPlan, names: &mut Names) -> Json {
     if avro_name(&column.name) != column.name {
         f["pgferry.column"] = json!(column.name);
     }
+    if let Some(t) = column.transform {
+        f["pgferry.transform"] = json!(t.as_str());
+    }
     f
 }
 
@@ -479,6 +482,7 @@ mod tests {
             typmod,
             type_name: "t".into(),
             nullable,
+            transform: None,
         }
     }
 
