@@ -102,7 +102,7 @@ fn every_type_end_to_end(format: &str) {
            n numeric(12,4), nn numeric, nnan numeric, m money, t text, vc varchar(10), bp char(3), ci citext,
            nm name, ip inet, cidr cidr, mac macaddr, e mood, r int4range, x xml, iv interval, u uuid,
            j json, jb jsonb, d date, dinf date, tm time, ts timestamp, tsinf timestamp, tz timestamptz,
-           ttz timetz, by bytea, ai int[], a2 int[], at text[], dm posint
+           ttz timetz, by bytea, ai int[], a2 int[], at text[], dm posint, bt bit(3), ca char(2)[]
          );";
     src.sql(&format!(
         "{types_ddl}
@@ -176,7 +176,8 @@ fn every_type_end_to_end(format: &str) {
          insert into types (id, j, jb, nn) values
            (20, '{"a": 1,   "a": 2}', 'null', 12345678901234567890.123456789),
            (21, '[1, "x"]', '[1, {"k": 12345678901234567890.123456789}]', null),
-           (22, '"scalar"', '3', null);"#,
+           (22, '"scalar"', '3', null);
+         insert into types (id, bt, ca) values (23, B'101', '{ab,c}');"#,
     );
     wait_equal(&cfg, &p);
 
@@ -193,7 +194,7 @@ fn every_type_end_to_end(format: &str) {
     assert_eq!(source, target);
     let source = rows(&src, "select row(t.*)::text from types t order by id");
     let target = rows(&tgt, "select row(t.*)::text from types t order by id");
-    assert_eq!(source.len(), 6);
+    assert_eq!(source.len(), 7);
     assert_eq!(source, target);
     // json byte for byte; a jsonb null is not SQL NULL.
     assert_eq!(

@@ -52,10 +52,19 @@ impl Mapping {
 pub async fn describe(client: &Client, name: &TableName) -> Result<Option<TargetTable>, Error> {
     let rows = client
         .query(
-            "select a.attname::text, format_type(a.atttypid, null),
+            // Without modifier, `character` and `bit` mean length 1: use the
+            // unbounded spellings, so the column's own length applies on assignment.
+            "select a.attname::text,
+                    case when t.oid = 'bpchar'::regtype then 'bpchar'
+                         when t.oid = 'bit'::regtype then 'bit varying'
+                         when e.oid = 'bpchar'::regtype then 'bpchar[]'
+                         when e.oid = 'bit'::regtype then 'bit varying[]'
+                         else format_type(a.atttypid, null) end,
                     coalesce(array_position(i.indkey::int2[], a.attnum), -1)
              from pg_class c join pg_namespace n on n.oid = c.relnamespace
              join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+             join pg_type t on t.oid = a.atttypid
+             left join pg_type e on e.oid = t.typelem and t.typcategory = 'A'
              left join pg_index i on i.indrelid = c.oid and i.indisprimary
              where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')
              order by a.attnum",
