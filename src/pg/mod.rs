@@ -2,6 +2,7 @@
 //! The source's replication connection and the sink's target connection both build on
 //! this; neither depends on the other.
 
+pub mod raw;
 pub mod tls;
 pub mod url;
 
@@ -13,6 +14,9 @@ use crate::error::Error;
 
 /// Open a normal (non-replication) connection and drive it on a background task.
 pub async fn connect(url: &PgUrl, purpose: &str) -> Result<Client, Error> {
+    raw::check_password_method(url)
+        .await
+        .map_err(|e| e.context(purpose))?;
     let tls = tls::MakeRustls::new(tls::client_config(url)?);
     let (client, connection) = url
         .tokio_config()

@@ -60,6 +60,9 @@ pub struct PgUrl {
     /// (SCRAM-SHA-256-PLUS), as libpq's option of that name. Default `prefer`: bound
     /// whenever the server offers it.
     pub channel_binding_required: bool,
+    /// `unverified_password=allow`: send a cleartext or md5 password even where the
+    /// server is not verified (see `raw::guard_password`).
+    pub unverified_password_allowed: bool,
 }
 
 /// What is wrong with a connection URL (never includes the password).
@@ -115,6 +118,7 @@ impl PgUrl {
             application_name: None,
             connect_timeout: None,
             channel_binding_required: false,
+            unverified_password_allowed: false,
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -128,6 +132,17 @@ impl PgUrl {
                     })?
                 }
                 "sslrootcert" => url.sslrootcert = Some(PathBuf::from(v)),
+                "unverified_password" => {
+                    url.unverified_password_allowed = match v.as_str() {
+                        "allow" => true,
+                        "refuse" => false,
+                        _ => {
+                            return Err(UrlError(format!(
+                                "unverified_password={v} is not supported: use allow or refuse"
+                            )))
+                        }
+                    }
+                }
                 "channel_binding" => {
                     url.channel_binding_required = match v.as_str() {
                         "require" => true,

@@ -13,12 +13,12 @@ use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{self, sasl};
 use postgres_protocol::message::backend::{self, ErrorResponseBody, Header};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::error::{sqlstate_kind, Error, ErrorKind};
 use crate::lsn::Lsn;
-use crate::pg::{tls, PgUrl, SslMode};
+use crate::pg::PgUrl;
 use crate::timestamp::PgTimestamp;
 
 /// CopyBothResponse; `backend::Message::parse` does not know it.
@@ -36,8 +36,7 @@ const MAX_FRAME: usize = 1 << 30;
 const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=iso_8601 -c TimeZone=UTC \
      -c extra_float_digits=1 -c bytea_output=hex -c client_encoding=UTF8 -c lc_monetary=C";
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+use crate::pg::raw::{negotiate_tls, Stream};
 
 /// A connection in replication mode, before or after START_REPLICATION.
 pub struct ReplicationConn {
@@ -151,6 +150,12 @@ impl ReplicationConn {
                         self.url
                     ))
                     .with_hint("make the role's pg_hba.conf method scram-sha-256, or drop channel_binding=require"));
+                }
+                backend::Message::AuthenticationCleartextPassword
+                | backend::Message::AuthenticationMd5Password(_)
+                    if crate::pg::raw::guard_password(&self.url) =>
+                {
+                    return Err(crate::pg::raw::unverified_password_error(&self.url));
                 }
                 backend::Message::AuthenticationCleartextPassword => {
                     let pw = self.password()?;
@@ -511,41 +516,6 @@ impl ReplicationConn {
                 .with_hint("check the user and password in the URL, and pg_hba.conf on the server");
         }
         err
-    }
-}
-
-/// The stream, and the TLS channel binding data when TLS is on.
-async fn negotiate_tls(
-    mut tcp: TcpStream,
-    url: &PgUrl,
-) -> Result<(Box<dyn Stream>, Option<Vec<u8>>), Error> {
-    if url.sslmode == SslMode::Disable {
-        return Ok((Box::new(tcp), None));
-    }
-    let mut buf = BytesMut::new();
-    frontend::ssl_request(&mut buf);
-    let io = |e: std::io::Error| Error::transient(format!("{url}: TLS negotiation")).with_source(e);
-    tcp.write_all(&buf).await.map_err(io)?;
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await.map_err(io)?;
-    match answer[0] {
-        b'S' => {
-            let connector = tokio_rustls::TlsConnector::from(tls::client_config(url)?);
-            let tls = connector
-                .connect(tls::server_name(&url.host)?, tcp)
-                .await
-                .map_err(|e| {
-                    Error::operator(format!("{url}: TLS handshake failed (sslmode)")).with_source(e)
-                })?;
-            let binding = tls::server_end_point(tls.get_ref().1);
-            Ok((Box::new(tls), binding))
-        }
-        b'N' if url.sslmode == SslMode::Prefer => Ok((Box::new(tcp), None)),
-        b'N' => Err(Error::operator(format!(
-            "{url}: the server does not accept TLS connections but the URL asks for sslmode that needs TLS"
-        ))
-        .with_hint("enable ssl on the server or use sslmode=prefer/disable")),
-        other => Err(Error::fatal(format!("{url}: unexpected answer {other:?} to the TLS request"))),
     }
 }
 
