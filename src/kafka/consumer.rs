@@ -224,7 +224,12 @@ pub fn read_to_end(config: &Config, topic: &str) -> Result<Vec<TopicRecord>, Err
                     value: m.payload().map(<[u8]>::to_vec),
                 });
             }
-            Some(Err(e)) => return Err(Error::transient(format!("reading {topic}")).with_source(e)),
+            // A broker restarting or a refused connection: librdkafka recovers by
+            // itself, and the deadline bounds the wait.
+            Some(Err(e)) => {
+                tracing::debug!(%topic, error = %e, "reading a whole topic; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
             None => {}
         }
     }

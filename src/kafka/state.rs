@@ -49,12 +49,25 @@ impl StateStore for KafkaStateStore {
     }
 
     async fn load(&mut self) -> Result<Option<SourceState>, Error> {
-        let config = self.config.clone();
-        let topic = self.topic.clone();
-        let records =
-            tokio::task::spawn_blocking(move || super::consumer::read_to_end(&config, &topic))
-                .await
-                .map_err(|e| Error::fatal("reading the state topic").with_source(e))??;
+        // A topic just created, or a broker just rejoined, may not answer for its
+        // partitions at once: retry transient errors for a while.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let records = loop {
+            let config = self.config.clone();
+            let topic = self.topic.clone();
+            let read =
+                tokio::task::spawn_blocking(move || super::consumer::read_to_end(&config, &topic))
+                    .await
+                    .map_err(|e| Error::fatal("reading the state topic").with_source(e))?;
+            match read {
+                Ok(r) => break r,
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tracing::info!(error = %e, "the state topic is not readable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let Some(last) = records
             .into_iter()
             .filter(|r| r.key.as_deref() == Some(self.key.as_bytes()))

@@ -384,7 +384,17 @@ impl ReplicationConn {
                 Incoming::Message(backend::Message::ErrorResponse(body)) => {
                     return Err(self.server_error("streaming", &body))
                 }
-                Incoming::Message(backend::Message::NoticeResponse(_)) => {}
+                Incoming::Message(backend::Message::NoticeResponse(_))
+                | Incoming::Message(backend::Message::ParameterStatus(_)) => {}
+                // A server shutting down ends the stream with CommandComplete (and
+                // ReadyForQuery) after CopyDone: the stream is over, reconnect.
+                Incoming::Message(backend::Message::CommandComplete(_))
+                | Incoming::Message(backend::Message::ReadyForQuery(_)) => {
+                    return Err(Error::transient(format!(
+                        "{}: the server ended the replication stream",
+                        self.url
+                    )))
+                }
                 Incoming::Message(_) | Incoming::CopyBoth => {
                     return Err(self.protocol("unexpected message in the replication stream"))
                 }
