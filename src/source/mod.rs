@@ -65,7 +65,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Source {
     config: Arc<Config>,
     slot: String,
-    catalog: Client,
+    /// The normal connection for catalog look-ups; opened again after it is lost (a
+    /// source restart closes it along with the replication connection).
+    catalog: tokio::sync::Mutex<Client>,
     start: Lsn,
     status_interval: Duration,
     /// Stop once this position is confirmed (`tail --end-lsn`).
@@ -155,7 +157,7 @@ impl Source {
         Ok(Source {
             config,
             slot,
-            catalog,
+            catalog: tokio::sync::Mutex::new(catalog),
             start,
             status_interval,
             end_lsn: None,
@@ -258,8 +260,13 @@ impl Session<'_> {
         let config = &src.config;
         let mut conn = ReplicationConn::connect(&config.source.url).await?;
         let start = self.progress.resume_point();
-        let info = slot::slot_info(&src.catalog, &src.slot)
-            .await?
+        let info = {
+            let mut catalog = src.catalog.lock().await;
+            if catalog.is_closed() {
+                *catalog = crate::pg::connect(&config.source.url, "source catalog").await?;
+            }
+            slot::slot_info(&catalog, &src.slot).await?
+        }
             .ok_or_else(|| Error::fatal(format!("replication slot {} was dropped while pgferry used it", src.slot))
                 .with_hint("changes since then are lost to pgferry; recreate the slot and resynchronise the target"))?;
         slot::check_slot_health(&src.slot, &info)?;
@@ -386,9 +393,8 @@ impl Session<'_> {
                 return Ok(());
             }
             Message::Relation(rel) => {
-                self.relations
-                    .update(&self.source.catalog, config, rel)
-                    .await?;
+                let catalog = self.source.catalog.lock().await;
+                self.relations.update(&catalog, config, rel).await?;
                 return Ok(());
             }
             Message::Type { oid, .. } => {
