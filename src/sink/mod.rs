@@ -399,10 +399,14 @@ impl SinkStage {
                 }
                 Err(e) => {
                     // Broker trouble or a topic that does not exist yet: librdkafka
-                    // recovers by itself; note it and keep waiting.
+                    // recovers by itself; note it and keep waiting. It queues one
+                    // error per failed connect while a broker is down, so a long
+                    // pause per error made the sink crawl through stale ones at two a
+                    // second after the broker was back (a 62 s stall in the chaos
+                    // test); a short one only keeps this from spinning.
                     record_error("sink", &Error::transient(""));
                     tracing::warn!(error = %e, "consuming from Kafka");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             };
