@@ -155,6 +155,7 @@ fn change(table: &Arc<TableSchema>, op: Op, row: &[&str], ordinal: u32) -> Chang
                 .collect(),
             key_only: false,
         }),
+        snapshot: Default::default(),
     }
 }
 

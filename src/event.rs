@@ -272,6 +272,34 @@ pub struct Row {
     pub key_only: bool,
 }
 
+/// `source.snapshot` of an event, as Debezium sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotMark {
+    /// A streamed change.
+    #[default]
+    No,
+    /// The first row of the initial snapshot.
+    First,
+    /// A row of the initial snapshot.
+    True,
+    /// The last row of the initial snapshot.
+    Last,
+    /// A row of an incremental (on-demand, or resumed) snapshot.
+    Incremental,
+}
+
+impl SnapshotMark {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotMark::No => "false",
+            SnapshotMark::First => "first",
+            SnapshotMark::True => "true",
+            SnapshotMark::Last => "last",
+            SnapshotMark::Incremental => "incremental",
+        }
+    }
+}
+
 /// One committed row change.
 #[derive(Debug, Clone)]
 pub struct Change {
@@ -290,6 +318,8 @@ pub struct Change {
     pub prev_commit_end: Lsn,
     pub before: Option<Row>,
     pub after: Option<Row>,
+    /// Set on rows read by a snapshot (`op` is then `Read`).
+    pub snapshot: SnapshotMark,
 }
 
 impl Change {
@@ -349,6 +379,12 @@ pub enum Event {
         txn: Txn,
         end_lsn: Lsn,
     },
+    /// A row of the initial snapshot, outside any transaction: durable on its own and
+    /// confirming nothing (the slot waits at its consistent point meanwhile).
+    Snapshot(Change),
+    /// Everything before this is durable downstream once this mark is (see
+    /// `Downstream::marks`): how a snapshot learns that its chunks are safe.
+    Mark(u64),
 }
 
 impl Event {
@@ -356,7 +392,7 @@ impl Event {
     /// the byte budget between stages counts (see `budget`).
     pub fn weight(&self) -> usize {
         const OVERHEAD: usize = 64;
-        let Event::Change(c) = self else {
+        let (Event::Change(c) | Event::Snapshot(c)) = self else {
             return OVERHEAD;
         };
         let row = |r: &Option<Row>| {

@@ -207,7 +207,7 @@ pub async fn verify(config: &Config, only: Option<&str>) -> Result<Vec<Compariso
 
 /// `pgferry status`: where the slot stands on the source and where each partition
 /// stands in the target's checkpoints, as lines of text.
-pub async fn status(config: &Config) -> Result<Vec<String>, Error> {
+pub async fn status(config: &std::sync::Arc<Config>) -> Result<Vec<String>, Error> {
     let mut lines = Vec::new();
     let source = crate::pg::connect(&config.source.url, "status").await?;
     let slot = &config.source.slot;
@@ -222,6 +222,7 @@ pub async fn status(config: &Config) -> Result<Vec<String>, Error> {
             "slot {slot}: does not exist yet (pgferry creates it on start)"
         )),
     }
+    snapshot_lines(config, &source, &mut lines).await;
     if let Some(sink) = &config.sink {
         let target = crate::pg::connect(&sink.url, "status").await?;
         let rows = target
@@ -259,4 +260,53 @@ pub async fn status(config: &Config) -> Result<Vec<String>, Error> {
         }
     }
     Ok(lines)
+}
+
+/// Each table's snapshot progress, from the state `run` records on Kafka: rows copied
+/// against `pg_class.reltuples`, chunks done, and its state.
+async fn snapshot_lines(config: &std::sync::Arc<Config>, source: &tokio_postgres::Client, lines: &mut Vec<String>) {
+    use crate::state::StateStore;
+    let store = crate::kafka::state::KafkaStateStore::new(config.clone(), &config.source.slot);
+    let state = match store {
+        Ok(mut store) => store.load().await,
+        Err(e) => Err(e),
+    };
+    let state = match state {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            lines.push(format!("snapshot: progress unavailable ({e})"));
+            return;
+        }
+    };
+    for (table, t) in &state.snapshot.tables {
+        let estimate: Option<i64> = source
+            .query_opt(
+                "select greatest(reltuples, 0)::bigint from pg_class where oid = to_regclass($1)",
+                &[&crate::event::TableName::new(
+                    table.split_once('.').map_or("", |(s, _)| s),
+                    table.split_once('.').map_or(table.as_str(), |(_, n)| n),
+                )
+                .quoted()],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0));
+        let mut line = format!(
+            "snapshot {table}: {} ({}), {} rows of ~{}, {} chunks",
+            t.phase.as_str(),
+            match t.method {
+                crate::state::Method::Initial => "initial",
+                crate::state::Method::Incremental => "incremental",
+            },
+            t.rows,
+            estimate.map_or("?".into(), |e| e.to_string()),
+            t.chunks
+        );
+        if let Some(e) = &t.error {
+            line.push_str(&format!(": {e}"));
+        }
+        lines.push(line);
+    }
 }

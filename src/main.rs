@@ -91,6 +91,15 @@ enum Command {
         #[arg(long)]
         table: Option<String>,
     },
+    /// Ask the running daemon to copy tables again while it streams (an incremental
+    /// snapshot; it resumes after a restart). Follow it with `pgferry status`.
+    Snapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A configured table (schema.table); repeat for more.
+        #[arg(long = "table", required = true)]
+        tables: Vec<String>,
+    },
     /// Show slot, lag and checkpoint summary.
     Status {
         #[arg(long, short)]
@@ -237,6 +246,23 @@ async fn run(command: Command) -> ExitCode {
                     } else {
                         ExitCode::from(1)
                     }
+                }
+                Err(e) => report(Err(e)),
+            }
+        }
+        Command::Snapshot { config, tables } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match pgferry::source::snapshot::request(&config, &tables).await {
+                Ok(lsn) => {
+                    println!(
+                        "snapshot of {} requested at {lsn}; the running daemon copies it while streaming \
+                         (pgferry status shows the progress)",
+                        tables.join(", ")
+                    );
+                    ExitCode::SUCCESS
                 }
                 Err(e) => report(Err(e)),
             }

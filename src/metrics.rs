@@ -30,6 +30,11 @@ pub struct Metrics {
     pub replication_lag_seconds: Gauge,
     /// `pgferry_errors_total{stage,kind}`: errors by stage and policy kind.
     pub errors: IntCounterVec,
+    /// `pgferry_snapshot_rows_total{table}`: rows a snapshot handed to Kafka.
+    pub snapshot_rows: IntCounterVec,
+    /// `pgferry_snapshot_tables{state}`: tables by snapshot state (pending, copying,
+    /// done, failed).
+    pub snapshot_tables: IntGaugeVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -87,6 +92,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         )
         .expect("metric definitions are static and valid"),
         errors: counter_vec("pgferry_errors_total", "Errors by stage and kind.", &["stage", "kind"]),
+        snapshot_rows: counter_vec(
+            "pgferry_snapshot_rows_total",
+            "Rows copied by snapshots (initial or on demand) and handed to Kafka.",
+            &["table"],
+        ),
+        snapshot_tables: IntGaugeVec::new(
+            Opts::new("pgferry_snapshot_tables", "Configured tables by snapshot state: pending, copying, done, failed."),
+            &["state"],
+        )
+        .expect("metric definitions are static and valid"),
         registry,
     };
     let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -100,6 +115,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.sink_checkpoint_offset.clone()),
         Box::new(m.replication_lag_seconds.clone()),
         Box::new(m.errors.clone()),
+        Box::new(m.snapshot_rows.clone()),
+        Box::new(m.snapshot_tables.clone()),
         Box::new(prometheus::process_collector::ProcessCollector::for_self()),
     ];
     for c in collectors {

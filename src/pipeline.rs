@@ -60,6 +60,7 @@ async fn prepare_source<S: StateStore>(
     slot: String,
     mut store: S,
     accept_data_loss: bool,
+    snapshots: bool,
 ) -> Result<
     (
         Source,
@@ -76,6 +77,7 @@ async fn prepare_source<S: StateStore>(
             remembered: remembered.clone(),
             state_location: store.describe(),
             accept_data_loss,
+            snapshots,
         },
     )
     .await?;
@@ -91,10 +93,18 @@ async fn prepare_source<S: StateStore>(
     let initial = state.confirmed()?;
     let (want_tx, want_rx) = watch::channel(initial);
     let (recorded_tx, recorded_rx) = watch::channel(initial);
-    let keeper = tokio::spawn(source_state::keep(store, state, want_rx, recorded_tx));
+    let (snapshot_tx, snapshot_rx) = watch::channel(state.snapshot.clone());
+    let keeper = tokio::spawn(source_state::keep(
+        store,
+        state,
+        want_rx,
+        recorded_tx,
+        snapshot_rx,
+    ));
     let link = StateLink {
         want: want_tx,
         recorded: recorded_rx,
+        snapshot: Arc::new(snapshot_tx),
     };
     Ok((source, link, keeper))
 }
@@ -138,7 +148,7 @@ pub async fn tail(
     let slot = slot.unwrap_or_else(|| config.source.slot.clone());
     let state_file = state_file.unwrap_or_else(|| default_tail_state_file(&config, &slot));
     let (mut source, link, keeper) =
-        prepare_source(&config, slot, FileStore::new(state_file), accept_data_loss).await?;
+        prepare_source(&config, slot, FileStore::new(state_file), accept_data_loss, false).await?;
     source.stop_at(end_lsn);
 
     let shutdown = CancellationToken::new();
@@ -146,10 +156,13 @@ pub async fn tail(
     let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     let budget = Arc::new(ByteBudget::new(crate::budget::DEFAULT_BYTES));
+    // tail copies no tables: its marks never move.
+    let (_marks_tx, marks) = watch::channel(0);
     let downstream = Downstream {
         events: events_tx,
         budget: budget.clone(),
         durable: durable_rx,
+        marks,
     };
     let source_task = tokio::spawn(source.run(downstream, link, shutdown.clone(), health));
 
@@ -188,7 +201,10 @@ fn write_tail_lines(
     while let Some(event) = events.blocking_recv() {
         budget.give(&event);
         match event {
-            Event::Change(change) => json::write_tail_line(&change, &mut buf),
+            Event::Change(change) | Event::Snapshot(change) => {
+                json::write_tail_line(&change, &mut buf)
+            }
+            Event::Mark(_) => {}
             Event::Commit { end_lsn, .. } => pending = Some(end_lsn),
             Event::Begin(_) => {}
         }
@@ -250,13 +266,15 @@ pub async fn run(config: Arc<Config>, stages: Stages, accept_data_loss: bool) ->
         kafka.create_configured_topics().await?;
         let slot = config.source.slot.clone();
         let store = crate::kafka::state::KafkaStateStore::new(config.clone(), &slot)?;
-        let (source, link, keeper) = prepare_source(&config, slot, store, accept_data_loss).await?;
+        let (source, link, keeper) =
+            prepare_source(&config, slot, store, accept_data_loss, true).await?;
         let (events_tx, events) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let budget = Arc::new(ByteBudget::new(crate::budget::DEFAULT_BYTES));
         let downstream = Downstream {
             events: events_tx,
             budget: budget.clone(),
             durable: durable_rx,
+            marks: kafka.marks(),
         };
         let source_task =
             tokio::spawn(source.run(downstream, link, shutdown.clone(), health.clone()));

@@ -11,7 +11,7 @@
 use std::io::Write;
 
 use super::array::{self, Element};
-use crate::event::{Change, Column, Datum, Op, PgType, Row, TypeKind};
+use crate::event::{Change, Column, Datum, PgType, Row, TypeKind};
 use crate::timestamp::PgTimestamp;
 
 /// Where a JSON encoding goes, which decides how json/jsonb values are written.
@@ -122,11 +122,7 @@ pub fn write_debezium_envelope(
         out,
         ",\"ts_ms\":{},\"snapshot\":\"{}\",\"db\":",
         change.commit_ts.unix_millis(),
-        if change.op == Op::Read {
-            "true"
-        } else {
-            "false"
-        }
+        change.snapshot.as_str()
     );
     write_str(out, db);
     let _ = write!(
@@ -338,6 +334,7 @@ mod tests {
                 values: vec![text("7"), text("Ada"), Datum::Unchanged],
                 key_only: false,
             }),
+            snapshot: Default::default(),
         };
         let mut out = Vec::new();
         write_tail_line(&change, &mut out);

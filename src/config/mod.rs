@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use model::{parse_duration, Format, KafkaConfig, OnError, SchemaEvolution};
+pub use model::{parse_duration, Format, KafkaConfig, OnError, SchemaEvolution, SnapshotMode};
 use model::{RawConfig, TableConfig};
 
 use crate::event::TableName;
@@ -73,6 +73,9 @@ pub struct Source {
     pub slot: String,
     pub publication: String,
     pub heartbeat_interval: Duration,
+    pub snapshot: SnapshotMode,
+    pub snapshot_workers: usize,
+    pub snapshot_chunk_rows: u64,
 }
 
 #[derive(Debug)]
@@ -102,6 +105,8 @@ pub struct Table {
     pub rename: BTreeMap<String, String>,
     /// Source column -> transform (see [`crate::event::Transform`]).
     pub transform: BTreeMap<String, crate::event::Transform>,
+    /// Copied by snapshots (`snapshot = false` in its file opts out).
+    pub snapshot: bool,
 }
 
 impl Config {
@@ -114,6 +119,16 @@ impl Config {
             slot: validate_slot(path, &raw.source.slot)?,
             publication: non_empty(path, "source.publication", raw.source.publication)?,
             heartbeat_interval: raw.source.heartbeat_interval,
+            snapshot: raw.source.snapshot,
+            snapshot_workers: match raw.source.snapshot_workers {
+                Some(0) => return Err(err(path, "source.snapshot_workers", "must be at least 1")),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            },
+            snapshot_chunk_rows: match raw.source.snapshot_chunk_rows {
+                0 => return Err(err(path, "source.snapshot_chunk_rows", "must be at least 1")),
+                n => n,
+            },
         };
         if source.heartbeat_interval < Duration::from_millis(100) {
             return Err(err(
@@ -491,6 +506,7 @@ fn validate_table(file: &Path, prefix: &str, t: TableConfig) -> Result<Table, Co
         exclude,
         rename: t.rename,
         transform: t.transform,
+        snapshot: t.snapshot,
     })
 }
 

@@ -44,6 +44,25 @@ pub struct SourceConfig {
     /// does not pin WAL on a busy server. Default 10s.
     #[serde(default = "default_heartbeat", deserialize_with = "duration")]
     pub heartbeat_interval: Duration,
+    /// `initial` (default): copy the configured tables when the slot is created;
+    /// `never`: carry only changes made after that.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+    /// Connections that copy tables in parallel; default: the number of cores.
+    #[serde(default)]
+    pub snapshot_workers: Option<usize>,
+    /// Rows per snapshot chunk (a ctid range, or a key range while streaming).
+    #[serde(default = "default_chunk_rows")]
+    pub snapshot_chunk_rows: u64,
+}
+
+/// Whether a first start copies the existing rows (`[source] snapshot`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    #[default]
+    Initial,
+    Never,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +248,9 @@ pub struct TableConfig {
     /// Source column -> target column.
     #[serde(default)]
     pub rename: BTreeMap<String, String>,
+    /// `false`: never copy this table's existing rows (initial or on demand).
+    #[serde(default = "yes")]
+    pub snapshot: bool,
     /// Source column -> PHI transform applied before anything leaves the source:
     /// `hmac`, `redact`, `null` or `year`.
     #[serde(default)]
@@ -237,6 +259,12 @@ pub struct TableConfig {
 
 fn default_name() -> String {
     "pgferry".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_chunk_rows() -> u64 {
+    20_000
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)

@@ -14,6 +14,8 @@ struct Pending {
     outstanding: u64,
     /// Set when the transaction's commit was seen.
     end: Option<Lsn>,
+    /// A snapshot mark (see `Event::Mark`) that is durable with this entry.
+    mark: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -21,6 +23,7 @@ pub struct AckTracker {
     pending: VecDeque<Pending>,
     next_seq: u64,
     durable: Lsn,
+    durable_mark: u64,
 }
 
 impl AckTracker {
@@ -36,8 +39,27 @@ impl AckTracker {
             seq,
             outstanding: 0,
             end: None,
+            mark: None,
         });
         seq
+    }
+
+    /// A snapshot mark: durable once everything handed over before it is. Returns the
+    /// new durable mark if it is at once.
+    pub fn mark(&mut self, mark: u64) -> Option<u64> {
+        let seq = self.begin();
+        if let Some(p) = self.get(seq) {
+            p.mark = Some(mark);
+        }
+        let before = self.durable_mark;
+        // Ends at LSN 0: durable moves by nothing but the mark.
+        self.commit(seq, Lsn::ZERO);
+        (self.durable_mark > before).then_some(self.durable_mark)
+    }
+
+    /// The highest snapshot mark that is durable.
+    pub fn durable_mark(&self) -> u64 {
+        self.durable_mark
     }
 
     fn get(&mut self, seq: u64) -> Option<&mut Pending> {
@@ -75,10 +97,12 @@ impl AckTracker {
         if n >= 2 {
             let (last, prev) = (&self.pending[n - 1], &self.pending[n - 2]);
             if last.seq == seq && last.outstanding == 0 && prev.end.is_some() {
+                let mark = last.mark;
                 self.pending.pop_back();
                 self.next_seq -= 1;
                 if let Some(p) = self.pending.back_mut() {
                     p.end = p.end.max(Some(end));
+                    p.mark = p.mark.max(mark);
                 }
             }
         }
@@ -96,6 +120,9 @@ impl AckTracker {
             match front.end {
                 Some(end) if front.outstanding == 0 => {
                     self.durable = self.durable.max(end);
+                    if let Some(m) = front.mark {
+                        self.durable_mark = self.durable_mark.max(m);
+                    }
                     self.pending.pop_front();
                 }
                 _ => break,
@@ -177,6 +204,22 @@ mod tests {
             "durable up to the last empty one"
         );
         assert_eq!(t.acked(b), Some(Lsn(20_000)));
+    }
+
+    #[test]
+    fn a_mark_is_durable_after_everything_before_it() {
+        let mut t = AckTracker::new();
+        let a = t.begin();
+        t.sent(a);
+        t.commit(a, Lsn::ZERO);
+        assert_eq!(t.mark(1), None, "a is not acked yet");
+        let b = t.begin();
+        t.commit(b, Lsn(50));
+        assert_eq!(t.durable_mark(), 0);
+        t.acked(a);
+        assert_eq!(t.durable_mark(), 1, "folded marks survive");
+        assert_eq!(t.durable(), Lsn(50));
+        assert_eq!(t.mark(2), Some(2), "nothing in flight: durable at once");
     }
 
     #[test]

@@ -46,6 +46,8 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 struct Shared {
     tracker: Mutex<AckTracker>,
     durable: watch::Sender<Lsn>,
+    /// The highest durable snapshot mark (see `Event::Mark`).
+    marks: watch::Sender<u64>,
     failure: Mutex<Option<String>>,
     /// Woken on every delivery: room in the local queue, or a failure to report.
     delivered: Notify,
@@ -80,10 +82,17 @@ impl ProducerContext for AckContext {
                     .0
                     .tracker
                     .lock()
-                    .map(|mut t| t.acked(seq as u64))
-                    .unwrap_or(None);
-                if let Some(lsn) = moved {
-                    self.0.durable.send_replace(lsn);
+                    .map(|mut t| (t.acked(seq as u64), t.durable_mark()))
+                    .ok();
+                if let Some((moved, mark)) = moved {
+                    if let Some(lsn) = moved {
+                        self.0.durable.send_replace(lsn);
+                    }
+                    self.0.marks.send_if_modified(|m| {
+                        let up = mark > *m;
+                        *m = (*m).max(mark);
+                        up
+                    });
                 }
             }
             Err((e, msg)) => {
@@ -160,6 +169,7 @@ impl KafkaStage {
         let shared = Arc::new(Shared {
             tracker: Mutex::new(AckTracker::new()),
             durable,
+            marks: watch::channel(0).0,
             failure: Mutex::new(None),
             delivered: Notify::new(),
         });
@@ -274,6 +284,19 @@ impl KafkaStage {
                     }
                     Ok(())
                 }
+                Event::Snapshot(change) => {
+                    // Its own entry, ending at LSN 0: durable alone, confirming nothing.
+                    let seq = self.lock_tracker().begin();
+                    let produced = self.produce_change(change, seq).await;
+                    self.lock_tracker().commit(seq, Lsn::ZERO);
+                    produced
+                }
+                Event::Mark(mark) => {
+                    if let Some(m) = self.lock_tracker().mark(*mark) {
+                        self.shared.marks.send_replace(m);
+                    }
+                    Ok(())
+                }
             };
             // Produced: its bytes are in librdkafka's own bounded queue now.
             budget.give(&event);
@@ -288,6 +311,11 @@ impl KafkaStage {
         }
         result?;
         self.check_failure()
+    }
+
+    /// The highest snapshot mark whose events (and all before them) are durable.
+    pub fn marks(&self) -> watch::Receiver<u64> {
+        self.shared.marks.subscribe()
     }
 
     fn lock_tracker(&self) -> std::sync::MutexGuard<'_, AckTracker> {

@@ -26,6 +26,7 @@ pub mod progress;
 pub mod relation;
 pub mod replication;
 pub mod slot;
+pub mod snapshot;
 pub mod state;
 pub mod transform;
 
@@ -76,6 +77,18 @@ pub struct Source {
     state: SourceState,
     /// The configured tables' OIDs at start (renames are followed by OID).
     table_oids: std::collections::HashMap<u32, crate::event::TableName>,
+    /// The slot was just created with an exported snapshot: the initial copy runs in it.
+    /// (In a mutex only so that `&Source` is `Sync`.)
+    exported: std::sync::Mutex<Option<Exported>>,
+    /// Whether this source copies tables (`run`), or only streams (`tail`).
+    snapshots: bool,
+}
+
+/// A slot's exported snapshot, alive while its creating connection stays idle.
+struct Exported {
+    conn: ReplicationConn,
+    name: String,
+    consistent_point: Lsn,
 }
 
 /// The channels that connect the source to the next stage.
@@ -85,6 +98,8 @@ pub struct Downstream {
     pub budget: Arc<crate::budget::ByteBudget>,
     /// Highest commit end LSN that is durable downstream.
     pub durable: watch::Receiver<Lsn>,
+    /// Highest snapshot mark (`Event::Mark`) durable downstream.
+    pub marks: watch::Receiver<u64>,
 }
 
 /// How a source starts.
@@ -97,6 +112,8 @@ pub struct StartOptions {
     /// Go on past a missing, re-created or advanced slot or another server, with a
     /// warning: the operator accepts that changes were lost.
     pub accept_data_loss: bool,
+    /// Copy tables (initial and on-demand snapshots); `tail` does not.
+    pub snapshots: bool,
 }
 
 impl Source {
@@ -133,7 +150,51 @@ impl Source {
         if plan == SlotPlan::Create && existing.is_none() {
             tracing::info!(%slot, "first start: creating the replication slot");
         }
+        let wants_initial = options.snapshots
+            && config.source.snapshot == crate::config::SnapshotMode::Initial
+            && config.tables.iter().any(|t| t.snapshot);
+        let mut exported = None;
+        if existing.is_none() && wants_initial {
+            let mut conn = ReplicationConn::connect(&config.source.url).await?;
+            let (consistent_point, name) = conn.create_slot_exported(&slot).await?;
+            tracing::info!(%slot, %consistent_point, "created replication slot with an exported snapshot for the initial copy");
+            exported = Some(Exported {
+                conn,
+                name,
+                consistent_point,
+            });
+        }
         let info = slot::ensure_slot(&catalog, &slot).await?;
+        let snapshot = match (&options.remembered, plan) {
+            (Some(r), SlotPlan::Use) if options.snapshots => {
+                let mut s = r.snapshot.clone();
+                // The exported snapshot died with the last run: what the initial copy
+                // did not finish is copied while streaming.
+                for t in s.tables.values_mut() {
+                    if t.method == crate::state::Method::Initial
+                        && matches!(t.phase, crate::state::Phase::Pending | crate::state::Phase::Copying)
+                    {
+                        t.method = crate::state::Method::Incremental;
+                        t.phase = crate::state::Phase::Pending;
+                        t.last_key = None;
+                    }
+                }
+                s
+            }
+            (Some(r), SlotPlan::Use) => r.snapshot.clone(),
+            _ if options.snapshots => snapshot::fresh_state(
+                &config,
+                if exported.is_some() {
+                    crate::state::Method::Initial
+                } else {
+                    crate::state::Method::Incremental
+                },
+            ),
+            _ => Default::default(),
+        };
+        if snapshot.unfinished().next().is_some() {
+            tracing::info!(tables = snapshot.unfinished().count(), initial = exported.is_some(), "tables to copy");
+        }
         let timeout = slot::wal_sender_timeout(&catalog).await?;
         let status_interval = timeout.map_or(Duration::from_secs(10), |t| {
             (t / 2).min(Duration::from_secs(10))
@@ -153,6 +214,7 @@ impl Source {
                 .filter(|r| *r > start && plan == SlotPlan::Use)
                 .unwrap_or(start)
                 .to_string(),
+            snapshot,
         };
         Ok(Source {
             config,
@@ -163,6 +225,8 @@ impl Source {
             end_lsn: None,
             state,
             table_oids,
+            exported: std::sync::Mutex::new(exported),
+            snapshots: options.snapshots,
         })
     }
 
@@ -178,12 +242,53 @@ impl Source {
 
     /// Stream until `shutdown`, a fatal error, or the next stage going away.
     pub async fn run(
-        self,
+        mut self,
         mut down: Downstream,
         link: StateLink,
         shutdown: CancellationToken,
         health: Arc<Health>,
     ) -> Result<(), Error> {
+        snapshot::publish_gauges(&link.snapshot.borrow());
+        let marks_next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let exported = self.exported.get_mut().ok().and_then(|e| e.take());
+        if let Some(exported) = exported {
+            let catalog = self.catalog.lock().await;
+            let initial = snapshot::Initial {
+                config: &self.config,
+                catalog: &catalog,
+                table_oids: &self.table_oids,
+                snapshot_name: exported.name,
+                exporter: exported.conn,
+                consistent_point: exported.consistent_point,
+                marks: marks_next.clone(),
+            };
+            match snapshot::run_initial(initial, &down, &link.snapshot, &shutdown).await {
+                Ok(()) => {}
+                Err(e) if shutdown.is_cancelled() => {
+                    tracing::info!(reason = %e, "stopped during the initial snapshot");
+                    return Ok(());
+                }
+                Err(e) => {
+                    record_error("source", &e);
+                    return Err(e.context("the initial snapshot"));
+                }
+            }
+        }
+        let windows = if self.snapshots {
+            let (chunks_tx, chunks_rx) = mpsc::channel(1);
+            tokio::spawn(snapshot::run_incremental(snapshot::Incremental {
+                config: self.config.clone(),
+                table_oids: self.table_oids.clone(),
+                slot: self.slot.clone(),
+                chunks: chunks_tx,
+                progress: link.snapshot.clone(),
+                marks: down.marks.clone(),
+                shutdown: shutdown.child_token(),
+            }));
+            Some(snapshot::Windows::new(self.slot.clone(), chunks_rx))
+        } else {
+            None
+        };
         let (monitor_tx, mut monitor_rx) = mpsc::channel(1);
         let monitor = tokio::spawn(monitor(
             self.config.clone(),
@@ -199,6 +304,8 @@ impl Source {
             health: &health,
             downstream_gone: false,
             link,
+            windows,
+            marks_next,
         };
         let mut backoff = BACKOFF_START;
         let result = loop {
@@ -242,6 +349,10 @@ struct Session<'a> {
     downstream_gone: bool,
     /// Positions are recorded (see [`state`]) before the slot is confirmed to them.
     link: StateLink,
+    /// Incremental snapshot chunks and their watermark windows (`None` in `tail`).
+    windows: Option<snapshot::Windows>,
+    /// The last snapshot mark handed on.
+    marks_next: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Transaction state while between Begin and Commit.
@@ -402,14 +513,28 @@ impl Session<'_> {
                 return Ok(());
             }
             Message::Origin { .. } => return Ok(()),
-            Message::Message { transactional, .. } => {
+            Message::Message {
+                transactional,
+                prefix,
+                content,
+                ..
+            } => {
                 if !transactional && open.is_none() {
                     self.progress.keepalive(wal_end.max(lsn));
+                }
+                if prefix == snapshot::WATERMARK_PREFIX {
+                    return self.watermark(&content, lsn, open, conn, down).await;
+                }
+                if prefix == snapshot::SIGNAL_PREFIX {
+                    self.signal(&content, lsn);
                 }
                 return Ok(());
             }
             Message::Truncate { relations, .. } => {
                 for oid in relations {
+                    if let Some(w) = self.windows.as_mut() {
+                        w.truncated(oid);
+                    }
                     let state = self.relation(oid, lsn)?;
                     if state.selected {
                         let table = state.schema.clone();
@@ -442,8 +567,103 @@ impl Session<'_> {
         }
         state.count(op);
         let table = state.schema.clone();
+        if let Some(w) = self.windows.as_mut() {
+            for row in [&before, &after].into_iter().flatten() {
+                w.changed(table.oid, || Some(snapshot::key_of(row, &table.key)));
+            }
+        }
         self.change(op, table, before, after, lsn, open, conn, down)
             .await
+    }
+
+    /// A watermark of an incremental snapshot: open a window, or close it and emit the
+    /// chunk's rows that the stream did not change meanwhile, in this transaction.
+    async fn watermark(
+        &mut self,
+        content: &[u8],
+        lsn: Lsn,
+        open: &mut Option<OpenTxn>,
+        conn: &mut ReplicationConn,
+        down: &mut Downstream,
+    ) -> Result<(), Error> {
+        let Some(windows) = self.windows.as_mut() else {
+            return Ok(());
+        };
+        let Some(mark) = windows.parse(content) else {
+            return Ok(());
+        };
+        let (chunk, rows) = match mark {
+            snapshot::Watermark::Low { id, oid } => {
+                windows.low(id, oid);
+                return Ok(());
+            }
+            snapshot::Watermark::High { id, .. } => match windows.high(&id) {
+                Some(found) => found,
+                None => return Ok(()),
+            },
+        };
+        if open.is_none() {
+            // Watermarks are transactional; without a transaction, read it again.
+            return Ok(());
+        }
+        for row in rows {
+            self.change_marked(
+                Op::Read,
+                chunk.schema.clone(),
+                None,
+                Some(row),
+                lsn,
+                open,
+                conn,
+                down,
+                crate::event::SnapshotMark::Incremental,
+            )
+            .await?;
+        }
+        let m = self
+            .marks_next
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        self.send(Event::Mark(m), conn, down).await?;
+        let _ = chunk.emitted.send(m);
+        Ok(())
+    }
+
+    /// A `pgferry snapshot` request: record the tables as pending (before the slot is
+    /// confirmed past the request, so a crash does not lose it).
+    fn signal(&mut self, content: &[u8], lsn: Lsn) {
+        if self.windows.is_none() {
+            return;
+        }
+        let Ok(signal) = serde_json::from_slice::<snapshot::Signal>(content) else {
+            tracing::warn!(%lsn, "ignoring a malformed pgferry.signal message");
+            return;
+        };
+        if signal.slot != self.source.slot {
+            return;
+        }
+        let config = &self.source.config;
+        for name in &signal.tables {
+            let Some(table) = config.tables.iter().find(|t| snapshot::state_key(&t.source) == *name) else {
+                tracing::warn!(table = %name, "snapshot requested for a table that is not configured; ignored");
+                continue;
+            };
+            if !table.snapshot {
+                tracing::warn!(table = %name, "snapshot requested for a table with snapshot = false; ignored");
+                continue;
+            }
+            tracing::info!(table = %name, %lsn, "snapshot requested");
+            self.link.snapshot.send_modify(|s| {
+                s.tables.insert(
+                    name.clone(),
+                    crate::state::TableSnapshot {
+                        method: crate::state::Method::Incremental,
+                        ..Default::default()
+                    },
+                );
+            });
+        }
+        snapshot::publish_gauges(&self.link.snapshot.borrow());
     }
 
     fn relation(&self, oid: u32, lsn: Lsn) -> Result<&relation::RelationState, Error> {
@@ -466,6 +686,33 @@ impl Session<'_> {
         conn: &mut ReplicationConn,
         down: &mut Downstream,
     ) -> Result<(), Error> {
+        self.change_marked(
+            op,
+            table,
+            before,
+            after,
+            lsn,
+            open,
+            conn,
+            down,
+            crate::event::SnapshotMark::No,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn change_marked(
+        &mut self,
+        op: Op,
+        table: Arc<crate::event::TableSchema>,
+        before: Option<crate::event::Row>,
+        after: Option<crate::event::Row>,
+        lsn: Lsn,
+        open: &mut Option<OpenTxn>,
+        conn: &mut ReplicationConn,
+        down: &mut Downstream,
+        mark: crate::event::SnapshotMark,
+    ) -> Result<(), Error> {
         let o = open
             .as_mut()
             .ok_or_else(|| Error::fatal(format!("row change at {lsn} outside a transaction")))?;
@@ -480,6 +727,7 @@ impl Session<'_> {
             prev_commit_end: o.txn.prev_commit_end,
             before,
             after,
+            snapshot: mark,
         };
         o.ordinal += 1;
         self.send(Event::Change(change), conn, down).await

@@ -391,7 +391,7 @@ pub async fn describe(catalog: &Client, table: &Table) -> Result<Relation, Error
                               and ((i.indisprimary and c.relreplident = 'd') or (i.indisreplident and c.relreplident = 'i'))), \
                              c.relreplident = 'f') \
              from pg_attribute a join pg_class c on c.oid = a.attrelid \
-             where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped order by a.attnum",
+             where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped and a.attgenerated = '' order by a.attnum",
             &[&oid],
         )
         .await

@@ -327,6 +327,30 @@ impl ReplicationConn {
             .map_err(|e| self.protocol(&format!("CREATE_REPLICATION_SLOT: {e}")))
     }
 
+    /// Create the slot and export its snapshot: returns the consistent point and the
+    /// snapshot's name, which other sessions can import while this connection stays
+    /// idle (DESIGN §4).
+    pub async fn create_slot_exported(&mut self, slot: &str) -> Result<(Lsn, String), Error> {
+        let sql = format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT");
+        let rows = self.simple_query(&sql).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| self.protocol("CREATE_REPLICATION_SLOT returned no row"))?;
+        let point: Lsn = row
+            .get(1)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| self.protocol("CREATE_REPLICATION_SLOT returned no consistent point"))?
+            .parse()
+            .map_err(|e| self.protocol(&format!("CREATE_REPLICATION_SLOT: {e}")))?;
+        let name = row
+            .get(2)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| self.protocol("CREATE_REPLICATION_SLOT exported no snapshot"))?;
+        Ok((point, name))
+    }
+
     /// `START_REPLICATION` with pgoutput v1 and logical messages; switches to CopyBoth.
     pub async fn start_replication(
         &mut self,

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::error::Error;
 use crate::lsn::Lsn;
-pub use crate::state::{SourceState, StateStore};
+pub use crate::state::{SnapshotState, SourceState, StateStore};
 
 /// Least time between two writes of the state: the slot's confirmation trails
 /// durability by at most about this much.
@@ -132,35 +132,54 @@ pub fn decide(
 pub struct StateLink {
     pub want: watch::Sender<Lsn>,
     pub recorded: watch::Receiver<Lsn>,
+    /// Snapshot progress to record (with the next position, or on its own).
+    pub snapshot: std::sync::Arc<watch::Sender<SnapshotState>>,
 }
 
-/// Record positions the source asks for, at most every [`RECORD_MIN_GAP`], and publish
-/// each once it is durable. Ends with an error when the store fails (the source then
-/// stops confirming and stops); ends quietly when the source is gone.
+/// Record positions the source asks for, and snapshot progress, at most every
+/// [`RECORD_MIN_GAP`], and publish each position once it is durable. Ends with an
+/// error when the store fails (the source then stops confirming and stops); ends
+/// quietly when the source is gone.
 pub async fn keep<S: StateStore>(
     mut store: S,
     mut state: SourceState,
     mut want: watch::Receiver<Lsn>,
     recorded: watch::Sender<Lsn>,
+    snapshot: watch::Receiver<SnapshotState>,
 ) -> Result<(), Error> {
+    let mut snapshot = Some(snapshot);
     loop {
         let target = *want.borrow_and_update();
-        if target > *recorded.borrow() {
-            state.confirmed_lsn = target.to_string();
+        let progressed = snapshot
+            .as_mut()
+            .is_some_and(|s| s.has_changed().unwrap_or(false));
+        let moved = target > *recorded.borrow();
+        if moved || progressed {
+            if let Some(s) = snapshot.as_mut() {
+                state.snapshot = s.borrow_and_update().clone();
+            }
+            if moved {
+                state.confirmed_lsn = target.to_string();
+            }
             store.save(&state).await.map_err(|e| {
                 e.context(format!(
                     "recording the source position in {}",
                     store.describe()
                 ))
             })?;
-            if recorded.send(target).is_err() {
+            if moved && recorded.send(target).is_err() {
                 return Ok(());
             }
             tokio::time::sleep(RECORD_MIN_GAP).await;
             continue;
         }
-        if want.changed().await.is_err() {
-            return Ok(());
+        tokio::select! {
+            changed = want.changed() => if changed.is_err() { return Ok(()) },
+            changed = async { snapshot.as_mut().expect("checked").changed().await }, if snapshot.is_some() => {
+                if changed.is_err() {
+                    snapshot = None;
+                }
+            }
         }
     }
 }

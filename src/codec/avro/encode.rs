@@ -5,7 +5,7 @@
 use super::schema::{FieldPlan, TableSchemas, ValueKind};
 use crate::codec::array::{self, Element};
 use crate::codec::pgtext::{self, Numeric};
-use crate::event::{Change, Column, Datum, Op, Row};
+use crate::event::{Change, Column, Datum, Row};
 use crate::timestamp::PgTimestamp;
 
 /// A value that cannot be encoded with its table's schema. Names the table and column,
@@ -82,14 +82,7 @@ pub fn encode_value(
     write_bytes(out, source.name.as_bytes());
     write_long(out, change.commit_ts.unix_millis());
     write_long(out, 0); // snapshot: the "string" branch
-    write_bytes(
-        out,
-        if change.op == Op::Read {
-            b"true"
-        } else {
-            b"false"
-        },
-    );
+    write_bytes(out, change.snapshot.as_str().as_bytes());
     write_bytes(out, source.db.as_bytes());
     // sequence: [last committed LSN, this change's LSN], as Debezium writes it.
     write_long(out, 1);
