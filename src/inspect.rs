@@ -264,7 +264,11 @@ pub async fn status(config: &std::sync::Arc<Config>) -> Result<Vec<String>, Erro
 
 /// Each table's snapshot progress, from the state `run` records on Kafka: rows copied
 /// against `pg_class.reltuples`, chunks done, and its state.
-async fn snapshot_lines(config: &std::sync::Arc<Config>, source: &tokio_postgres::Client, lines: &mut Vec<String>) {
+async fn snapshot_lines(
+    config: &std::sync::Arc<Config>,
+    source: &tokio_postgres::Client,
+    lines: &mut Vec<String>,
+) {
     use crate::state::StateStore;
     let store = crate::kafka::state::KafkaStateStore::new(config.clone(), &config.source.slot);
     let state = match store {

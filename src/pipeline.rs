@@ -147,8 +147,14 @@ pub async fn tail(
     start_http(&config, &health).await?;
     let slot = slot.unwrap_or_else(|| config.source.slot.clone());
     let state_file = state_file.unwrap_or_else(|| default_tail_state_file(&config, &slot));
-    let (mut source, link, keeper) =
-        prepare_source(&config, slot, FileStore::new(state_file), accept_data_loss, false).await?;
+    let (mut source, link, keeper) = prepare_source(
+        &config,
+        slot,
+        FileStore::new(state_file),
+        accept_data_loss,
+        false,
+    )
+    .await?;
     source.stop_at(end_lsn);
 
     let shutdown = CancellationToken::new();

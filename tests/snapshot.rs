@@ -20,7 +20,13 @@ fn target_url() -> String {
     service_env("PGFERRY_TARGET_URL")
 }
 
-fn config(src: &TestDb, tgt: &TestDb, slot: &str, source_extra: &str, tables: &str) -> std::path::PathBuf {
+fn config(
+    src: &TestDb,
+    tgt: &TestDb,
+    slot: &str,
+    source_extra: &str,
+    tables: &str,
+) -> std::path::PathBuf {
     let prefix = format!("t{}", src.name);
     let path = src.config(
         &format!("{slot}.toml"),
@@ -33,9 +39,11 @@ fn config(src: &TestDb, tgt: &TestDb, slot: &str, source_extra: &str, tables: &s
         ),
     );
     // Snapshot settings belong in [source], which the helper wrote first.
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replacen("[http]\n", &format!("{source_extra}\n[http]\n"), 1);
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[http]\n",
+        &format!("{source_extra}\n[http]\n"),
+        1,
+    );
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -56,7 +64,10 @@ fn wait_equal(config: &std::path::Path, p: &Pgferry) {
     while !verify_equal(config) {
         if Instant::now() > deadline {
             let (_, out, err) = common::run(&["verify", "--config", config.to_str().unwrap()]);
-            panic!("verify never became equal:\n{out}{err}\npgferry stderr:\n{}", p.stderr_text());
+            panic!(
+                "verify never became equal:\n{out}{err}\npgferry stderr:\n{}",
+                p.stderr_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -75,7 +86,10 @@ fn wait_status(config: &std::path::Path, p: &Pgferry, line_part: &str) -> String
             return s;
         }
         if Instant::now() > deadline {
-            panic!("status never showed {line_part:?}:\n{s}\npgferry stderr:\n{}", p.stderr_text());
+            panic!(
+                "status never showed {line_part:?}:\n{s}\npgferry stderr:\n{}",
+                p.stderr_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -198,7 +212,10 @@ fn initial_snapshot_under_load_is_exact_for_every_type_and_toast() {
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
     let statements = load.join().unwrap();
-    assert!(statements > 10, "the workload ran during the snapshot ({statements})");
+    assert!(
+        statements > 10,
+        "the workload ran during the snapshot ({statements})"
+    );
     wait_equal(&cfg, &p);
     assert_eq!(
         digest(&src, "patients", "id"),
@@ -207,9 +224,15 @@ fn initial_snapshot_under_load_is_exact_for_every_type_and_toast() {
     );
     assert_eq!(digest(&src, "types", "id"), digest(&tgt, "types", "id"));
     let s = status(&cfg);
-    assert!(s.contains("snapshot public.types: done (initial), 4 rows"), "{s}");
+    assert!(
+        s.contains("snapshot public.types: done (initial), 4 rows"),
+        "{s}"
+    );
     // Exactly the rows of the exported snapshot, in 20 ctid chunks of about 10,000.
-    assert!(s.contains("snapshot public.patients: done (initial), 200000 rows of ~"), "{s}");
+    assert!(
+        s.contains("snapshot public.patients: done (initial), 200000 rows of ~"),
+        "{s}"
+    );
     let chunks: u64 = s
         .lines()
         .find(|l| l.starts_with("snapshot public.patients"))
@@ -217,6 +240,240 @@ fn initial_snapshot_under_load_is_exact_for_every_type_and_toast() {
         .and_then(|p| p.trim_end_matches(" chunks").parse().ok())
         .unwrap();
     assert!(chunks >= 10, "{s}");
-    assert!(p.stderr_text().contains("initial snapshot done"), "{}", p.stderr_text());
+    assert!(
+        p.stderr_text().contains("initial snapshot done"),
+        "{}",
+        p.stderr_text()
+    );
+    assert_eq!(p.terminate().code(), Some(0), "{}", p.stderr_text());
+}
+
+/// The `rows` of the `snapshot` line of `table` in `pgferry status`.
+fn status_rows(status: &str, table: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("snapshot {table}:")))?;
+    line.split(", ")
+        .find(|p| p.contains(" rows of "))
+        .and_then(|p| p.split(' ').next())
+        .and_then(|n| n.parse().ok())
+}
+
+#[test]
+fn kill9_during_the_initial_snapshot_three_times() {
+    let src = TestDb::new("snapkill");
+    let tgt = TestDb::on(&target_url(), "snapkill_t");
+    src.sql(
+        "create table a (id int primary key, v text);
+         create table b (id int primary key, v text);
+         create table c (id int primary key, counter int not null, v text);
+         insert into a select g, 'a' || g from generate_series(1, 1000) g;
+         insert into b select g, 'b' || g from generate_series(1, 1000) g;
+         insert into c select g, 0, repeat('c', 50) || g from generate_series(1, 400000) g;
+         analyze;",
+    );
+    // JSON events carry no column types: the target tables exist.
+    tgt.sql(
+        "create table a (id int primary key, v text);
+         create table b (id int primary key, v text);
+         create table c (id int primary key, counter int not null, v text);",
+    );
+    let cfg = config(
+        &src,
+        &tgt,
+        "sk",
+        "snapshot_workers = 2\nsnapshot_chunk_rows = 5000",
+        "[[tables]]\nsource = \"public.a\"\n[[tables]]\nsource = \"public.b\"\n[[tables]]\nsource = \"public.c\"\n",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[kafka]\n", "[kafka]\nformat = \"json\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let prefix = format!("t{}", src.name);
+
+    // First run: killed once a and b are recorded done and c is under way.
+    let mut p = run(&cfg, "k1");
+    // (The target is watched rather than `status`, which is slower than the copy.)
+    wait_for("a and b applied, c under way", T, || {
+        let n = |t: &str| {
+            tgt.value(&format!("select count(*) from {t}"))
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+        };
+        (n("a") == 1000 && n("b") == 1000 && n("c") > 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    p.kill9();
+    let s = status(&cfg);
+    assert!(
+        s.contains("snapshot public.a: done") && s.contains("snapshot public.b: done"),
+        "{s}"
+    );
+    assert!(
+        !s.contains("snapshot public.c: done"),
+        "killed too late to test anything:\n{s}"
+    );
+    // Changes while pgferry is down, to rows copied and not copied yet.
+    src.sql("update c set counter = counter + 1 where id % 1000 = 1; delete from c where id % 1000 = 2; \
+             update a set v = 'changed' where id = 5;");
+    // Second and third runs: killed during the copy of c, which now goes on between
+    // watermarks while the stream runs.
+    for round in 2..=3 {
+        let mut p = run(&cfg, &format!("k{round}"));
+        let deadline = Instant::now() + T;
+        loop {
+            let s = status(&cfg);
+            if status_rows(&s, "public.c").is_some_and(|n| n > 0)
+                && s.contains("snapshot public.c: copying (incremental)")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "c never got under way again:\n{s}\n{}",
+                p.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        src.sql(&format!(
+            "update c set counter = counter + {round} where id % 997 = 0"
+        ));
+        p.kill9();
+    }
+    let mut p = run(&cfg, "k4");
+    wait_status(&cfg, &p, "snapshot public.c: done (incremental)");
+    wait_equal(&cfg, &p);
+    assert_eq!(digest(&src, "c", "id"), digest(&tgt, "c", "id"));
+    assert_eq!(digest(&src, "a", "id"), digest(&tgt, "a", "id"));
+    // Finished tables were not copied again: exactly one snapshot event per row.
+    for t in ["a", "b"] {
+        let events = snapshot_events(&format!("{prefix}.public.{t}"), 1000);
+        assert_eq!(events.len(), 1000, "table {t} was copied once");
+        assert!(events
+            .iter()
+            .all(|e| e["source"]["snapshot"] != "incremental"));
+    }
+    let c = snapshot_events(&format!("{prefix}.public.c"), 400_000);
+    assert!(
+        c.iter().any(|e| e["source"]["snapshot"] == "incremental"),
+        "c was finished by the incremental method"
+    );
+    assert_eq!(p.terminate().code(), Some(0), "{}", p.stderr_text());
+}
+
+#[test]
+fn on_demand_resnapshot_with_kill9_resumes_and_repairs_the_target() {
+    let rows: i64 = 30_000;
+    let src = TestDb::new("snapdemand");
+    let tgt = TestDb::on(&target_url(), "snapdemand_t");
+    src.sql(&format!(
+        "create table patients (id int primary key, counter int not null, name text, note text);
+         insert into patients select g, 0, 'patient ' || g, 'n' || g from generate_series(1, {rows}) g;
+         create table nokey (v text);
+         analyze;"
+    ));
+    tgt.sql("create table patients (id int primary key, counter int not null, name text, note text); create table nokey (v text unique);");
+    let cfg = config(
+        &src,
+        &tgt,
+        "sd",
+        "snapshot_chunk_rows = 1000",
+        "[[tables]]\nsource = \"public.patients\"\n[[tables]]\nsource = \"public.nokey\"\n",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[kafka]\n", "[kafka]\nformat = \"json\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let prefix = format!("t{}", src.name);
+    let topic = format!("{prefix}.public.patients");
+    let mut p = run(&cfg, "d1");
+    wait_status(&cfg, &p, "snapshot public.patients: done (initial)");
+    wait_equal(&cfg, &p);
+
+    // Clear errors: an unconfigured table, a keyless one.
+    let (code, _, err) = common::run(&[
+        "snapshot",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--table",
+        "public.visits",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("public.visits is not configured"), "{err}");
+    let (code, _, err) = common::run(&[
+        "snapshot",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--table",
+        "public.nokey",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no primary key"), "{err}");
+
+    // Damage the target by hand: deleted and altered rows.
+    tgt.sql("delete from patients where id % 100 = 0; update patients set name = 'wrong' where id % 77 = 0");
+    assert!(!verify_equal(&cfg));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = workload(src.url.clone(), rows, stop.clone());
+    let (code, out, err) = common::run(&[
+        "snapshot",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--table",
+        "public.patients",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("requested"), "{out}");
+    // Killed in the middle of the copy.
+    let deadline = Instant::now() + T;
+    loop {
+        let s = status(&cfg);
+        if s.contains("snapshot public.patients: copying (incremental)")
+            && status_rows(&s, "public.patients").is_some_and(|n| n >= 15_000)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the re-snapshot never got under way:\n{s}\n{}",
+            p.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.kill9();
+    let before_restart = status_rows(&status(&cfg), "public.patients").unwrap();
+    let mut p = run(&cfg, "d2");
+    wait_status(&cfg, &p, "snapshot public.patients: done (incremental)");
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    wait_equal(&cfg, &p);
+    assert_eq!(
+        digest(&src, "patients", "id"),
+        digest(&tgt, "patients", "id")
+    );
+    assert!(
+        p.stderr_text().contains("resume_after_key=true"),
+        "{}",
+        p.stderr_text()
+    );
+    // Resumed, not restarted: the incremental events are about one copy of the table.
+    // What was copied after the last recorded progress (recorded at most four times a
+    // second) is copied again; starting over would add the 15,000+ rows before.
+    let events = snapshot_events(&topic, rows as usize);
+    let incremental = events
+        .iter()
+        .filter(|e| e["source"]["snapshot"] == "incremental")
+        .count() as u64;
+    let total_rows = src
+        .value("select count(*) from patients")
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    assert!(before_restart >= 15_000);
+    assert!(
+        incremental < total_rows + 10_000,
+        "{incremental} incremental events for {total_rows} rows: the copy started over"
+    );
     assert_eq!(p.terminate().code(), Some(0), "{}", p.stderr_text());
 }

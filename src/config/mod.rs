@@ -126,7 +126,13 @@ impl Config {
                 None => std::thread::available_parallelism().map_or(2, |n| n.get()),
             },
             snapshot_chunk_rows: match raw.source.snapshot_chunk_rows {
-                0 => return Err(err(path, "source.snapshot_chunk_rows", "must be at least 1")),
+                0 => {
+                    return Err(err(
+                        path,
+                        "source.snapshot_chunk_rows",
+                        "must be at least 1",
+                    ))
+                }
                 n => n,
             },
         };

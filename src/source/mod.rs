@@ -172,7 +172,10 @@ impl Source {
                 // did not finish is copied while streaming.
                 for t in s.tables.values_mut() {
                     if t.method == crate::state::Method::Initial
-                        && matches!(t.phase, crate::state::Phase::Pending | crate::state::Phase::Copying)
+                        && matches!(
+                            t.phase,
+                            crate::state::Phase::Pending | crate::state::Phase::Copying
+                        )
                     {
                         t.method = crate::state::Method::Incremental;
                         t.phase = crate::state::Phase::Pending;
@@ -193,7 +196,11 @@ impl Source {
             _ => Default::default(),
         };
         if snapshot.unfinished().next().is_some() {
-            tracing::info!(tables = snapshot.unfinished().count(), initial = exported.is_some(), "tables to copy");
+            tracing::info!(
+                tables = snapshot.unfinished().count(),
+                initial = exported.is_some(),
+                "tables to copy"
+            );
         }
         let timeout = slot::wal_sender_timeout(&catalog).await?;
         let status_interval = timeout.map_or(Duration::from_secs(10), |t| {
@@ -276,6 +283,7 @@ impl Source {
         }
         let windows = if self.snapshots {
             let (chunks_tx, chunks_rx) = mpsc::channel(1);
+            let run = snapshot::run_id();
             tokio::spawn(snapshot::run_incremental(snapshot::Incremental {
                 config: self.config.clone(),
                 table_oids: self.table_oids.clone(),
@@ -284,8 +292,9 @@ impl Source {
                 progress: link.snapshot.clone(),
                 marks: down.marks.clone(),
                 shutdown: shutdown.child_token(),
+                run: run.clone(),
             }));
-            Some(snapshot::Windows::new(self.slot.clone(), chunks_rx))
+            Some(snapshot::Windows::new(self.slot.clone(), run, chunks_rx))
         } else {
             None
         };
@@ -593,11 +602,11 @@ impl Session<'_> {
             return Ok(());
         };
         let (chunk, rows) = match mark {
-            snapshot::Watermark::Low { id, oid } => {
-                windows.low(id, oid);
+            snapshot::Watermark::Low { seq, oid } => {
+                windows.low(seq, oid);
                 return Ok(());
             }
-            snapshot::Watermark::High { id, .. } => match windows.high(&id) {
+            snapshot::Watermark::High { seq, .. } => match windows.high(seq) {
                 Some(found) => found,
                 None => return Ok(()),
             },
@@ -644,7 +653,11 @@ impl Session<'_> {
         }
         let config = &self.source.config;
         for name in &signal.tables {
-            let Some(table) = config.tables.iter().find(|t| snapshot::state_key(&t.source) == *name) else {
+            let Some(table) = config
+                .tables
+                .iter()
+                .find(|t| snapshot::state_key(&t.source) == *name)
+            else {
                 tracing::warn!(table = %name, "snapshot requested for a table that is not configured; ignored");
                 continue;
             };

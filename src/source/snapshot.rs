@@ -141,7 +141,11 @@ fn select_list(catalog_columns: &[String]) -> String {
         .join(", ")
 }
 
-async fn wire_columns(catalog: &Client, config: &Config, name: &TableName) -> Result<Vec<String>, Error> {
+async fn wire_columns(
+    catalog: &Client,
+    config: &Config,
+    name: &TableName,
+) -> Result<Vec<String>, Error> {
     let table = config
         .table(name)
         .ok_or_else(|| Error::operator(format!("table {name} is not configured")))?;
@@ -251,9 +255,16 @@ impl CopyLines {
     }
 }
 
-fn decode_row(state: &RelationState, line: &[u8], skip: usize) -> Result<(Vec<Option<String>>, Row), Error> {
+fn decode_row(
+    state: &RelationState,
+    line: &[u8],
+    skip: usize,
+) -> Result<(Vec<Option<String>>, Row), Error> {
     let mut tuple = parse_copy_line(line).map_err(|why| {
-        Error::fatal(format!("table {}: a snapshot row cannot be read: {why}", state.schema.name))
+        Error::fatal(format!(
+            "table {}: a snapshot row cannot be read: {why}",
+            state.schema.name
+        ))
     })?;
     if tuple.len() < skip {
         return Err(Error::fatal(format!(
@@ -289,7 +300,12 @@ struct FeedInner {
 }
 
 impl Feed {
-    async fn send(&self, state: &RelationState, row: Row, mut mark: SnapshotMark) -> Result<(), Error> {
+    async fn send(
+        &self,
+        state: &RelationState,
+        row: Row,
+        mut mark: SnapshotMark,
+    ) -> Result<(), Error> {
         let mut inner = self.inner.lock().await;
         let ordinal = inner.ordinals.entry(state.schema.oid).or_insert(0);
         let this = *ordinal;
@@ -372,17 +388,33 @@ async fn plan_chunks(
         estimates.push(tuples);
         if kind != "r" || pages <= 1 {
             // Partitioned tables have no ctids of their own: one chunk.
-            chunks.push(CtidChunk { table: i, from: 0, to: None });
+            chunks.push(CtidChunk {
+                table: i,
+                from: 0,
+                to: None,
+            });
             continue;
         }
-        let per_page = if tuples > 0 && relpages > 0 { (tuples / relpages).max(1) } else { 50 };
+        let per_page = if tuples > 0 && relpages > 0 {
+            (tuples / relpages).max(1)
+        } else {
+            50
+        };
         let step = (chunk_rows / per_page as u64).max(1);
         let mut from = 0u64;
         while from + step < pages as u64 {
-            chunks.push(CtidChunk { table: i, from, to: Some(from + step) });
+            chunks.push(CtidChunk {
+                table: i,
+                from,
+                to: Some(from + step),
+            });
             from += step;
         }
-        chunks.push(CtidChunk { table: i, from, to: None });
+        chunks.push(CtidChunk {
+            table: i,
+            from,
+            to: None,
+        });
     }
     Ok((chunks, estimates))
 }
@@ -415,7 +447,13 @@ pub async fn run_initial(
         .borrow()
         .unfinished()
         .filter(|(_, t)| t.method == Method::Initial)
-        .filter_map(|(k, _)| config.tables.iter().find(|t| state_key(&t.source) == *k).map(|t| t.source.clone()))
+        .filter_map(|(k, _)| {
+            config
+                .tables
+                .iter()
+                .find(|t| state_key(&t.source) == *k)
+                .map(|t| t.source.clone())
+        })
         .collect();
     if names.is_empty() {
         let _ = init.exporter.finish().await;
@@ -425,9 +463,12 @@ pub async fn run_initial(
     let cache = Arc::new(cache);
     let mut columns = Vec::new();
     for (name, _) in &tables {
-        columns.push(select_list(&wire_columns(init.catalog, config, name).await?));
+        columns.push(select_list(
+            &wire_columns(init.catalog, config, name).await?,
+        ));
     }
-    let (chunks, estimates) = plan_chunks(init.catalog, &tables, config.source.snapshot_chunk_rows).await?;
+    let (chunks, estimates) =
+        plan_chunks(init.catalog, &tables, config.source.snapshot_chunk_rows).await?;
     let workers = config.source.snapshot_workers.min(chunks.len()).max(1);
     tracing::info!(tables = tables.len(), chunks = chunks.len(), workers, consistent_point = %init.consistent_point,
         "initial snapshot: copying the configured tables before streaming");
@@ -441,7 +482,12 @@ pub async fn run_initial(
             init.snapshot_name.replace('\'', "''")
         ))
         .await
-        .map_err(|e| Error::postgres(format!("snapshot worker {i} importing the slot's snapshot"), e))?;
+        .map_err(|e| {
+            Error::postgres(
+                format!("snapshot worker {i} importing the slot's snapshot"),
+                e,
+            )
+        })?;
         clients.push(c);
     }
     let _ = init.exporter.finish().await;
@@ -463,7 +509,8 @@ pub async fn run_initial(
         .collect();
     let queue = Arc::new(std::sync::Mutex::new(VecDeque::from(chunks)));
     let remaining = Arc::new(AtomicUsize::new(queue.lock().map(|q| q.len()).unwrap_or(0)));
-    let rows: Arc<Vec<AtomicU64>> = Arc::new((0..tables.len()).map(|_| AtomicU64::new(0)).collect());
+    let rows: Arc<Vec<AtomicU64>> =
+        Arc::new((0..tables.len()).map(|_| AtomicU64::new(0)).collect());
     // (mark, table) of every finished chunk, for the progress below.
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, usize)>();
     progress.send_modify(|s| {
@@ -555,17 +602,30 @@ pub async fn run_initial(
             last_log = Instant::now();
             let total: u64 = rows.iter().map(|r| r.load(Ordering::Relaxed)).sum();
             let estimate: i64 = estimates.iter().sum();
-            tracing::info!(rows = total, estimate, seconds = started.elapsed().as_secs(),
-                tables_done = chunks_left.iter().filter(|&&n| n == 0).count(), tables = tables.len(),
-                "initial snapshot: copying");
+            tracing::info!(
+                rows = total,
+                estimate,
+                seconds = started.elapsed().as_secs(),
+                tables_done = chunks_left.iter().filter(|&&n| n == 0).count(),
+                tables = tables.len(),
+                "initial snapshot: copying"
+            );
         }
         // A worker that ended (with the queue empty) and left no chunk waiting.
-        if workers_done && done_rx.is_empty() && waiting.is_empty() && chunks_left.iter().any(|&n| n > 0) {
+        if workers_done
+            && done_rx.is_empty()
+            && waiting.is_empty()
+            && chunks_left.iter().any(|&n| n > 0)
+        {
             return Err(Error::fatal("the initial snapshot lost track of a chunk"));
         }
     }
     let total: u64 = rows.iter().map(|r| r.load(Ordering::Relaxed)).sum();
-    tracing::info!(rows = total, seconds = started.elapsed().as_secs_f64(), "initial snapshot done; streaming from the consistent point");
+    tracing::info!(
+        rows = total,
+        seconds = started.elapsed().as_secs_f64(),
+        "initial snapshot done; streaming from the consistent point"
+    );
     Ok(())
 }
 
@@ -593,7 +653,10 @@ impl WorkerCtx {
                 .ok_or_else(|| Error::fatal(format!("table {name} has no description")))?;
             let range = match chunk.to {
                 _ if chunk.from == 0 && chunk.to.is_none() => String::new(),
-                Some(to) => format!(" where ctid >= '({},0)'::tid and ctid < '({to},0)'::tid", chunk.from),
+                Some(to) => format!(
+                    " where ctid >= '({},0)'::tid and ctid < '({to},0)'::tid",
+                    chunk.from
+                ),
                 None => format!(" where ctid >= '({},0)'::tid", chunk.from),
             };
             let sql = format!(
@@ -621,7 +684,11 @@ impl WorkerCtx {
             }
             let last = self.remaining.fetch_sub(1, Ordering::AcqRel) == 1;
             if let Some(row) = held {
-                let mark = if last { SnapshotMark::Last } else { SnapshotMark::True };
+                let mark = if last {
+                    SnapshotMark::Last
+                } else {
+                    SnapshotMark::True
+                };
                 self.feed.send(state, row, mark).await?;
             }
             self.rows[chunk.table].fetch_add(n, Ordering::Relaxed);
@@ -642,12 +709,13 @@ impl WorkerCtx {
 
 /// A chunk read between watermarks, waiting for its high watermark in the stream.
 pub struct Chunk {
-    pub id: String,
+    /// Its number in this run: chunks are read one at a time, in this order.
+    pub seq: u64,
     /// The table as the rows were read.
     pub schema: Arc<crate::event::TableSchema>,
     pub rows: Vec<Row>,
-    /// Told, once the rows were handed on, the mark that follows them (`None`: the
-    /// chunk was dropped and must be read again).
+    /// Told, once the rows were handed on, the mark that follows them. Dropped
+    /// unanswered when the chunk cannot be emitted: its reader reads it again.
     pub emitted: oneshot::Sender<u64>,
 }
 
@@ -655,30 +723,34 @@ pub struct Chunk {
 /// keys that changed inside them.
 pub struct Windows {
     slot: String,
-    pub chunks: mpsc::Receiver<Chunk>,
-    /// The open window: (chunk id, table OID, keys changed in the stream since).
-    open: Option<(String, u32, HashSet<Vec<Option<String>>>)>,
+    /// This run's watermarks carry it; others (an earlier run's, read again after a
+    /// restart) are ignored.
+    run: String,
+    chunks: mpsc::Receiver<Chunk>,
+    /// The open window: (chunk seq, table OID, keys changed in the stream since).
+    open: Option<(u64, u32, HashSet<Vec<Option<String>>>)>,
     pending: Option<Chunk>,
 }
 
 /// A parsed watermark message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Watermark {
-    Low { id: String, oid: u32 },
-    High { id: String, oid: u32 },
+    Low { seq: u64, oid: u32 },
+    High { seq: u64, oid: u32 },
 }
 
 impl Windows {
-    pub fn new(slot: String, chunks: mpsc::Receiver<Chunk>) -> Self {
+    pub fn new(slot: String, run: String, chunks: mpsc::Receiver<Chunk>) -> Self {
         Windows {
             slot,
+            run,
             chunks,
             open: None,
             pending: None,
         }
     }
 
-    /// A watermark of this slot, if `content` is one.
+    /// A watermark of this slot and run, if `content` is one.
     pub fn parse(&self, content: &[u8]) -> Option<Watermark> {
         let text = std::str::from_utf8(content).ok()?;
         let mut parts = text.split(' ');
@@ -686,17 +758,43 @@ impl Windows {
             return None;
         }
         let kind = parts.next()?;
-        let id = parts.next()?.to_string();
+        let (run, seq) = parts.next()?.split_once('-')?;
+        if run != self.run {
+            return None;
+        }
+        let seq = seq.parse().ok()?;
         let oid = parts.next()?.parse().ok()?;
         match kind {
-            "low" => Some(Watermark::Low { id, oid }),
-            "high" => Some(Watermark::High { id, oid }),
+            "low" => Some(Watermark::Low { seq, oid }),
+            "high" => Some(Watermark::High { seq, oid }),
             _ => None,
         }
     }
 
-    pub fn low(&mut self, id: String, oid: u32) {
-        self.open = Some((id, oid, HashSet::new()));
+    pub fn low(&mut self, seq: u64, oid: u32) {
+        self.open = Some((seq, oid, HashSet::new()));
+        // Chunks before this one will never see their high watermark: let their
+        // reader know (it reads them again), and make room for this one.
+        if let Some(chunk) = self.take_chunk(seq) {
+            self.pending = Some(chunk);
+        }
+    }
+
+    /// The chunk `seq` if it is here; earlier ones are dropped, a later one is kept.
+    fn take_chunk(&mut self, seq: u64) -> Option<Chunk> {
+        loop {
+            let chunk = match self.pending.take() {
+                Some(c) => c,
+                None => self.chunks.try_recv().ok()?,
+            };
+            if chunk.seq == seq {
+                return Some(chunk);
+            }
+            if chunk.seq > seq {
+                self.pending = Some(chunk);
+                return None;
+            }
+        }
     }
 
     /// A streamed change of table `oid` with key `key`.
@@ -717,22 +815,16 @@ impl Windows {
         }
     }
 
-    /// The high watermark `id`: the chunk's rows that the stream did not change in
-    /// the window. `None` when there is nothing to emit: a stale watermark (of an
-    /// earlier run), or a window not watched from its low watermark (a reconnect in
-    /// between), whose chunk is then dropped and read again by its reader.
-    pub fn high(&mut self, id: &str) -> Option<(Chunk, Vec<Row>)> {
+    /// The high watermark `seq`: the chunk's rows that the stream did not change in
+    /// the window. `None` when there is nothing to emit: a window not watched from its
+    /// low watermark (a reconnect in between), whose chunk is then dropped and read
+    /// again by its reader.
+    pub fn high(&mut self, seq: u64) -> Option<(Chunk, Vec<Row>)> {
         let window = self.open.take();
-        let mut chunk = match self.pending.take() {
-            Some(c) => c,
-            None => self.chunks.try_recv().ok()?,
-        };
-        if chunk.id != id {
-            self.pending = Some(chunk);
-            return None;
-        }
-        let (open_id, _, keys) = window?;
-        if open_id != id {
+        // The reader hands the chunk over before it writes the high watermark.
+        let mut chunk = self.take_chunk(seq)?;
+        let (open_seq, _, keys) = window?;
+        if open_seq != seq {
             return None;
         }
         let rows = std::mem::take(&mut chunk.rows);
@@ -763,6 +855,16 @@ pub struct Incremental {
     pub progress: Arc<watch::Sender<SnapshotState>>,
     pub marks: watch::Receiver<u64>,
     pub shutdown: CancellationToken,
+    /// This run's mark on its watermarks (see [`Windows`]).
+    pub run: String,
+}
+
+/// A name for this run's watermarks.
+pub fn run_id() -> String {
+    format!(
+        "{:x}",
+        (PgTimestamp::now().0 as u64) ^ (u64::from(std::process::id()) << 40)
+    )
 }
 
 /// Copy the unfinished tables in key-ordered chunks between watermarks, for as long
@@ -772,7 +874,6 @@ pub struct Incremental {
 pub async fn run_incremental(inc: Incremental) {
     let mut wake = inc.progress.subscribe();
     let mut backoff = Duration::from_millis(500);
-    let nonce = format!("{:x}", PgTimestamp::now().0 as u64 ^ u64::from(std::process::id()));
     let mut seq = 0u64;
     loop {
         let next = inc
@@ -788,7 +889,7 @@ pub async fn run_incremental(inc: Incremental) {
             }
             continue;
         };
-        match copy_table(&inc, &key, &nonce, &mut seq).await {
+        match copy_table(&inc, &key, &mut seq).await {
             Ok(()) => backoff = Duration::from_millis(500),
             Err(e) if inc.shutdown.is_cancelled() => {
                 tracing::debug!(error = %e, "incremental snapshot stopped");
@@ -829,7 +930,7 @@ pub fn incremental_problem(state: &RelationState) -> Option<String> {
     })
 }
 
-async fn copy_table(inc: &Incremental, key: &str, nonce: &str, seq: &mut u64) -> Result<(), Error> {
+async fn copy_table(inc: &Incremental, key: &str, seq: &mut u64) -> Result<(), Error> {
     let config = &inc.config;
     let Some(table) = config.tables.iter().find(|t| state_key(&t.source) == key) else {
         // No longer configured: nothing to copy.
@@ -840,7 +941,13 @@ async fn copy_table(inc: &Incremental, key: &str, nonce: &str, seq: &mut u64) ->
     };
     let name = table.source.clone();
     let client = connect(config, "incremental snapshot").await?;
-    let (cache, found) = describe(&client, config, &inc.table_oids, std::slice::from_ref(&name)).await?;
+    let (cache, found) = describe(
+        &client,
+        config,
+        &inc.table_oids,
+        std::slice::from_ref(&name),
+    )
+    .await?;
     let Some(&(_, oid)) = found.first() else {
         return Err(Error::operator(format!("table {name} is not configured")));
     };
@@ -848,11 +955,21 @@ async fn copy_table(inc: &Incremental, key: &str, nonce: &str, seq: &mut u64) ->
         .get(oid)
         .ok_or_else(|| Error::fatal(format!("table {name} has no description")))?;
     if let Some(why) = incremental_problem(state) {
-        return Err(Error::operator(why).with_hint("give the table a primary key, or set `key` in its table file"));
+        return Err(Error::operator(why)
+            .with_hint("give the table a primary key, or set `key` in its table file"));
     }
-    let key_names: Vec<String> = state.schema.key.iter().map(|&i| state.schema.columns[i].name.clone()).collect();
+    let key_names: Vec<String> = state
+        .schema
+        .key
+        .iter()
+        .map(|&i| state.schema.columns[i].name.clone())
+        .collect();
     // The resume key is kept in the state topic only when it is not PHI.
-    let persist_key = state.schema.key.iter().all(|&i| state.schema.columns[i].transform.is_none());
+    let persist_key = state
+        .schema
+        .key
+        .iter()
+        .all(|&i| state.schema.columns[i].transform.is_none());
     let key_types: Vec<String> = {
         let mut types = Vec::new();
         for k in &key_names {
@@ -867,7 +984,11 @@ async fn copy_table(inc: &Incremental, key: &str, nonce: &str, seq: &mut u64) ->
         }
         types
     };
-    let quoted_keys = key_names.iter().map(|k| crate::event::quote_ident(k)).collect::<Vec<_>>().join(", ");
+    let quoted_keys = key_names
+        .iter()
+        .map(|k| crate::event::quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
     let columns = select_list(&wire_columns(&client, config, &name).await?);
     let mut last_key: Option<Vec<Option<String>>> = {
         let s = inc.progress.borrow();
@@ -898,11 +1019,11 @@ async fn copy_table(inc: &Incremental, key: &str, nonce: &str, seq: &mut u64) ->
     let mut last_log = Instant::now();
     loop {
         *seq += 1;
-        let id = format!("{nonce}-{seq}");
-        let emit = |kind: &str| format!("{} {kind} {id} {oid}", inc.slot);
+        let this = *seq;
+        let emit = |kind: &str| format!("{} {kind} {}-{this} {oid}", inc.slot, inc.run);
         client
             .execute(
-                "select pg_logical_emit_message(true, $1, $2)",
+                "select pg_logical_emit_message(true, $1::text, $2::text)",
                 &[&WATERMARK_PREFIX, &emit("low")],
             )
             .await
@@ -947,17 +1068,12 @@ async fn copy_table(inc: &Incremental, key: &str, nonce: &str, seq: &mut u64) ->
             }
         }
         let finished = read < limit && !capped;
-        client
-            .execute(
-                "select pg_logical_emit_message(true, $1, $2)",
-                &[&WATERMARK_PREFIX, &emit("high")],
-            )
-            .await
-            .map_err(|e| Error::postgres("writing a snapshot watermark", e))?;
+        // Handed over before the high watermark is written, so that the source has it
+        // when the watermark arrives.
         let (emitted_tx, emitted_rx) = oneshot::channel();
         let n = rows.len() as u64;
         let chunk = Chunk {
-            id: id.clone(),
+            seq: this,
             schema: state.schema.clone(),
             rows,
             emitted: emitted_tx,
@@ -965,13 +1081,20 @@ async fn copy_table(inc: &Incremental, key: &str, nonce: &str, seq: &mut u64) ->
         if inc.chunks.send(chunk).await.is_err() {
             return Err(Error::transient("the source stopped"));
         }
+        client
+            .execute(
+                "select pg_logical_emit_message(true, $1::text, $2::text)",
+                &[&WATERMARK_PREFIX, &emit("high")],
+            )
+            .await
+            .map_err(|e| Error::postgres("writing a snapshot watermark", e))?;
         let mark = tokio::select! {
             m = emitted_rx => m,
             _ = inc.shutdown.cancelled() => return Err(Error::transient("stopping")),
         };
         let Ok(mark) = mark else {
             // Its window was not watched whole (a reconnect): read it again.
-            tracing::debug!(table = %name, chunk = %id, "snapshot chunk dropped; reading it again");
+            tracing::debug!(table = %name, chunk = this, "snapshot chunk dropped; reading it again");
             continue;
         };
         let mut marks = inc.marks.clone();
@@ -1063,7 +1186,7 @@ pub async fn request(config: &Config, tables: &[String]) -> Result<Lsn, Error> {
     .map_err(|e| Error::fatal("encoding the snapshot request").with_source(e))?;
     let row = catalog
         .query_one(
-            "select pg_logical_emit_message(true, $1, $2)::text",
+            "select pg_logical_emit_message(true, $1::text, $2::text)::text",
             &[&SIGNAL_PREFIX, &signal],
         )
         .await

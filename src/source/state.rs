@@ -148,9 +148,11 @@ pub async fn keep<S: StateStore>(
     snapshot: watch::Receiver<SnapshotState>,
 ) -> Result<(), Error> {
     let mut snapshot = Some(snapshot);
+    // Set when the snapshot progress changed (`changed()` marks it seen).
+    let mut progressed = false;
     loop {
         let target = *want.borrow_and_update();
-        let progressed = snapshot
+        progressed |= snapshot
             .as_mut()
             .is_some_and(|s| s.has_changed().unwrap_or(false));
         let moved = target > *recorded.borrow();
@@ -158,6 +160,7 @@ pub async fn keep<S: StateStore>(
             if let Some(s) = snapshot.as_mut() {
                 state.snapshot = s.borrow_and_update().clone();
             }
+            progressed = false;
             if moved {
                 state.confirmed_lsn = target.to_string();
             }
@@ -176,8 +179,9 @@ pub async fn keep<S: StateStore>(
         tokio::select! {
             changed = want.changed() => if changed.is_err() { return Ok(()) },
             changed = async { snapshot.as_mut().expect("checked").changed().await }, if snapshot.is_some() => {
-                if changed.is_err() {
-                    snapshot = None;
+                match changed {
+                    Ok(()) => progressed = true,
+                    Err(_) => snapshot = None,
                 }
             }
         }
