@@ -453,16 +453,20 @@ fn connect_cell(v: &Json, ty: &Json) -> Result<SinkValue, DecodeError> {
         return Ok(SinkValue::Null);
     }
     // io.pgferry.Special {text, unchanged}: the struct where the column's type has no
-    // room for the value (an object where the type expects no struct).
+    // room for the value (no Debezium struct has a field `unchanged`).
+    if let Json::Object(o) = v {
+        if let Some(Json::Bool(unchanged)) = o.get("unchanged") {
+            if *unchanged {
+                return Ok(SinkValue::Unchanged);
+            }
+            return match o.get("text") {
+                Some(Json::String(t)) => Ok(SinkValue::Text(t.clone())),
+                _ => Err(bad("io.pgferry.Special without text")),
+            };
+        }
+    }
     let ty = value_branch(ty);
-    let is_var_decimal = is_named(ty, crate::codec::avro::schema::VARIABLE_SCALE_DECIMAL);
-    if let (Json::Object(o), false) = (v, is_var_decimal) {
-        if o.get("unchanged") == Some(&Json::Bool(true)) {
-            return Ok(SinkValue::Unchanged);
-        }
-        if let Some(Json::String(t)) = o.get("text") {
-            return Ok(SinkValue::Text(t.clone()));
-        }
+    if v.is_object() && !is_named(ty, crate::codec::avro::schema::VARIABLE_SCALE_DECIMAL) {
         return Err(bad("an object that is not io.pgferry.Special"));
     }
     connect_text(v, ty).map(SinkValue::Text)
@@ -664,6 +668,7 @@ mod tests {
         use crate::codec::connect::tests::{encode, sample, ROW};
         let mut row = ROW;
         row[2] = Some("NaN");
+        row[9] = Some("-Infinity");
         row[11] = Some("<unchanged>");
         for with_schema in [true, false] {
             let (key, value, avro) = encode(&sample(&row, Some(&ROW)), with_schema);
@@ -690,7 +695,8 @@ mod tests {
             assert_eq!(text(&after, "by"), t("\\x00ff00"));
             assert_eq!(text(&after, "ts"), t("2026-11-22 01:02:03.123456"));
             assert_eq!(text(&after, "tm"), t("04:05:06.789"));
-            assert_eq!(text(&after, "nn"), t("3.14159"));
+            assert_eq!(text(&after, "nn"), t("-Infinity"));
+            assert_eq!(text(&before, "nn"), t("3.14159"));
             assert_eq!(text(&after, "ai"), t(r#"{"1",NULL,"3"}"#));
             assert_eq!(text(&after, "t"), SinkValue::Unchanged);
             assert_eq!(text(&before, "t"), SinkValue::Null);
