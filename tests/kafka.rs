@@ -232,7 +232,7 @@ fn json_format_writes_the_debezium_envelope() {
         "s_kjson",
         &brokers(),
         &prefix,
-        "format = \"json\"\ntombstones = false",
+        "format = \"json\"\njson_schemas = false\ntombstones = false",
         &["public.p"],
     );
     let _run = run_source(&cfg);

@@ -16,8 +16,9 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(120);
 
-/// JSON events (no schema topic needed); the mock broker has no CreateTopics API, so
-/// the topic is created on the mock and pgferry is told not to create topics.
+/// JSON events without embedded schemas; the mock broker has no CreateTopics API, so
+/// the topics (the table's, `_state`, `_schemas`) are created on the mock and pgferry
+/// is told not to create topics.
 fn config(
     db: &TestDb,
     slot: &str,
@@ -30,11 +31,14 @@ fn config(
         .unwrap();
     mock.create_topic(&format!("{prefix}._state"), 1, 3)
         .unwrap();
+    // JSON events name their Avro value schema, which goes to the schema topic.
+    mock.create_topic(&format!("{prefix}._schemas"), 1, 3)
+        .unwrap();
     db.config(
         &format!("{slot}.toml"),
         slot,
         &format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\nformat = \"json\"\ncreate_topics = false\n\
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\nformat = \"json\"\njson_schemas = false\ncreate_topics = false\n\
              tombstones = false\n[kafka.properties]\n{props}\n[[tables]]\nsource = \"public.{table}\"\n",
             mock.bootstrap_servers()
         ),

@@ -1,27 +1,12 @@
-//! JSON encodings of the event model. `tail` lines (DESIGN §2): values are their
-//! faithful PostgreSQL text where JSON has no exact type; integers, booleans, text and
-//! json/jsonb are native; arrays are JSON arrays. Writes straight into a byte buffer
-//! (no intermediate value tree) because `tail` runs it once per change.
-//!
-//! On Kafka (`format = "json"`) json and jsonb travel as strings, as Debezium's
-//! `io.debezium.data.Json` does: embedded JSON would lose a `json` value's duplicate
-//! keys and spacing, and the digits of numbers a reader parses as doubles, and a jsonb
-//! `null` could not be told from SQL NULL.
+//! `tail` lines (DESIGN §2): values are their faithful PostgreSQL text where JSON has
+//! no exact type; integers, booleans, text and json/jsonb are native; arrays are JSON
+//! arrays. Writes straight into a byte buffer (no intermediate value tree) because
+//! `tail` runs it once per change. Kafka's `format = "json"` is [`super::connect`].
 
 use std::io::Write;
 
 use super::array::{self, Element};
 use crate::event::{Change, Column, Datum, PgType, Row, TypeKind};
-use crate::timestamp::PgTimestamp;
-
-/// Where a JSON encoding goes, which decides how json/jsonb values are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Style {
-    /// `tail` lines: json/jsonb embedded.
-    Tail,
-    /// Kafka messages: json/jsonb as strings holding their exact text.
-    Kafka,
-}
 
 /// Append one `tail` line (with its newline) for `change` to `out`.
 pub fn write_tail_line(change: &Change, out: &mut Vec<u8>) {
@@ -37,25 +22,13 @@ pub fn write_tail_line(change: &Change, out: &mut Vec<u8>) {
         ",\"xid\":{},\"commit_lsn\":\"{}\",\"lsn\":\"{}\",\"ordinal\":{},\"commit_ts\":\"{}\",\"key\":",
         change.xid, change.commit_lsn, change.lsn, change.ordinal, change.commit_ts
     );
-    if !write_key_object(change, Style::Tail, out) {
+    if !write_key_object(change, out) {
         out.extend_from_slice(b"null");
     }
     out.extend_from_slice(b",\"before\":");
-    write_row(
-        out,
-        Style::Tail,
-        &table.columns,
-        &table.key,
-        change.before.as_ref(),
-    );
+    write_row(out, &table.columns, &table.key, change.before.as_ref());
     out.extend_from_slice(b",\"after\":");
-    write_row(
-        out,
-        Style::Tail,
-        &table.columns,
-        &table.key,
-        change.after.as_ref(),
-    );
+    write_row(out, &table.columns, &table.key, change.after.as_ref());
     out.extend_from_slice(b",\"unchanged\":[");
     for (i, name) in change.unchanged().enumerate() {
         if i > 0 {
@@ -68,7 +41,7 @@ pub fn write_tail_line(change: &Change, out: &mut Vec<u8>) {
 
 /// The key columns as a JSON object. Writes nothing and returns false when the change
 /// has no key (truncates, keyless tables).
-pub fn write_key_object(change: &Change, style: Style, out: &mut Vec<u8>) -> bool {
+pub fn write_key_object(change: &Change, out: &mut Vec<u8>) -> bool {
     let Some(key) = change.key() else {
         return false;
     };
@@ -79,91 +52,15 @@ pub fn write_key_object(change: &Change, style: Style, out: &mut Vec<u8>) -> boo
         }
         write_str(out, &col.name);
         out.push(b':');
-        write_datum(out, style, col, datum);
+        write_datum(out, col, datum);
     }
     out.push(b'}');
     true
 }
 
-/// The Debezium JSON envelope without an embedded schema (`kafka.format = "json"`):
-/// `before`, `after`, `source`, `op`, `ts_ms`, `ts_us`, and `unchanged`. Values are
-/// written as in `tail` lines.
-pub fn write_debezium_envelope(
-    change: &Change,
-    name: &str,
-    db: &str,
-    now: PgTimestamp,
-    out: &mut Vec<u8>,
-) {
-    let table = &change.table;
-    out.extend_from_slice(b"{\"before\":");
-    write_row(
-        out,
-        Style::Kafka,
-        &table.columns,
-        &table.key,
-        change.before.as_ref(),
-    );
-    out.extend_from_slice(b",\"after\":");
-    write_row(
-        out,
-        Style::Kafka,
-        &table.columns,
-        &table.key,
-        change.after.as_ref(),
-    );
-    let _ = write!(
-        out,
-        ",\"source\":{{\"version\":\"{}\",\"connector\":\"postgresql\",\"name\":",
-        env!("CARGO_PKG_VERSION")
-    );
-    write_str(out, name);
-    let _ = write!(
-        out,
-        ",\"ts_ms\":{},\"snapshot\":\"{}\",\"db\":",
-        change.commit_ts.unix_millis(),
-        change.snapshot.as_str()
-    );
-    write_str(out, db);
-    let _ = write!(
-        out,
-        ",\"sequence\":\"[\\\"{}\\\",\\\"{}\\\"]\",\"ts_us\":{},\"ts_ns\":{},\"schema\":",
-        change.prev_commit_end.0,
-        change.lsn.0,
-        change.commit_ts.unix_micros(),
-        i128::from(change.commit_ts.unix_micros()) * 1000
-    );
-    write_str(out, &table.name.schema);
-    out.extend_from_slice(b",\"table\":");
-    write_str(out, &table.name.name);
-    let _ = write!(
-        out,
-        ",\"txId\":{},\"lsn\":{},\"xmin\":null,\"origin\":null,\"origin_lsn\":null}},\"transaction\":null,\"op\":\"{}\",\"ts_ms\":{},\"ts_us\":{},\"ts_ns\":{},\"unchanged\":[",
-        change.xid,
-        change.lsn.0,
-        change.op.as_str(),
-        now.unix_millis(),
-        now.unix_micros(),
-        i128::from(now.unix_micros()) * 1000
-    );
-    for (i, name) in change.unchanged().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(out, name);
-    }
-    out.extend_from_slice(b"]}");
-}
-
 /// A row image as a JSON object. Unchanged TOAST columns are left out (they are listed
 /// in `unchanged`); a key-only old image shows only the key columns.
-fn write_row(
-    out: &mut Vec<u8>,
-    style: Style,
-    columns: &[Column],
-    key: &[usize],
-    row: Option<&Row>,
-) {
+fn write_row(out: &mut Vec<u8>, columns: &[Column], key: &[usize], row: Option<&Row>) {
     let Some(row) = row else {
         out.extend_from_slice(b"null");
         return;
@@ -180,38 +77,36 @@ fn write_row(
         first = false;
         write_str(out, &col.name);
         out.push(b':');
-        write_datum(out, style, col, datum);
+        write_datum(out, col, datum);
     }
     out.push(b'}');
 }
 
-fn write_datum(out: &mut Vec<u8>, style: Style, col: &Column, datum: &Datum) {
+fn write_datum(out: &mut Vec<u8>, col: &Column, datum: &Datum) {
     match datum {
-        Datum::Text(t) => write_value(out, style, &col.ty, t.as_str()),
+        Datum::Text(t) => write_value(out, &col.ty, t.as_str()),
         // Unchanged values never reach here from rows; a key is never unchanged TOAST.
         Datum::Null | Datum::Unchanged => out.extend_from_slice(b"null"),
     }
 }
 
 /// One value from its PostgreSQL text form.
-pub fn write_value(out: &mut Vec<u8>, style: Style, ty: &PgType, text: &str) {
+pub fn write_value(out: &mut Vec<u8>, ty: &PgType, text: &str) {
     match &ty.kind {
         TypeKind::Bool => out.extend_from_slice(if text == "t" { b"true" } else { b"false" }),
         TypeKind::Int2 | TypeKind::Int4 | TypeKind::Int8 | TypeKind::Oid if is_integer(text) => {
             out.extend_from_slice(text.as_bytes())
         }
-        TypeKind::Json | TypeKind::Jsonb if style == Style::Tail => {
-            out.extend_from_slice(text.as_bytes())
-        }
+        TypeKind::Json | TypeKind::Jsonb => out.extend_from_slice(text.as_bytes()),
         TypeKind::Array(elem) => match array::parse(text, ty.delimiter) {
-            Some(items) => write_elements(out, style, elem, &items),
+            Some(items) => write_elements(out, elem, &items),
             None => write_str(out, text),
         },
         _ => write_str(out, text),
     }
 }
 
-fn write_elements(out: &mut Vec<u8>, style: Style, elem: &PgType, items: &[Element]) {
+fn write_elements(out: &mut Vec<u8>, elem: &PgType, items: &[Element]) {
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -219,8 +114,8 @@ fn write_elements(out: &mut Vec<u8>, style: Style, elem: &PgType, items: &[Eleme
         }
         match item {
             Element::Null => out.extend_from_slice(b"null"),
-            Element::Value(v) => write_value(out, style, elem, v),
-            Element::Array(sub) => write_elements(out, style, elem, sub),
+            Element::Value(v) => write_value(out, elem, v),
+            Element::Array(sub) => write_elements(out, elem, sub),
         }
     }
     out.push(b']');
@@ -242,8 +137,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::event::{ReplicaIdentity, TableName, TableSchema, Text};
+    use crate::event::{Op, ReplicaIdentity, TableName, TableSchema, Text};
     use crate::lsn::Lsn;
+    use crate::timestamp::PgTimestamp;
 
     fn ty(kind: TypeKind) -> Arc<PgType> {
         Arc::new(PgType {
@@ -271,7 +167,7 @@ mod tests {
 
     fn render(kind: TypeKind, value: &str) -> String {
         let mut out = Vec::new();
-        write_value(&mut out, Style::Tail, &ty(kind), value);
+        write_value(&mut out, &ty(kind), value);
         String::from_utf8(out).unwrap()
     }
 
@@ -285,17 +181,6 @@ mod tests {
         assert_eq!(render(TypeKind::Numeric, "NaN"), "\"NaN\"");
         assert_eq!(render(TypeKind::Float8, "-0"), "\"-0\"");
         assert_eq!(render(TypeKind::Jsonb, "{\"a\": [1]}"), "{\"a\": [1]}");
-        let mut kafka = Vec::new();
-        write_value(
-            &mut kafka,
-            Style::Kafka,
-            &ty(TypeKind::Json),
-            "{\"a\": 1, \"a\": 2}",
-        );
-        assert_eq!(
-            kafka, br#""{\"a\": 1, \"a\": 2}""#,
-            "json keeps its exact text on Kafka"
-        );
         assert_eq!(render(TypeKind::Text, "é\"\n"), "\"é\\\"\\n\"");
         let ints = TypeKind::Array(Box::new((*ty(TypeKind::Int4)).clone()));
         assert_eq!(render(ints.clone(), "{{1,NULL},{3,4}}"), "[[1,null],[3,4]]");
@@ -347,16 +232,5 @@ mod tests {
         );
         let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(parsed["unchanged"][0], "scan");
-
-        let mut env = Vec::new();
-        write_debezium_envelope(&change, "ehr", "ehrdb", PgTimestamp(1_000_000), &mut env);
-        let env: serde_json::Value = serde_json::from_slice(&env).expect("valid JSON");
-        assert_eq!(env["op"], "u");
-        assert_eq!(env["after"]["name"], "Ada");
-        assert_eq!(env["source"]["db"], "ehrdb");
-        assert_eq!(env["source"]["sequence"], "[\"27439104\",\"27439872\"]");
-        assert_eq!(env["source"]["txId"], 771);
-        assert_eq!(env["ts_ms"], 946_684_801_000_i64);
-        assert_eq!(env["unchanged"][0], "scan");
     }
 }

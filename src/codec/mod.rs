@@ -3,5 +3,6 @@
 
 pub mod array;
 pub mod avro;
+pub mod connect;
 pub mod json;
 pub mod pgtext;

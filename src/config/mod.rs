@@ -180,6 +180,13 @@ impl Config {
                 "must be non-empty and use only letters, digits, '.', '_' and '-'",
             ));
         }
+        if raw.kafka.format == Format::Avro && raw.kafka.json_schemas.is_some() {
+            return Err(err(
+                path,
+                "kafka.json_schemas",
+                "applies only to format = \"json\": remove it, or set kafka.format = \"json\"",
+            ));
+        }
         if raw.kafka.partitions < 1 {
             return Err(err(path, "kafka.partitions", "must be at least 1"));
         }
@@ -670,6 +677,7 @@ source = "public.visits"
             ("[source]\nurl = \"postgres://u@h/d\"\nslot = \"Bad-Slot\"\n", "source.slot"),
             ("[source]\nurl = \"postgres://u@h/d\"\nheartbeat_interval = \"soon\"\n", "source.heartbeat_interval"),
             ("[source]\nurl = \"postgres://u@h/d\"\n[kafka]\nformat = \"xml\"\n", "kafka.format"),
+            ("[source]\nurl = \"postgres://u@h/d\"\n[kafka]\njson_schemas = false\n", "kafka.json_schemas"),
             ("[source]\nurl = \"postgres://u@h/d\"\n[[tables]]\nsource = \"a.b.c\"\n", "tables[0].source"),
             ("[source]\nurl = \"postgres://u@h/d\"\n[[tables]]\nsource = \"a\"\nkey = [\"id\"]\nexclude = [\"id\"]\n", "tables[0].key"),
         ];

@@ -77,6 +77,12 @@ pub struct KafkaConfig {
     /// `avro` (default) or `json`.
     #[serde(default)]
     pub format: Format,
+    /// With `format = "json"`: write each key and value as Kafka Connect's
+    /// JsonConverter does with `schemas.enable=true`, `{"schema": …, "payload": …}`
+    /// (`true`, the default, as it is Connect's and so what a consumer moved over from
+    /// Debezium expects), or the payload alone (`false`). An error with `avro`.
+    #[serde(default)]
+    pub json_schemas: Option<bool>,
     /// Confluent-compatible schema registry URL (`http://` or `https://`); empty =
     /// schemas on `<prefix>._schemas`.
     #[serde(default)]
@@ -118,12 +124,20 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
 }
 
+impl KafkaConfig {
+    /// Whether JSON messages embed their Connect schema (default true).
+    pub fn json_schemas(&self) -> bool {
+        self.json_schemas.unwrap_or(true)
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
             brokers: default_brokers(),
             topic_prefix: default_prefix(),
             format: Format::default(),
+            json_schemas: None,
             schema_registry: String::new(),
             schema_registry_ca: None,
             schema_registry_user: None,

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::acks::AckTracker;
 use super::registry::Registry;
 use crate::codec::avro::{self, Framing, SourceInfo, TableSchemas};
-use crate::codec::json;
+use crate::codec::connect::{self, ConnectSchemas};
 use crate::config::{Config, Format};
 use crate::error::Error;
 use crate::event::{Change, Event, Op, TableSchema};
@@ -120,6 +120,9 @@ struct TableCodec {
     partitions: i32,
     key_framing: Option<Framing>,
     value_framing: Framing,
+    /// JSON format: the Connect schemas, and the `pgferry.schema` header (the Avro
+    /// value schema's fingerprint, by which the sink finds the column types).
+    connect: Option<(ConnectSchemas, String)>,
 }
 
 pub struct KafkaStage {
@@ -361,14 +364,28 @@ impl KafkaStage {
                 has_key
             }
             Format::Json => {
-                let has_key = json::write_key_object(change, json::Style::Kafka, &mut self.key_buf);
-                json::write_debezium_envelope(
+                let Some((connect, _)) = &codec.connect else {
+                    return Err(Error::fatal("no Connect schemas for a JSON table"));
+                };
+                let with_schema = self.config.kafka.json_schemas();
+                let has_key = connect::write_key(
                     change,
-                    &self.source.name,
-                    &self.source.db,
+                    &codec.schemas,
+                    connect,
+                    with_schema,
+                    &mut self.key_buf,
+                )
+                .map_err(encode_error)?;
+                connect::write_envelope(
+                    change,
+                    &codec.schemas,
+                    connect,
+                    &self.source,
                     now,
+                    with_schema,
                     &mut self.value_buf,
-                );
+                )
+                .map_err(encode_error)?;
                 has_key
             }
         };
@@ -386,7 +403,7 @@ impl KafkaStage {
                 self.config.kafka.max_message_bytes,
             ));
         }
-        let headers = headers(change);
+        let headers = headers(change, codec.connect.as_ref().map(|(_, fp)| fp.as_str()));
         let key = has_key.then(|| self.key_buf.clone());
         let value = std::mem::take(&mut self.value_buf);
         if change.op == Op::Truncate {
@@ -480,7 +497,17 @@ impl KafkaStage {
         let partitions = self.ensure_topic(&topic, false).await?;
         let schemas = avro::derive(table, &prefix);
         let (key_framing, value_framing) = match self.config.kafka.format {
-            Format::Json => (None, Framing::Registry(0)),
+            // The Avro value schema goes to the schema topic even so (never to a
+            // registry, whose subject would then claim an Avro topic): it carries the
+            // PostgreSQL column types the sink needs to read epoch days, scales and
+            // millisecond timestamps back, whether or not the messages embed a schema.
+            Format::Json => (
+                None,
+                Framing::SingleObject(
+                    self.publish_schema(&topic, "value", &schemas.value, seq)
+                        .await?,
+                ),
+            ),
             Format::Avro => {
                 let key = match &schemas.key {
                     Some(k) => Some(self.schema_framing(&topic, "key", k, seq).await?),
@@ -493,6 +520,13 @@ impl KafkaStage {
                 )
             }
         };
+        let connect = match (self.config.kafka.format, value_framing) {
+            (Format::Json, Framing::SingleObject(fp)) => Some((
+                ConnectSchemas::derive(table, &schemas),
+                fingerprint_hex(&fp),
+            )),
+            _ => None,
+        };
         tracing::info!(table = %table.name, %topic, "new schema version in use");
         self.codecs.insert(
             table.oid,
@@ -503,6 +537,7 @@ impl KafkaStage {
                 partitions,
                 key_framing,
                 value_framing,
+                connect,
             },
         );
         Ok(())
@@ -521,6 +556,21 @@ impl KafkaStage {
         if let Some(registry) = &mut self.registry {
             return Ok(Framing::Registry(registry.register(&subject, &text).await?));
         }
+        Ok(Framing::SingleObject(
+            self.publish_schema(topic, part, schema, seq).await?,
+        ))
+    }
+
+    /// Publish the schema to `<prefix>._schemas` (once); its fingerprint.
+    async fn publish_schema(
+        &mut self,
+        topic: &str,
+        part: &str,
+        schema: &serde_json::Value,
+        seq: u64,
+    ) -> Result<[u8; 8], Error> {
+        let subject = format!("{topic}-{part}");
+        let text = schema.to_string();
         let (fp, _) = avro::fingerprint(schema).map_err(|e| {
             Error::fatal(format!("the derived Avro schema of {subject} is invalid")).with_source(e)
         })?;
@@ -543,7 +593,7 @@ impl KafkaStage {
             .await?;
             self.published.insert(fp);
         }
-        Ok(Framing::SingleObject(fp))
+        Ok(fp)
     }
 
     /// Create the topic if missing; returns its partition count.
@@ -627,7 +677,10 @@ impl KafkaStage {
     }
 }
 
-fn headers(change: &Change) -> OwnedHeaders {
+/// `pgferry.commit_lsn`, `pgferry.ordinal`, `pgferry.unchanged` (when any) and, for
+/// JSON messages, `pgferry.schema`: the fingerprint (hex, as the schema topic's key)
+/// of the Avro value schema that describes the columns.
+fn headers(change: &Change, schema: Option<&str>) -> OwnedHeaders {
     let commit_lsn = change.commit_lsn.to_string();
     let ordinal = change.ordinal.to_string();
     let mut h = OwnedHeaders::new()
@@ -645,6 +698,12 @@ fn headers(change: &Change) -> OwnedHeaders {
         h = h.insert(Header {
             key: "pgferry.unchanged",
             value: Some(list.as_str()),
+        });
+    }
+    if let Some(fp) = schema {
+        h = h.insert(Header {
+            key: "pgferry.schema",
+            value: Some(fp),
         });
     }
     h
@@ -685,11 +744,9 @@ fn too_large(change: &Change, topic: &str, size: usize, max: usize) -> Error {
 }
 
 fn encode_error(e: avro::EncodeError) -> Error {
-    Error::fatal("encoding a change as Avro")
-        .with_source(e)
-        .with_hint(
-            "this is a pgferry bug or an unsupported value; the slot was not confirmed past it",
-        )
+    Error::fatal("encoding a change").with_source(e).with_hint(
+        "this is a pgferry bug or an unsupported value; the slot was not confirmed past it",
+    )
 }
 
 fn kafka_config_error(config: &Config, e: KafkaError) -> Error {

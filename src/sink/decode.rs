@@ -326,7 +326,233 @@ fn quote_array_element(out: &mut String, text: &str) {
     out.push('"');
 }
 
-/// Decode a JSON envelope (`kafka.format = "json"`), values as in `tail` lines.
+/// The `pgferry.schema` header of a JSON message: the fingerprint of the Avro value
+/// schema that describes its columns. `None` for messages of pgferry versions before
+/// the Debezium JSON shapes (values as in `tail` lines, see [`json_envelope`]).
+pub fn json_schema_header(headers: &[(String, Vec<u8>)]) -> Option<Result<[u8; 8], DecodeError>> {
+    let (_, v) = headers.iter().find(|(k, _)| k == "pgferry.schema")?;
+    Some(
+        std::str::from_utf8(v)
+            .ok()
+            .filter(|t| t.len() == 16)
+            .and_then(|t| u64::from_str_radix(t, 16).ok())
+            .map(u64::to_le_bytes)
+            .ok_or_else(|| bad("header pgferry.schema is not a 16-digit hex fingerprint")),
+    )
+}
+
+/// The payload of a JsonConverter message: `payload` of `{"schema", "payload"}`, or the
+/// message itself (`schemas.enable=false`).
+fn connect_payload(v: Json) -> Json {
+    match v {
+        Json::Object(mut o) if o.len() == 2 && o.contains_key("schema") => {
+            o.remove("payload").unwrap_or(Json::Null)
+        }
+        other => other,
+    }
+}
+
+/// Decode a Debezium JSON envelope (`kafka.format = "json"`, with or without embedded
+/// Connect schemas), reading each value back by the Avro value schema of the same
+/// table version (`schema_json`, from the schema topic): it names the PostgreSQL type
+/// and the Debezium semantic type (epoch days, millis or micros, decimal scale) of
+/// every column.
+pub fn connect_envelope(
+    value: &[u8],
+    key: Option<&[u8]>,
+    schema_json: &Json,
+    position: (Lsn, u32),
+) -> Result<SinkEvent, DecodeError> {
+    let v: Json = serde_json::from_slice(value).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let v = connect_payload(v);
+    let row_fields =
+        row_schema_fields(schema_json).ok_or_else(|| bad("the schema has no Value record"))?;
+    let op = parse_op(
+        v["op"]
+            .as_str()
+            .ok_or_else(|| bad("the envelope has no op"))?,
+    )?;
+    let table = TableName::new(
+        v["source"]["schema"]
+            .as_str()
+            .ok_or_else(|| bad("source.schema is missing"))?,
+        v["source"]["table"]
+            .as_str()
+            .ok_or_else(|| bad("source.table is missing"))?,
+    );
+    let row = |name: &str| -> Result<Option<Vec<(String, SinkValue)>>, DecodeError> {
+        match &v[name] {
+            Json::Null => Ok(None),
+            Json::Object(o) => row_fields
+                .iter()
+                .map(|f| {
+                    let column = column_name(f);
+                    let value = o.get(&column).unwrap_or(&Json::Null);
+                    let value = connect_cell(value, &f["type"])
+                        .map_err(|e| bad(format!("{name}.{column}: {}", e.0)))?;
+                    Ok((column, value))
+                })
+                .collect::<Result<_, _>>()
+                .map(Some),
+            _ => Err(bad(format!("{name} is not a row"))),
+        }
+    };
+    let types = row_fields
+        .iter()
+        .map(|f| {
+            (
+                column_name(f),
+                f["pgferry.type"].as_str().unwrap_or("text").to_string(),
+            )
+        })
+        .collect();
+    let mut after = row("after")?;
+    if let (Some(after), Some(unchanged)) = (after.as_mut(), v["unchanged"].as_array()) {
+        for u in unchanged.iter().filter_map(|u| u.as_str()) {
+            if let Some(cell) = after.iter_mut().find(|(c, _)| c == u) {
+                cell.1 = SinkValue::Unchanged;
+            }
+        }
+    }
+    let key = key
+        .and_then(|k| serde_json::from_slice::<Json>(k).ok())
+        .map(connect_payload)
+        .and_then(|k| k.as_object().map(|o| o.keys().cloned().collect()))
+        .unwrap_or_default();
+    Ok(SinkEvent {
+        position,
+        op,
+        table,
+        commit_ts_us: v["source"]["ts_us"].as_i64().unwrap_or(0),
+        before: row("before")?,
+        after,
+        types,
+        key,
+    })
+}
+
+/// The Avro type of a field's value: the union branch that is neither null nor one of
+/// pgferry's records.
+fn value_branch(ty: &Json) -> &Json {
+    match ty.as_array() {
+        Some(branches) => branches
+            .iter()
+            .find(|b| {
+                b.as_str() != Some("null")
+                    && !b.as_str().is_some_and(|n| n.starts_with("io.pgferry."))
+                    && b["namespace"] != "io.pgferry"
+            })
+            .unwrap_or(&Json::Null),
+        None => ty,
+    }
+}
+
+/// One JSON cell back to PostgreSQL text, by the field's Avro type.
+fn connect_cell(v: &Json, ty: &Json) -> Result<SinkValue, DecodeError> {
+    if v.is_null() {
+        return Ok(SinkValue::Null);
+    }
+    // io.pgferry.Special {text, unchanged}: the struct where the column's type has no
+    // room for the value (no Debezium struct has a field `unchanged`).
+    if let Json::Object(o) = v {
+        if let Some(Json::Bool(unchanged)) = o.get("unchanged") {
+            if *unchanged {
+                return Ok(SinkValue::Unchanged);
+            }
+            return match o.get("text") {
+                Some(Json::String(t)) => Ok(SinkValue::Text(t.clone())),
+                _ => Err(bad("io.pgferry.Special without text")),
+            };
+        }
+    }
+    let ty = value_branch(ty);
+    if v.is_object() && !is_named(ty, crate::codec::avro::schema::VARIABLE_SCALE_DECIMAL) {
+        return Err(bad("an object that is not io.pgferry.Special"));
+    }
+    connect_text(v, ty).map(SinkValue::Text)
+}
+
+fn base64_bytes(v: &Json) -> Result<Vec<u8>, DecodeError> {
+    use base64::Engine as _;
+    let s = v
+        .as_str()
+        .ok_or_else(|| bad("bytes are not a base64 string"))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| bad(format!("bytes are not base64: {e}")))
+}
+
+fn connect_text(v: &Json, ty: &Json) -> Result<String, DecodeError> {
+    let int = || v.as_i64().ok_or_else(|| bad("not an integer"));
+    let base = ty["type"].as_str().or_else(|| ty.as_str()).unwrap_or("");
+    Ok(match base {
+        "boolean" => match v.as_bool() {
+            Some(b) => if b { "t" } else { "f" }.into(),
+            None => return Err(bad("not a boolean")),
+        },
+        "int" if is_named(ty, "io.debezium.time.Date") => {
+            pgtext::format_date(i32::try_from(int()?).map_err(|_| bad("date out of range"))?)
+        }
+        "int" if is_named(ty, "io.debezium.time.Time") => pgtext::format_time(int()? * 1000),
+        "long" if is_named(ty, "io.debezium.time.Timestamp") => {
+            pgtext::format_timestamp(int()?.saturating_mul(1000))
+        }
+        "long" if is_named(ty, "io.debezium.time.MicroTime") => pgtext::format_time(int()?),
+        "long" if is_named(ty, "io.debezium.time.MicroTimestamp") => {
+            pgtext::format_timestamp(int()?)
+        }
+        "int" | "long" => int()?.to_string(),
+        "float" | "double" => {
+            let f = v.as_f64().ok_or_else(|| bad("not a number"))?;
+            float_text(f, base == "float")
+        }
+        "bytes" if ty["logicalType"] == "decimal" => {
+            let scale = ty["scale"].as_u64().unwrap_or(0) as u32;
+            pgtext::format_decimal(&base64_bytes(v)?, scale)
+        }
+        "bytes" => {
+            let b = base64_bytes(v)?;
+            let mut s = String::with_capacity(2 + b.len() * 2);
+            s.push_str("\\x");
+            for byte in b {
+                s.push_str(&format!("{byte:02x}"));
+            }
+            s
+        }
+        "string" if is_named(ty, "io.debezium.time.ZonedTimestamp") => {
+            let s = v.as_str().ok_or_else(|| bad("not a string"))?;
+            pgtext::iso_to_timestamptz(s).map_err(|e| bad(format!("timestamptz: {e}")))?
+        }
+        "string" => v.as_str().ok_or_else(|| bad("not a string"))?.to_string(),
+        "array" => {
+            let items = v.as_array().ok_or_else(|| bad("not an array"))?;
+            let item_ty = &ty["items"];
+            let mut out = String::from("{");
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                match connect_cell(item, item_ty)? {
+                    SinkValue::Null => out.push_str("NULL"),
+                    SinkValue::Text(t) => quote_array_element(&mut out, &t),
+                    SinkValue::Unchanged => return Err(bad("unchanged marker inside an array")),
+                }
+            }
+            out.push('}');
+            out
+        }
+        _ if is_named(ty, crate::codec::avro::schema::VARIABLE_SCALE_DECIMAL) => {
+            let scale = v["scale"]
+                .as_i64()
+                .ok_or_else(|| bad("decimal without scale"))?;
+            pgtext::format_decimal(&base64_bytes(&v["value"])?, scale.max(0) as u32)
+        }
+        _ => return Err(bad("a value of an unknown type")),
+    })
+}
+
+/// Decode a JSON envelope of pgferry before the Debezium JSON shapes (no
+/// `pgferry.schema` header): values as in `tail` lines, unchanged columns left out.
 pub fn json_envelope(
     value: &[u8],
     key: Option<&[u8]>,
@@ -435,5 +661,51 @@ mod tests {
         ];
         assert_eq!(position(&h).unwrap(), (Lsn(16), 3));
         assert!(position(&h[..1]).is_err());
+    }
+
+    #[test]
+    fn connect_json_reads_back_as_postgresql_text() {
+        use crate::codec::connect::tests::{encode, sample, ROW};
+        let mut row = ROW;
+        row[2] = Some("NaN");
+        row[9] = Some("-Infinity");
+        row[11] = Some("<unchanged>");
+        for with_schema in [true, false] {
+            let (key, value, avro) = encode(&sample(&row, Some(&ROW)), with_schema);
+            let e = connect_envelope(
+                value.to_string().as_bytes(),
+                Some(key.to_string().as_bytes()),
+                &avro.value,
+                (Lsn(1), 0),
+            )
+            .unwrap();
+            assert_eq!(e.key, ["id"]);
+            assert_eq!(e.op, Op::Update);
+            let text = |r: &[(String, SinkValue)], c: &str| {
+                r.iter().find(|(n, _)| n == c).unwrap().1.clone()
+            };
+            let t = |s: &str| SinkValue::Text(s.into());
+            let after = e.after.unwrap();
+            let before = e.before.unwrap();
+            assert_eq!(text(&after, "d"), t("2026-11-22"));
+            assert_eq!(text(&after, "n"), t("NaN"));
+            assert_eq!(text(&before, "n"), t("12345678.1234"));
+            assert_eq!(text(&after, "m"), t("-1234.56"));
+            assert_eq!(text(&after, "f8"), t("-0"));
+            assert_eq!(text(&after, "by"), t("\\x00ff00"));
+            assert_eq!(text(&after, "ts"), t("2026-11-22 01:02:03.123456"));
+            assert_eq!(text(&after, "tm"), t("04:05:06.789"));
+            assert_eq!(text(&after, "nn"), t("-Infinity"));
+            assert_eq!(text(&before, "nn"), t("3.14159"));
+            assert_eq!(text(&after, "ai"), t(r#"{"1",NULL,"3"}"#));
+            assert_eq!(text(&after, "t"), SinkValue::Unchanged);
+            assert_eq!(text(&before, "t"), SinkValue::Null);
+            assert_eq!(text(&after, "i2"), t("-32768"));
+            assert!(
+                matches!(text(&after, "tz"), SinkValue::Text(s) if s.starts_with("2026-11-22 01:02:03.123456"))
+            );
+        }
+        // An object where a date is expected, that is no io.pgferry.Special, is refused.
+        assert!(connect_cell(&serde_json::json!({"x": 1}), &serde_json::json!("int")).is_err());
     }
 }

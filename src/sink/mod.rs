@@ -634,7 +634,22 @@ impl SinkStage {
             Err(e) => return Ok(Err(e)),
         };
         if self.config.kafka.format == Format::Json {
-            return Ok(decode::json_envelope(value, item.key.as_deref(), position).map(Some));
+            let fp = match decode::json_schema_header(&item.headers) {
+                None => {
+                    return Ok(decode::json_envelope(value, item.key.as_deref(), position).map(Some))
+                }
+                Some(Err(e)) => return Ok(Err(e)),
+                Some(Ok(fp)) => fp,
+            };
+            let Some(schema) = self.schema(Framing::SingleObject(fp)).await? else {
+                return Ok(Err(DecodeError(format!(
+                    "its schema {} is unknown",
+                    crate::kafka::producer::fingerprint_hex(&fp)
+                ))));
+            };
+            return Ok(
+                decode::connect_envelope(value, item.key.as_deref(), &schema.1, position).map(Some),
+            );
         }
         let Some((framing, datum)) = Framing::parse(value) else {
             return Ok(Err(DecodeError(

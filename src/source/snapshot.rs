@@ -707,6 +707,9 @@ impl WorkerCtx {
 // ---------------------------------------------------------------------------------
 // Incremental snapshots.
 
+/// A row's key: the text of each key column.
+pub type RowKey = Vec<Option<String>>;
+
 /// A chunk read between watermarks, waiting for its high watermark in the stream.
 pub struct Chunk {
     /// Its number in this run: chunks are read one at a time, in this order.
@@ -728,7 +731,7 @@ pub struct Windows {
     run: String,
     chunks: mpsc::Receiver<Chunk>,
     /// The open window: (chunk seq, table OID, keys changed in the stream since).
-    open: Option<(u64, u32, HashSet<Vec<Option<String>>>)>,
+    open: Option<(u64, u32, HashSet<RowKey>)>,
     pending: Option<Chunk>,
 }
 

@@ -268,6 +268,7 @@ mod tests {
             database: "ehr".into(),
             slot: "s".into(),
             confirmed_lsn: lsn.into(),
+            snapshot: Default::default(),
         }
     }
 
