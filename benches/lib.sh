@@ -162,10 +162,9 @@ setup_bench() {
 }
 
 # --------------------------------------------------------------------- workload --
-run_workload() {
-    log "workload: insert ${ROWS} rows in one statement, then update all of them"
-    START_LSN=$(psql_bench -At -c "select pg_current_wal_lsn()")
-    psql_bench -v rows="$ROWS" <<'SQL'
+# The INSERT of :rows patients (psql variable `rows`), for psql's stdin.
+insert_patients_sql() {
+    cat <<'SQL'
 insert into public.patients
 select g,
        f.first || ' ' || l.last,
@@ -195,8 +194,14 @@ select g,
       'Presented with productive cough for 10 days, afebrile, chest clear on auscultation. '
           || 'Likely viral; safety-netting advice given. Return if breathless or symptoms beyond 3 weeks.'
   ])[1 + g % 3] as note) n;
-update public.patients set weight = weight + 1, updated_at = now();
 SQL
+}
+
+run_workload() {
+    log "workload: insert ${ROWS} rows in one statement, then update all of them"
+    START_LSN=$(psql_bench -At -c "select pg_current_wal_lsn()")
+    { insert_patients_sql; echo 'update public.patients set weight = weight + 1, updated_at = now();'; } |
+        psql_bench -v rows="$ROWS"
     END_LSN=$(psql_bench -At -c "select pg_current_wal_lsn()")
     readonly START_LSN END_LSN
     WAL_MB=$(psql_bench -At -c "select round(pg_wal_lsn_diff('${END_LSN}', '${START_LSN}') / 1e6, 1)")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The pgferry demo, from a fresh machine: local services, the EHR and hospital
-# schemas, `pgferry run`, a bounded burst of realistic EHR activity, then `pgferry
-# verify` once the lag has drained.
+# schemas, an EHR preloaded with years of history, `pgferry run` (whose initial
+# snapshot brings that history over), a bounded burst of realistic EHR activity, then
+# `pgferry verify` once the lag has drained.
 #
 #   scripts/demo.sh                 # 60 s of activity; pgferry keeps running afterwards
 #   DEMO_DURATION=10s scripts/demo.sh --ci    # short mode: stops pgferry at the end
@@ -15,25 +16,26 @@ ci=0
 [[ ${1:-} == --ci ]] && ci=1
 duration=${DEMO_DURATION:-60s}
 rate=${DEMO_RATE:-50}
+preload=${DEMO_PRELOAD:-5000}
 say() { printf '\n\033[1mdemo: %s\033[0m\n' "$*" >&2; }
 
-say "1/7 starting the local services (PostgreSQL x2, Kafka-compatible broker)"
+say "1/8 starting the local services (PostgreSQL x2, Kafka-compatible broker)"
 scripts/services.sh up
 eval "$(scripts/services.sh env)"
 export PGFERRY_TOPIC_PREFIX="ehr_$(date +%s)"
 
 if [[ $ci == 1 ]]; then
     # Short mode reuses the test build: a release build would double CI's compile time.
-    say "2/7 building pgferry (debug, short mode)"
+    say "2/8 building pgferry (debug, short mode)"
     cargo build --locked --quiet
     bin=target/debug/pgferry
 else
-    say "2/7 building pgferry (release)"
+    say "2/8 building pgferry (release)"
     cargo build --release --locked --quiet
     bin=target/release/pgferry
 fi
 
-say "3/7 loading the EHR schema (source) and the hospital schema (target)"
+say "3/8 loading the EHR schema (source) and the hospital schema (target)"
 admin_src="${PGFERRY_SOURCE_URL%/*}/postgres"
 admin_tgt="${PGFERRY_TARGET_URL%/*}/postgres"
 psql "$PGFERRY_SOURCE_URL" -qAtc "select pg_drop_replication_slot(slot_name) from pg_replication_slots
@@ -47,7 +49,10 @@ psql "$PGFERRY_TARGET_URL" -q -v ON_ERROR_STOP=1 -f sql/hospital_schema.sql
 unset PGOPTIONS
 "$bin" check --config config/pgferry.toml
 
-say "4/7 starting pgferry run (log: target/demo-pgferry.log)"
+say "4/8 preloading the EHR with the history of $preload patients (before pgferry starts)"
+"$bin" generate --url "$PGFERRY_SOURCE_URL" --preload "$preload" --duration 0s --seed 1
+
+say "5/8 starting pgferry run: its initial snapshot copies that history (log: target/demo-pgferry.log)"
 "$bin" run --config config/pgferry.toml > target/demo-pgferry.log 2>&1 &
 pid=$!
 trap '[[ $ci == 1 ]] && kill "$pid" 2>/dev/null || true' EXIT
@@ -57,11 +62,19 @@ for ((i = 0; i < 120; i++)); do
     sleep 0.5
 done
 curl -fs http://127.0.0.1:9187/readyz >/dev/null || { tail -n 20 target/demo-pgferry.log >&2; echo "demo: pgferry is not ready" >&2; exit 1; }
+# The snapshot's progress, as `pgferry status` shows it, until every table is done.
+for ((i = 0; i < 240; i++)); do
+    progress=$("$bin" status --config config/pgferry.toml 2>/dev/null | grep '^snapshot ' || true)
+    printf '%s\n' "$progress" >&2
+    if [[ -n $progress ]] && ! grep -qv ': done' <<<"$progress"; then break; fi
+    if ! kill -0 "$pid" 2>/dev/null; then tail -n 20 target/demo-pgferry.log >&2; exit 1; fi
+    sleep 1
+done
 
-say "5/7 generating EHR activity: $rate changes/s for $duration"
+say "6/8 generating EHR activity: $rate changes/s for $duration"
 "$bin" generate --url "$PGFERRY_SOURCE_URL" --rate "$rate" --duration "$duration" --seed 1
 
-say "6/7 waiting for the replication lag to drain"
+say "7/8 waiting for the replication lag to drain"
 ok=0
 for ((i = 0; i < 240; i++)); do
     if "$bin" verify --config config/pgferry.toml >/dev/null 2>&1; then ok=1; break; fi
@@ -71,7 +84,7 @@ for ((i = 0; i < 240; i++)); do
 done
 echo >&2
 
-say "7/7 pgferry verify"
+say "8/8 pgferry verify: the history and the new activity arrived"
 "$bin" verify --config config/pgferry.toml || ok=0
 echo
 echo "metrics:   http://127.0.0.1:9187/metrics   (readiness: /readyz)"

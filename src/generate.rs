@@ -114,6 +114,67 @@ pub struct Options {
     pub rate: u32,
     pub duration: Duration,
     pub seed: u64,
+    /// Patients to insert first, each with a history (visits, notes, medications,
+    /// allergies, lab results), in a few set-based statements.
+    pub preload: u64,
+}
+
+/// A history of `n` patients, as an EHR that has been in use for years holds it: per
+/// patient three visits, two doctor notes (one in five long enough to be TOASTed),
+/// one or two medications, four lab results, and for one in three an allergy.
+async fn preload(client: &Client, n: u64, seed: u64) -> Result<(), Error> {
+    let started = Instant::now();
+    let seed = (seed % 1000) as f64 / 1000.0;
+    let sql = format!(
+        "select setseed({seed});
+         insert into patients (name, dob, gender, contact_number, email, address, ssn, created_at)
+         select (array['Margaret','James','Aisha','Oliver','Priya','Thomas','Chloe','Mohammed','Eleanor','Daniel'])[1 + g % 10]
+                  || ' ' || (array['Smith','O''Connell','Patel','Jones','Nowak','Williams','Okafor','Brown','Taylor','Whitfield'])[1 + (g / 10) % 10],
+                date '1930-01-01' + (random() * 32000)::int,
+                case when g % 2 = 0 then 'F' else 'M' end,
+                '+44 7' || lpad((g * 7919 % 1000000000)::text, 9, '0'),
+                'patient' || g || '@example.org',
+                (g % 240 + 1) || ' ' || (array['Harbour View Road','Mill Lane','Station Road','Church Street'])[1 + g % 4] || ', Leeds',
+                lpad((g::bigint * 104729 % 1000000000)::text, 9, '0'),
+                now() - (random() * 3650)::int * interval '1 day'
+         from generate_series(1, {n}) g;
+         create temp table preloaded on commit drop as
+           select id, row_number() over (order by created_at, id) as g from patients;
+         insert into visits (patient_id, doctor_id, type_of_visit, visit_date, notes)
+         select p.id, 1 + (p.g * 7 + v) % 40, (array['routine','emergency','follow_up','telehealth']::visit_type[])[1 + (p.g + v) % 4],
+                now() - (random() * 1800)::int * interval '1 day', 'Visit ' || v || ': seen and examined.'
+         from preloaded p cross join generate_series(1, 3) v;
+         insert into doctor_notes (patient_id, doctor_id, visit_date, notes, detail)
+         select p.id, 1 + (p.g + v) % 40, now() - (random() * 1800)::int * interval '1 day',
+                case when (p.g + v) % 5 = 0
+                     then (select string_agg(md5(p.g::text || v::text || k::text), ' ') from generate_series(1, 400) k)
+                     else 'Reviewed; plan unchanged. Follow up in ' || (p.g % 12 + 1) || ' weeks.' end,
+                jsonb_build_object('bp', 110 + p.g % 40, 'pulse', 60 + p.g % 30)
+         from preloaded p cross join generate_series(1, 2) v;
+         insert into medications (patient_id, medication_name, dosage, frequency, start_date, end_date)
+         select p.id, (array['metformin','amlodipine','atorvastatin','salbutamol','levothyroxine'])[1 + (p.g + v) % 5],
+                (5 * (1 + p.g % 8)) || ' mg', (array['OD','BD','TDS'])[1 + p.g % 3],
+                current_date - (p.g % 900), case when v = 2 then current_date - (p.g % 30) end
+         from preloaded p cross join generate_series(1, 1 + p.g % 2) v;
+         insert into allergies (patient_id, allergy_type, severity, notes)
+         select p.id, (array['penicillin','peanuts','latex','shellfish'])[1 + p.g % 4],
+                (array['Low','Medium','High'])[1 + p.g % 3], 'Reported by patient'
+         from preloaded p where p.g % 3 = 0;
+         insert into lab_results (patient_id, test_name, value, unit, taken_at)
+         select p.id, (array['HbA1c','Potassium','Creatinine','Haemoglobin'])[1 + v % 4],
+                round((random() * 100)::numeric, 3), (array['mmol/mol','mmol/L','umol/L','g/L'])[1 + v % 4],
+                now() - (random() * 1800)::int * interval '1 day'
+         from preloaded p cross join generate_series(1, 4) v;"
+    );
+    client
+        .batch_execute(&format!("begin; {sql} commit;"))
+        .await
+        .map_err(|e| Error::postgres("preloading the EHR history", e))?;
+    eprintln!(
+        "generate: preloaded {n} patients with their visits, notes, medications, allergies and lab results in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 pub async fn generate(opts: Options) -> Result<(), Error> {
@@ -127,6 +188,9 @@ pub async fn generate(opts: Options) -> Result<(), Error> {
     if !has_schema {
         return Err(Error::operator(format!("{url} has no EHR schema"))
             .with_hint("load it first: psql \"$URL\" -f sql/ehr_schema.sql"));
+    }
+    if opts.preload > 0 {
+        preload(&client, opts.preload, opts.seed).await?;
     }
     let mut patients: Vec<String> = client
         .query("select id::text from patients order by id", &[])

@@ -117,6 +117,10 @@ enum Command {
         duration: String,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// First insert N patients with their history (visits, notes, medications,
+        /// allergies, lab results), as an EHR in use for years holds them.
+        #[arg(long, default_value_t = 0)]
+        preload: u64,
     },
 }
 
@@ -287,6 +291,7 @@ async fn run(command: Command) -> ExitCode {
             rate,
             duration,
             seed,
+            preload,
         } => {
             let duration = match pgferry::config::parse_duration(&duration) {
                 Ok(d) => d,
@@ -300,6 +305,7 @@ async fn run(command: Command) -> ExitCode {
                 rate,
                 duration,
                 seed,
+                preload,
             };
             report(pgferry::generate::generate(opts).await)
         }

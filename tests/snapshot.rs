@@ -112,6 +112,14 @@ fn snapshot_events(topic: &str, at_least: usize) -> Vec<serde_json::Value> {
         .into_iter()
         .filter_map(|r| r.value)
         .map(|v| serde_json::from_slice::<serde_json::Value>(&v).expect("JSON event"))
+        // With json_schemas (the default) the event is the payload.
+        .map(|v| {
+            if v.get("payload").is_some() {
+                v["payload"].clone()
+            } else {
+                v
+            }
+        })
         .filter(|v| v["op"] == "r")
         .collect()
 }
@@ -476,4 +484,48 @@ fn on_demand_resnapshot_with_kill9_resumes_and_repairs_the_target() {
         "{incremental} incremental events for {total_rows} rows: the copy started over"
     );
     assert_eq!(p.terminate().code(), Some(0), "{}", p.stderr_text());
+}
+
+#[test]
+fn initial_snapshot_of_two_million_rows_stays_below_128_mib() {
+    let src = TestDb::new("snapmem");
+    let tgt = TestDb::on(&target_url(), "snapmem_t");
+    src.sql(
+        "create table patients (id bigint primary key, mrn text, name text, born date, ward text,
+                                admitted timestamptz, weight numeric(6,2), active bool, notes text, visits int);
+         insert into patients select g, 'MRN' || g, 'patient ' || g, date '1940-01-01' + g % 30000,
+                'ward ' || g % 40, timestamptz '2020-01-01 00:00:00+00' + g * interval '1 second',
+                (g % 15000) / 100.0, g % 3 <> 0, repeat('x', 40), g % 17
+         from generate_series(1, 2000000) g;
+         analyze patients;",
+    );
+    let cfg = config(
+        &src,
+        &tgt,
+        "sm",
+        "snapshot_workers = 2",
+        "[[tables]]\nsource = \"public.patients\"\n",
+    );
+    let mut p = Pgferry::spawn(
+        &["run", "--only", "source", "--config", cfg.to_str().unwrap()],
+        cfg.with_extension("mem.stderr"),
+    );
+    wait_for(
+        "the initial snapshot to finish",
+        Duration::from_secs(900),
+        || {
+            p.stderr_text()
+                .contains("initial snapshot done")
+                .then_some(())
+        },
+    );
+    let peak_mib = p.peak_rss_kib() / 1024;
+    let s = status(&cfg);
+    assert!(
+        s.contains("snapshot public.patients: done (initial), 2000000 rows"),
+        "{s}"
+    );
+    assert_eq!(p.terminate().code(), Some(0), "{}", p.stderr_text());
+    eprintln!("peak RSS while snapshotting 2,000,000 rows: {peak_mib} MiB");
+    assert!(peak_mib > 0 && peak_mib < 128, "peak RSS {peak_mib} MiB");
 }

@@ -28,6 +28,9 @@ pub enum Run {
         /// Target column names, same for every row.
         columns: Vec<String>,
         rows: Vec<Vec<Option<String>>>,
+        /// Every row is a snapshot read: into an empty table they can be copied
+        /// straight in.
+        reads_only: bool,
     },
     /// Rows with unchanged TOAST columns (left out of `columns`): update only the
     /// sent columns of the target row matching `match_keys` (the old key when the
@@ -75,7 +78,8 @@ pub fn plan(
             continue;
         };
         let op_label = match event.op {
-            Op::Create | Op::Read => "c",
+            Op::Create => "c",
+            Op::Read => "r",
             Op::Update => "u",
             Op::Delete => "d",
             Op::Truncate => "t",
@@ -164,11 +168,16 @@ pub fn plan(
                         table,
                         columns: c,
                         rows,
-                    }) if *table == mapping.target && *c == columns => rows.push(values),
+                        reads_only,
+                    }) if *table == mapping.target && *c == columns => {
+                        rows.push(values);
+                        *reads_only &= event.op == Op::Read;
+                    }
                     _ => runs.push(Run::Upsert {
                         table: mapping.target.clone(),
                         columns,
                         rows: vec![values],
+                        reads_only: event.op == Op::Read,
                     }),
                 }
             }
@@ -183,6 +192,7 @@ pub fn plan(
                 table,
                 columns,
                 rows,
+                ..
             } => {
                 let Some((_, target)) = tables.values().find(|(m, _)| &m.target == table) else {
                     continue;
@@ -284,9 +294,11 @@ fn stage_table(width: usize) -> String {
 }
 
 /// COPY rows (text format) into `stage`.
+/// COPY `rows` into `table` (`columns`: its column list).
 async fn copy_rows(
     tx: &Transaction<'_>,
-    stage: &str,
+    table: &str,
+    columns: &str,
     width: usize,
     rows: &[Vec<Option<String>>],
 ) -> Result<(), tokio_postgres::Error> {
@@ -304,12 +316,8 @@ async fn copy_rows(
         }
         buf.extend_from_slice(b"\n");
     }
-    let columns = (1..=width)
-        .map(|i| format!("c{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
     let sink = tx
-        .copy_in(&format!("copy {stage} ({columns}) from stdin"))
+        .copy_in(&format!("copy {table} ({columns}) from stdin"))
         .await?;
     futures_util::pin_mut!(sink);
     sink.send(buf.freeze()).await?;
@@ -422,7 +430,28 @@ pub async fn execute(
             }
             Ok(found)
         }
-        Run::Upsert { columns, rows, .. } => {
+        Run::Upsert {
+            columns,
+            rows,
+            reads_only,
+            ..
+        } => {
+            let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+            // Snapshot rows into a table that is empty (in this transaction): nothing
+            // to conflict with, and the run holds each key once, so COPY them
+            // straight in. The column's own input function checks each value as the
+            // cast below does.
+            if *reads_only && !target.key.is_empty() {
+                let empty: bool = tx
+                    .query_one(&format!("select not exists (select from {name})"), &[])
+                    .await?
+                    .get(0);
+                if empty {
+                    tracing::debug!(rows = rows.len(), table = %name, "snapshot rows copied into an empty table");
+                    copy_rows(tx, &name, &list.join(", "), columns.len(), rows).await?;
+                    return Ok(rows.len() as u64);
+                }
+            }
             // COPY into a staging table, then one INSERT … SELECT: measured ~1.8x
             // faster than unnest() of text arrays (benches/apply_strategies.sh).
             let stage = stage_table(columns.len());
@@ -434,10 +463,13 @@ pub async fn execute(
                     .join(", ")
             ))
             .await?;
-            copy_rows(tx, &stage, columns.len(), rows).await?;
+            let stage_columns = (1..=columns.len())
+                .map(|i| format!("c{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            copy_rows(tx, &stage, &stage_columns, columns.len(), rows).await?;
             let non_key: Vec<&String> =
                 columns.iter().filter(|c| !target.key.contains(c)).collect();
-            let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
             let casts: Vec<String> = columns
                 .iter()
                 .enumerate()

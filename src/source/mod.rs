@@ -259,6 +259,8 @@ impl Source {
         let marks_next = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let exported = self.exported.get_mut().ok().and_then(|e| e.take());
         if let Some(exported) = exported {
+            // A source that is copying is working as it should: ready.
+            health.set_source_streaming(true);
             let catalog = self.catalog.lock().await;
             let initial = snapshot::Initial {
                 config: &self.config,

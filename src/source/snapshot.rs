@@ -346,9 +346,12 @@ impl Feed {
     async fn mark(&self) -> Result<u64, Error> {
         let inner = self.inner.lock().await;
         let m = inner.marks.fetch_add(1, Ordering::AcqRel) + 1;
+        let event = Event::Mark(m);
+        // Taken as every event is: the Kafka stage gives back what each weighs.
+        inner.budget.take(&event).await;
         inner
             .down_events
-            .send(Event::Mark(m))
+            .send(event)
             .await
             .map_err(|_| Error::fatal("the Kafka stage stopped during the initial snapshot"))?;
         Ok(m)
