@@ -139,7 +139,7 @@ async fn preload(client: &Client, n: u64, seed: u64) -> Result<(), Error> {
                 now() - (random() * 3650)::int * interval '1 day'
          from generate_series(1, {n}) g;
          create temp table preloaded on commit drop as
-           select id, row_number() over (order by created_at, id) as g from patients;
+           select id, (row_number() over (order by created_at, id))::int as g from patients;
          insert into visits (patient_id, doctor_id, type_of_visit, visit_date, notes)
          select p.id, 1 + (p.g * 7 + v) % 40, (array['routine','emergency','follow_up','telehealth']::visit_type[])[1 + (p.g + v) % 4],
                 now() - (random() * 1800)::int * interval '1 day', 'Visit ' || v || ': seen and examined.'
