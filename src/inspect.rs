@@ -74,6 +74,7 @@ async fn fingerprint(
     client: &tokio_postgres::Client,
     table: &TableName,
     columns: &[String],
+    filter: Option<&str>,
 ) -> Result<(i64, String), Error> {
     let row_expr = columns
         .iter()
@@ -82,8 +83,9 @@ async fn fingerprint(
         .join(", ");
     let sql = format!(
         "select count(*), coalesce(sum(('x' || left(md5(row({row_expr})::text), 16))::bit(64)::bigint::numeric), 0)::text \
-         from {}",
-        table.quoted()
+         from {}{}",
+        table.quoted(),
+        filter.map_or(String::new(), |w| format!(" where ({w})"))
     );
     let row = client
         .query_one(&sql, &[])
@@ -151,7 +153,13 @@ pub async fn verify(config: &Config, only: Option<&str>) -> Result<Vec<Compariso
             .iter()
             .map(|c| table.rename.get(c).cloned().unwrap_or_else(|| c.clone()))
             .collect();
-        let (source_rows, source_sum) = fingerprint(&source, &table.source, &published).await?;
+        let (source_rows, source_sum) = fingerprint(
+            &source,
+            &table.source,
+            &published,
+            table.row_filter.as_deref(),
+        )
+        .await?;
         let Some(target_columns) = columns(&target, &table.target).await? else {
             out.push(Comparison {
                 table: name,
@@ -181,7 +189,7 @@ pub async fn verify(config: &Config, only: Option<&str>) -> Result<Vec<Compariso
             });
             continue;
         }
-        let (target_rows, target_sum) = fingerprint(&target, &table.target, &mapped).await?;
+        let (target_rows, target_sum) = fingerprint(&target, &table.target, &mapped, None).await?;
         let status = if source_rows != target_rows {
             "DIFFERENT: row counts differ".to_string()
         } else if source_sum != target_sum {

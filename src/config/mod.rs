@@ -107,6 +107,8 @@ pub struct Table {
     pub transform: BTreeMap<String, crate::event::Transform>,
     /// Copied by snapshots (`snapshot = false` in its file opts out).
     pub snapshot: bool,
+    /// `where = "…"`: the publication's row filter for this table.
+    pub row_filter: Option<String>,
 }
 
 impl Config {
@@ -520,6 +522,23 @@ fn validate_table(file: &Path, prefix: &str, t: TableConfig) -> Result<Table, Co
         rename: t.rename,
         transform: t.transform,
         snapshot: t.snapshot,
+        row_filter: match t.row_filter {
+            Some(w) if w.trim().is_empty() => {
+                return Err(err(
+                    file,
+                    format!("{prefix}where"),
+                    "must not be empty (leave it out to publish every row)",
+                ))
+            }
+            Some(w) if w.contains(';') => {
+                return Err(err(
+                    file,
+                    format!("{prefix}where"),
+                    "must be one SQL expression (no ';')",
+                ))
+            }
+            w => w,
+        },
     })
 }
 

@@ -265,6 +265,10 @@ pub struct TableConfig {
     /// `false`: never copy this table's existing rows (initial or on demand).
     #[serde(default = "yes")]
     pub snapshot: bool,
+    /// A row filter: only rows for which this SQL expression is true are published
+    /// (a PostgreSQL 15+ publication row filter; snapshots apply it too).
+    #[serde(default, rename = "where")]
+    pub row_filter: Option<String>,
     /// Source column -> PHI transform applied before anything leaves the source:
     /// `hmac`, `redact`, `null` or `year`.
     #[serde(default)]

@@ -111,10 +111,34 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
     let list = |tables: &[&TableName]| {
         tables
             .iter()
-            .map(|t| t.quoted())
+            .map(
+                |t| match config.table(t).and_then(|c| c.row_filter.as_deref()) {
+                    Some(w) => format!("{} WHERE ({w})", t.quoted()),
+                    None => t.quoted(),
+                },
+            )
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let filtered = config.tables.iter().any(|t| t.row_filter.is_some());
+    if filtered {
+        let version: i32 = show(client, "server_version_num")
+            .await?
+            .parse()
+            .unwrap_or(0);
+        if version < 150000 {
+            return Err(Error::operator(
+                "a table file sets `where`, but row filters need PostgreSQL 15 or later on the source",
+            ));
+        }
+        // Every filter is checked before any publication carries it: a bad one would
+        // make PostgreSQL refuse the EHR's own UPDATEs.
+        for t in &config.tables {
+            if let Some(w) = &t.row_filter {
+                deparse_filter(client, t, w).await?;
+            }
+        }
+    }
     match all_tables {
         None => {
             let tables: Vec<&TableName> = config.tables.iter().map(|t| &t.source).collect();
@@ -130,7 +154,19 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
                 .batch_execute(&sql)
                 .await
                 .map_err(|e| publication_error(publication, e))?;
+            client
+                .batch_execute(&format!(
+                    "COMMENT ON PUBLICATION {quoted_pub} IS '{MANAGED}'"
+                ))
+                .await
+                .map_err(|e| publication_error(publication, e))?;
             tracing::info!(%publication, tables = tables.len(), "created publication");
+        }
+        Some(true) if filtered => {
+            return Err(Error::operator(format!(
+                "publication {publication} is FOR ALL TABLES, which cannot filter rows, but a table file sets `where`"
+            ))
+            .with_hint("use a publication that lists its tables (or let pgferry create one)"));
         }
         Some(true) => {}
         Some(false) => {
@@ -161,7 +197,134 @@ pub async fn ensure_publication(client: &Client, config: &Config) -> Result<(), 
             }
         }
     }
+    if filtered || all_tables == Some(false) {
+        check_row_filters(client, config).await?;
+    }
     Ok(())
+}
+
+/// The comment on publications pgferry created: it may change their row filters.
+const MANAGED: &str = "managed by pgferry";
+
+/// Make the publication's row filter of each configured table what its file says:
+/// changed in a publication pgferry created, refused in any other. A filter must use
+/// only replica identity columns (unless FULL): PostgreSQL would otherwise refuse
+/// every UPDATE and DELETE of the table on the EHR.
+async fn check_row_filters(client: &Client, config: &Config) -> Result<(), Error> {
+    let publication = &config.source.publication;
+    let quoted_pub = quote_ident(publication);
+    let managed: bool = client
+        .query_one(
+            "select coalesce(obj_description(oid, 'pg_publication') = $2, false) from pg_publication where pubname = $1",
+            &[publication, &MANAGED],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading publication {publication}"), e))?
+        .get(0);
+    let version: i32 = show(client, "server_version_num")
+        .await?
+        .parse()
+        .unwrap_or(0);
+    if version < 150000 {
+        return Ok(());
+    }
+    for t in &config.tables {
+        let published: Option<Option<String>> = client
+            .query_opt(
+                "select rowfilter from pg_publication_tables where pubname = $1 and schemaname = $2 and tablename = $3",
+                &[publication, &t.source.schema, &t.source.name],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("reading publication {publication}"), e))?
+            .map(|r| r.get(0));
+        let Some(published) = published else { continue };
+        let wanted = match &t.row_filter {
+            Some(w) => Some(deparse_filter(client, t, w).await?),
+            None => None,
+        };
+        if published == wanted {
+            continue;
+        }
+        let describe = |f: &Option<String>| f.clone().unwrap_or_else(|| "no filter".into());
+        if !managed {
+            return Err(Error::operator(format!(
+                "{}: publication {publication} publishes table {} with {}, but the file says {}",
+                t.origin.display(),
+                t.source,
+                describe(&published),
+                describe(&wanted)
+            ))
+            .with_hint("make the file's `where` match the publication (or change the publication with ALTER PUBLICATION … SET TABLE)"));
+        }
+        let add = match &t.row_filter {
+            Some(w) => format!("{} WHERE ({w})", t.source.quoted()),
+            None => t.source.quoted(),
+        };
+        client
+            .batch_execute(&format!(
+                "BEGIN; ALTER PUBLICATION {quoted_pub} DROP TABLE {0}; ALTER PUBLICATION {quoted_pub} ADD TABLE {add}; COMMIT",
+                t.source.quoted()
+            ))
+            .await
+            .map_err(|e| publication_error(publication, e))?;
+        tracing::warn!(table = %t.source, from = %describe(&published), to = %describe(&wanted),
+            "changed the publication's row filter; rows already in the target that the new filter excludes stay there");
+    }
+    Ok(())
+}
+
+/// The filter as PostgreSQL stores and shows it, from a publication created and rolled
+/// back in one transaction; also checks its columns against the replica identity.
+async fn deparse_filter(client: &Client, t: &Table, filter: &str) -> Result<String, Error> {
+    let probe = format!("pgferry_probe_{}", std::process::id());
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| Error::postgres("checking a row filter", e))?;
+    let result = async {
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {probe} FOR TABLE {} WHERE ({filter})",
+                t.source.quoted()
+            ))
+            .await
+            .map_err(|e| {
+                Error::postgres(format!("{}: where", t.origin.display()), e)
+                    .with_hint("write one SQL expression over this table's columns, as CREATE PUBLICATION … WHERE takes it")
+            })?;
+        let row = client
+            .query_one(
+                "select pt.rowfilter, pr.prqual::text, c.relreplident::text,                         coalesce((select array_agg(k)::text from pg_index i, unnest(i.indkey) k                                   where i.indrelid = c.oid and ((c.relreplident = 'd' and i.indisprimary)                                         or (c.relreplident = 'i' and i.indisreplident))), '{}')                  from pg_publication_tables pt                  join pg_publication p on p.pubname = pt.pubname                  join pg_publication_rel pr on pr.prpubid = p.oid                  join pg_class c on c.oid = pr.prrelid                  where pt.pubname = $1",
+                &[&probe],
+            )
+            .await
+            .map_err(|e| Error::postgres("checking a row filter", e))?;
+        let deparsed: String = row.get(0);
+        let tree: String = row.get(1);
+        let identity: String = row.get(2);
+        let key: String = row.get(3);
+        if identity != "f" {
+            let key: Vec<&str> = key.trim_matches(|c| c == '{' || c == '}').split(',').collect();
+            let outside: Vec<&str> = tree
+                .split(":varattno ")
+                .skip(1)
+                .filter_map(|rest| rest.split(' ').next())
+                .filter(|attno| !key.contains(attno))
+                .collect();
+            if !outside.is_empty() {
+                return Err(Error::operator(format!(
+                    "{}: where = {filter:?} uses a column outside table {}'s replica identity; PostgreSQL would then                      refuse every UPDATE and DELETE of the table on the source",
+                    t.origin.display(),
+                    t.source
+                ))
+                .with_hint("filter on the key columns only, or set ALTER TABLE … REPLICA IDENTITY FULL"));
+            }
+        }
+        Ok(deparsed)
+    }
+    .await;
+    let _ = client.batch_execute("ROLLBACK").await;
+    result
 }
 
 fn publication_error(publication: &str, e: tokio_postgres::Error) -> Error {

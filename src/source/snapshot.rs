@@ -532,6 +532,10 @@ pub async fn run_initial(
             cache: cache.clone(),
             tables: tables.clone(),
             columns: columns.clone(),
+            filters: tables
+                .iter()
+                .map(|(n, _)| config.table(n).and_then(|t| t.row_filter.clone()))
+                .collect(),
             queue: queue.clone(),
             remaining: remaining.clone(),
             rows: rows.clone(),
@@ -637,6 +641,8 @@ struct WorkerCtx {
     cache: Arc<RelationCache>,
     tables: Vec<(TableName, u32)>,
     columns: Vec<String>,
+    /// Row filters (`where`) by table.
+    filters: Vec<Option<String>>,
     queue: Arc<std::sync::Mutex<VecDeque<CtidChunk>>>,
     remaining: Arc<AtomicUsize>,
     rows: Arc<Vec<AtomicU64>>,
@@ -654,25 +660,30 @@ impl WorkerCtx {
                 .cache
                 .get(*oid)
                 .ok_or_else(|| Error::fatal(format!("table {name} has no description")))?;
-            let range = match chunk.to {
-                _ if chunk.from == 0 && chunk.to.is_none() => String::new(),
-                Some(to) => format!(
-                    " where ctid >= '({},0)'::tid and ctid < '({to},0)'::tid",
-                    chunk.from
-                ),
-                None => format!(" where ctid >= '({},0)'::tid", chunk.from),
+            let whole = chunk.from == 0 && chunk.to.is_none();
+            let mut conditions = Vec::new();
+            if !whole {
+                conditions.push(format!("ctid >= '({},0)'::tid", chunk.from));
+            }
+            if let Some(to) = chunk.to {
+                conditions.push(format!("ctid < '({to},0)'::tid"));
+            }
+            // The publication's row filter: the snapshot carries what the stream would.
+            if let Some(w) = &self.filters[chunk.table] {
+                conditions.push(format!("({w})"));
+            }
+            let filter = if conditions.is_empty() {
+                String::new()
+            } else {
+                format!(" where {}", conditions.join(" and "))
             };
+            // A whole table may be partitioned: the parent gathers its partitions.
             let sql = format!(
-                "copy (select {} from only {}{range}) to stdout",
+                "copy (select {} from {}{}{filter}) to stdout",
                 self.columns[chunk.table],
+                if whole { "" } else { "only " },
                 name.quoted()
             );
-            let sql = if range.is_empty() {
-                // Partitioned tables: the parent gathers its partitions.
-                sql.replace(" from only ", " from ")
-            } else {
-                sql
-            };
             // One row is held back so that the last row of the whole copy can say so.
             let mut held: Option<Row> = None;
             let mut n = 0u64;
@@ -1048,6 +1059,12 @@ async fn copy_table(inc: &Incremental, key: &str, seq: &mut u64) -> Result<(), E
                     .join(", ");
                 format!(" where ({quoted_keys}) > ({literals})")
             }
+        };
+        // The publication's row filter: the copy carries what the stream would.
+        let filter = match (&table.row_filter, filter.is_empty()) {
+            (Some(w), true) => format!(" where ({w})"),
+            (Some(w), false) => format!("{filter} and ({w})"),
+            (None, _) => filter,
         };
         let sql = format!(
             "copy (select {quoted_keys}, {columns} from {}{filter} order by {quoted_keys} limit {limit}) to stdout",
