@@ -90,6 +90,8 @@ pub struct Sink {
     pub batch_max_events: usize,
     pub batch_max_bytes: usize,
     pub batch_linger: Duration,
+    /// Write `pgferry.ledger` (see `sink::ledger`).
+    pub ledger: bool,
 }
 
 /// One configured source table.
@@ -169,6 +171,7 @@ impl Config {
                     batch_max_events: s.batch_max_events,
                     batch_max_bytes: s.batch_max_bytes,
                     batch_linger: s.batch_linger,
+                    ledger: s.ledger,
                 })
             }
             None => None,
