@@ -692,6 +692,18 @@ source = "public.visits"
     }
 
     #[test]
+    fn the_ledger_is_on_unless_turned_off() {
+        let d = tempdir("ledger");
+        let base = "[source]\nurl = \"postgres://u@h/d\"\n[sink]\nurl = \"postgres://u@h/t\"\n";
+        let on = write(&d, "on.toml", base);
+        assert!(Config::load(&on).unwrap().sink.unwrap().ledger);
+        let off = write(&d, "off.toml", &format!("{base}ledger = false\n"));
+        assert!(!Config::load(&off).unwrap().sink.unwrap().ledger);
+        let bad = write(&d, "bad.toml", &format!("{base}ledger = \"no\"\n"));
+        assert_eq!(Config::load(&bad).unwrap_err().key, "sink.ledger");
+    }
+
+    #[test]
     fn properties_that_weaken_durability_are_refused() {
         let d = tempdir("durability");
         for (i, key) in [
