@@ -1,6 +1,7 @@
 //! Read-only commands: `pgferry schema` prints the Avro key and value schemas of the
 //! configured tables as the Kafka stage derives them; `pgferry verify` compares source
-//! and target tables by row count and an order-independent checksum.
+//! and target tables by row count and an order-independent checksum; `pgferry verify
+//! --ledger` checks the target's applied-transactions ledger (see `sink::ledger`).
 
 use std::io::Write;
 
@@ -321,4 +322,81 @@ async fn snapshot_lines(
         }
         lines.push(line);
     }
+}
+
+/// `pgferry verify --ledger`: walk the configured consumer's ledger chain, print the
+/// first broken link (or that it is intact) and the totals per table and op, and, with
+/// `metrics_url`, compare the running daemon's counters with the ledger rows it wrote.
+/// `Ok(true)` when everything checked agrees.
+pub async fn verify_ledger(config: &Config, metrics_url: Option<&str>) -> Result<bool, Error> {
+    use crate::sink::ledger::{self, MetricsCheck};
+    let sink = config.sink.as_ref().ok_or_else(|| {
+        Error::operator(format!(
+            "{}: verify --ledger needs a [sink] section (the target)",
+            config.path.display()
+        ))
+    })?;
+    let consumer = &sink.consumer;
+    let mut client = crate::pg::connect(&sink.url, "verify --ledger").await?;
+    let Some(report) = ledger::check_chain(&mut client, consumer).await? else {
+        println!("the target has no pgferry.ledger: no sink with ledger = true has run against it");
+        return Ok(false);
+    };
+    let mut ok = true;
+    if report.rows == 0 {
+        println!("ledger of consumer {consumer:?}: no rows");
+    }
+    match report.breaks.first() {
+        None if report.rows > 0 => println!(
+            "ledger of consumer {consumer:?}: chain intact: {} batches (seq 1..{}), {} source transactions, \
+             {} re-sent events skipped; last hash {}",
+            report.rows, report.last_seq, report.transactions, report.skipped, report.last_hash
+        ),
+        None => {}
+        Some(first) => {
+            ok = false;
+            println!(
+                "ledger of consumer {consumer:?}: BROKEN at seq {}: {}",
+                first.seq, first.what
+            );
+            for b in report.breaks.iter().skip(1).take(20) {
+                println!("  also at seq {}: {}", b.seq, b.what);
+            }
+            if report.breaks.len() > 21 {
+                println!("  … {} more", report.breaks.len() - 21);
+            }
+        }
+    }
+    println!("{:<40} {:>4} {:>14}", "table", "op", "events");
+    for (table, ops) in &report.totals {
+        for (op, n) in ops.iter().filter(|(_, n)| **n != 0) {
+            println!("{table:<40} {op:>4} {n:>14}");
+        }
+    }
+    match metrics_url {
+        None => println!(
+            "metrics: not compared (give --metrics URL of the running daemon to check the ledger against pgferry_sink_applied_total)"
+        ),
+        Some(url) => match ledger::compare_metrics(&client, consumer, url).await? {
+            MetricsCheck::Agree(counts) => println!(
+                "metrics: pgferry_sink_applied_total at {url} equals the ledger rows of this daemon's run ({} events)",
+                counts.values().sum::<i64>()
+            ),
+            MetricsCheck::Differ(differ) => {
+                ok = false;
+                println!("metrics: pgferry_sink_applied_total at {url} DIFFERS from the ledger rows of this daemon's run:");
+                for ((table, op), (l, m)) in differ {
+                    println!("  {table} {op}: ledger {l}, metrics {m}");
+                }
+            }
+            MetricsCheck::NoRun => {
+                ok = false;
+                println!("metrics: the daemon at {url} exports no pgferry_sink_ledger_run_info: it runs no sink, or one with ledger = false");
+            }
+            MetricsCheck::Moving => println!(
+                "metrics: not compared: the daemon kept applying while the counters and the ledger were read; run it again once it is caught up"
+            ),
+        },
+    }
+    Ok(ok)
 }

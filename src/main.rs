@@ -84,12 +84,22 @@ enum Command {
         #[arg(long)]
         table: Option<String>,
     },
-    /// Compare source and target tables (row counts and checksums).
+    /// Compare source and target tables (row counts and checksums); with --ledger,
+    /// check the target's applied-transactions ledger instead.
     Verify {
         #[arg(long, short)]
         config: PathBuf,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "ledger")]
         table: Option<String>,
+        /// Recompute the hash chain of pgferry.ledger for [sink] consumer, report the
+        /// first broken link, and print the totals per table and op.
+        #[arg(long)]
+        ledger: bool,
+        /// With --ledger: the running daemon's metrics URL
+        /// (e.g. http://127.0.0.1:9187/metrics); its pgferry_sink_applied_total must
+        /// equal the ledger rows it wrote since it started.
+        #[arg(long, requires = "ledger", value_name = "URL")]
+        metrics: Option<String>,
     },
     /// Ask the running daemon to copy tables again while it streams (an incremental
     /// snapshot; it resumes after a restart). Follow it with `pgferry status`.
@@ -224,11 +234,23 @@ async fn run(command: Command) -> ExitCode {
             };
             report(pgferry::inspect::schema(&config, table.as_deref()).await)
         }
-        Command::Verify { config, table } => {
+        Command::Verify {
+            config,
+            table,
+            ledger,
+            metrics,
+        } => {
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if ledger {
+                return match pgferry::inspect::verify_ledger(&config, metrics.as_deref()).await {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::from(1),
+                    Err(e) => report(Err(e)),
+                };
+            }
             match pgferry::inspect::verify(&config, table.as_deref()).await {
                 Ok(rows) => {
                     println!(

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub kafka_in_flight: IntGauge,
     /// `pgferry_sink_applied_total{table,op}`: events applied to the target.
     pub sink_applied: IntCounterVec,
+    /// `pgferry_sink_ledger_run_info{run_id}`: 1, labelled with the run id this process
+    /// writes into `pgferry.ledger` (one label value per process), so `verify --ledger
+    /// --metrics` can find the ledger rows written since it started.
+    pub sink_ledger_run_info: IntGaugeVec,
     /// `pgferry_sink_checkpoint_offset{topic,partition}`: next offset to read.
     pub sink_checkpoint_offset: IntGaugeVec,
     /// `pgferry_replication_lag_seconds`: source commit to target commit, of the last
@@ -81,6 +85,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Change events applied to the target.",
             &["table", "op"],
         ),
+        sink_ledger_run_info: IntGaugeVec::new(
+            Opts::new("pgferry_sink_ledger_run_info", "The run id this process writes into pgferry.ledger."),
+            &["run_id"],
+        )
+        .expect("metric definitions are static and valid"),
         sink_checkpoint_offset: IntGaugeVec::new(
             Opts::new("pgferry_sink_checkpoint_offset", "Next offset to read, as checkpointed in the target."),
             &["topic", "partition"],
@@ -112,6 +121,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.kafka_delivery_errors.clone()),
         Box::new(m.kafka_in_flight.clone()),
         Box::new(m.sink_applied.clone()),
+        Box::new(m.sink_ledger_run_info.clone()),
         Box::new(m.sink_checkpoint_offset.clone()),
         Box::new(m.replication_lag_seconds.clone()),
         Box::new(m.errors.clone()),

@@ -90,6 +90,8 @@ pub struct Sink {
     pub batch_max_events: usize,
     pub batch_max_bytes: usize,
     pub batch_linger: Duration,
+    /// Write `pgferry.ledger` (see `sink::ledger`).
+    pub ledger: bool,
 }
 
 /// One configured source table.
@@ -171,6 +173,7 @@ impl Config {
                     batch_max_events: s.batch_max_events,
                     batch_max_bytes: s.batch_max_bytes,
                     batch_linger: s.batch_linger,
+                    ledger: s.ledger,
                 })
             }
             None => None,
@@ -705,6 +708,18 @@ source = "public.visits"
             let e = Config::load(&f).unwrap_err();
             assert_eq!(&e.key, key, "{text} -> {e}");
         }
+    }
+
+    #[test]
+    fn the_ledger_is_on_unless_turned_off() {
+        let d = tempdir("ledger");
+        let base = "[source]\nurl = \"postgres://u@h/d\"\n[sink]\nurl = \"postgres://u@h/t\"\n";
+        let on = write(&d, "on.toml", base);
+        assert!(Config::load(&on).unwrap().sink.unwrap().ledger);
+        let off = write(&d, "off.toml", &format!("{base}ledger = false\n"));
+        assert!(!Config::load(&off).unwrap().sink.unwrap().ledger);
+        let bad = write(&d, "bad.toml", &format!("{base}ledger = \"no\"\n"));
+        assert_eq!(Config::load(&bad).unwrap_err().key, "sink.ledger");
     }
 
     #[test]

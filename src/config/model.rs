@@ -192,6 +192,11 @@ pub struct SinkConfig {
     /// How long a batch waits for more events before it is applied.
     #[serde(default = "default_linger", deserialize_with = "duration")]
     pub batch_linger: Duration,
+    /// Write the applied-transactions ledger `pgferry.ledger` (one hash-chained row
+    /// per batch, in the batch's transaction). On by default: it is the audit trail
+    /// of what reached the target, and costs one insert per batch.
+    #[serde(default = "default_true")]
+    pub ledger: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

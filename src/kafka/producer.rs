@@ -677,12 +677,14 @@ impl KafkaStage {
     }
 }
 
-/// `pgferry.commit_lsn`, `pgferry.ordinal`, `pgferry.unchanged` (when any) and, for
+/// `pgferry.commit_lsn`, `pgferry.ordinal`, `pgferry.xid` (the source transaction id,
+/// for the sink's ledger), `pgferry.unchanged` (when any) and, for
 /// JSON messages, `pgferry.schema`: the fingerprint (hex, as the schema topic's key)
 /// of the Avro value schema that describes the columns.
 fn headers(change: &Change, schema: Option<&str>) -> OwnedHeaders {
     let commit_lsn = change.commit_lsn.to_string();
     let ordinal = change.ordinal.to_string();
+    let xid = change.xid.to_string();
     let mut h = OwnedHeaders::new()
         .insert(Header {
             key: "pgferry.commit_lsn",
@@ -691,6 +693,10 @@ fn headers(change: &Change, schema: Option<&str>) -> OwnedHeaders {
         .insert(Header {
             key: "pgferry.ordinal",
             value: Some(ordinal.as_str()),
+        })
+        .insert(Header {
+            key: "pgferry.xid",
+            value: Some(xid.as_str()),
         });
     let unchanged: Vec<&str> = change.unchanged().collect();
     if !unchanged.is_empty() {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! topics ──▶ consumer (manual assignment at checkpoint offsets) ──▶ decode ──▶ batch
-//!        ──▶ one target transaction: rows (apply) + checkpoint rows ──▶ commit
+//!        ──▶ one target transaction: rows (apply) + checkpoint rows + ledger row ──▶ commit
 //! ```
 //!
 //! Exactly once (DESIGN §1): Kafka may hold duplicates after a source restart. Each
@@ -22,6 +22,7 @@ pub mod apply;
 pub mod barrier;
 pub mod checkpoint;
 pub mod decode;
+pub mod ledger;
 pub mod target;
 
 use std::collections::{HashMap, HashSet};
@@ -144,6 +145,13 @@ impl SinkStage {
         })?;
         let client = crate::pg::connect(&sink.url, "sink target").await?;
         checkpoint::ensure_table(&client).await?;
+        if sink.ledger {
+            ledger::ensure_table(&client).await?;
+            metrics()
+                .sink_ledger_run_info
+                .with_label_values(&[ledger::run_id()])
+                .set(1);
+        }
         let checkpoints = checkpoint::load(&client, &sink.consumer).await?;
         let topics = topics_of(&config);
         let registry = match config.kafka.schema_registry.as_str() {
@@ -486,7 +494,7 @@ impl SinkStage {
                     .iter()
                     .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
                     .collect();
-                match self.apply_with_retry(&slice, shutdown).await? {
+                match self.apply_with_retry(&slice, shutdown, false).await? {
                     Outcome::Applied => start = end,
                     Outcome::Rejected(i, reason) => {
                         let poison = start + i;
@@ -580,7 +588,7 @@ impl SinkStage {
                 .iter()
                 .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
                 .collect();
-            match self.apply_with_retry(&slice, shutdown).await? {
+            match self.apply_with_retry(&slice, shutdown, false).await? {
                 Outcome::Applied => {}
                 // Nothing moved: on restart the barrier forms again from the checkpoints.
                 Outcome::Interrupted => return Ok(()),
@@ -741,14 +749,16 @@ impl SinkStage {
     /// Apply `items`, retrying transient failures with backoff (consumption pauses
     /// meanwhile). Returns the index of an event the target refused, if any; the
     /// items before it are applied.
+    /// `dead_lettered`: `items` is one event just sent to the dead-letter topic.
     async fn apply_with_retry(
         &mut self,
         items: &[(&Item, Option<&SinkEvent>)],
         shutdown: &CancellationToken,
+        dead_lettered: bool,
     ) -> Result<Outcome, Error> {
         let mut backoff = BACKOFF_START;
         loop {
-            let outcome = match self.apply(items).await {
+            let outcome = match self.apply(items, dead_lettered).await {
                 Err(Failure::Rejected(_, _)) if items.len() > 1 => {
                     self.apply_one_by_one(items).await
                 }
@@ -785,7 +795,7 @@ impl SinkStage {
         items: &[(&Item, Option<&SinkEvent>)],
     ) -> Result<Option<(usize, String)>, Failure> {
         for i in 0..items.len() {
-            match self.apply(&items[i..=i]).await {
+            match self.apply(&items[i..=i], false).await {
                 Ok(()) => {}
                 Err(Failure::Rejected(_, reason)) => return Ok(Some((i, reason))),
                 Err(e) => return Err(e),
@@ -805,9 +815,15 @@ impl SinkStage {
         Ok(self.client.as_ref().expect("just connected"))
     }
 
-    /// One target transaction: the rows of every event not yet applied, and the
-    /// checkpoints of every partition in `items`.
-    async fn apply(&mut self, items: &[(&Item, Option<&SinkEvent>)]) -> Result<(), Failure> {
+    /// One target transaction: the rows of every event not yet applied, the
+    /// checkpoints of every partition in `items`, and (unless `ledger = false`) the
+    /// ledger row that accounts for them. `dead_lettered`: `items` is one event just
+    /// sent to the dead-letter topic, checkpointed past and counted as `dlq`.
+    async fn apply(
+        &mut self,
+        items: &[(&Item, Option<&SinkEvent>)],
+        dead_lettered: bool,
+    ) -> Result<(), Failure> {
         // Target tables first (DDL runs outside the batch transaction).
         for (_, event) in items {
             let Some(event) = event else { continue };
@@ -838,7 +854,11 @@ impl SinkStage {
         // Skip what was already applied: Kafka may hold re-sent events.
         let mut next: HashMap<(String, i32), Checkpoint> = HashMap::new();
         let mut fresh = Vec::new();
+        let mut entry = ledger::Entry::default();
         for (item, event) in items {
+            if dead_lettered && event.is_none() {
+                entry.dead_lettered(&self.table_of_topic(&item.topic), &item.headers);
+            }
             let k = (item.topic.clone(), item.partition);
             let current = self.checkpoints.get(&k).copied();
             let cp = next.entry(k).or_insert(current.unwrap_or(Checkpoint {
@@ -852,6 +872,12 @@ impl SinkStage {
                 if event.position > cp.position {
                     cp.position = event.position;
                     fresh.push(*event);
+                    // What `apply::plan` applies (and counts for the metrics).
+                    if self.tables.contains_key(&event.table) {
+                        entry.applied(&item.headers, event);
+                    }
+                } else {
+                    entry.skipped();
                 }
             } else if let Ok(position) = decode::position(&item.headers) {
                 // A tombstone, or a dead-lettered event: passed over, and its position
@@ -863,6 +889,7 @@ impl SinkStage {
         let runs = apply::plan(&fresh, &self.tables, &mut counts);
         let consumer_name = self.sink().consumer.clone();
         let self_group = self.sink().group.is_some();
+        let write_ledger = self.sink().ledger && !entry.is_empty();
         self.target().await?;
         let tables = &self.tables;
         let client = self.client.as_mut().expect("connected");
@@ -947,6 +974,12 @@ impl SinkStage {
                 .await
                 .map_err(classify)?;
         }
+        if write_ledger {
+            // Last: its per-consumer lock is held only from here to the commit.
+            ledger::write(&tx, &consumer_name, &entry)
+                .await
+                .map_err(classify)?;
+        }
         tx.commit().await.map_err(classify)?;
         // Committed: now the in-memory view may move.
         let m = metrics();
@@ -970,6 +1003,17 @@ impl SinkStage {
                 .set((now - last).max(0) as f64 / 1e6);
         }
         Ok(())
+    }
+
+    /// The configured source table whose topic is `topic` (`schema.table`), or the
+    /// topic itself.
+    fn table_of_topic(&self, topic: &str) -> String {
+        let prefix = &self.config.kafka.topic_prefix;
+        self.config
+            .tables
+            .iter()
+            .find(|t| format!("{prefix}.{}.{}", t.source.schema, t.source.name) == topic)
+            .map_or_else(|| topic.to_string(), |t| t.source.to_string())
     }
 
     /// A poison event: stop, or send it to `<topic>.dlq` and checkpoint past it.
@@ -1039,7 +1083,7 @@ impl SinkStage {
         // Checkpoint past it, alone in its transaction.
         let skip = [(item, None)];
         let never = CancellationToken::new();
-        match self.apply_with_retry(&skip, &never).await? {
+        match self.apply_with_retry(&skip, &never, true).await? {
             Outcome::Applied | Outcome::Interrupted => Ok(()),
             Outcome::Rejected(_, r) => Err(Error::fatal(format!(
                 "checkpointing past the poison event at {at}: {r}"

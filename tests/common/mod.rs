@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pgferry");
 
+/// The binary `Pgferry::spawn` and `run` start: `PGFERRY_TEST_BIN` if set (a copy of
+/// this tree's build, when a target directory is shared with another checkout whose
+/// builds replace `target/debug/pgferry`), else cargo's.
+pub fn bin() -> String {
+    std::env::var("PGFERRY_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A service URL from the environment, or a failure saying how to start the services.
 /// Integration tests never skip silently.
 pub fn service_env(var: &str) -> String {
@@ -197,7 +204,7 @@ impl Pgferry {
 
     pub fn spawn_env(args: &[&str], stderr: PathBuf, env: &[(&str, &str)]) -> Pgferry {
         let err = std::fs::File::create(&stderr).unwrap();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .envs(env.iter().copied())
             .args(args)
             .env("PGFERRY_LOG", "info,pgferry=debug")
@@ -332,7 +339,7 @@ impl Drop for Pgferry {
 
 /// Run `pgferry ARGS` to completion: (exit code, stdout, stderr).
 pub fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(args)
         .output()
         .expect("running pgferry");
