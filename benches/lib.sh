@@ -170,7 +170,7 @@ select g,
        f.first || ' ' || l.last,
        date '1930-01-01' + (g * 37 % 32000),
        case when g % 2 = 0 then 'F' else 'M' end,
-       '+44 7' || lpad((g * 7919 % 1000000000)::text, 9, '0'),
+       '+44 7' || lpad((g::bigint * 7919 % 1000000000)::text, 9, '0'),
        lower(f.first) || '.' || lower(l.last) || g || '@example.org',
        (g % 240 + 1) || ' ' || s.street || ', ' || s.town || ' ' || upper(substr(md5(g::text), 1, 3)) || ' '
            || (g % 9 + 1) || upper(substr(md5(g::text), 4, 2)) || ', United Kingdom',

@@ -129,7 +129,11 @@ source = "public.patients"
 TOML
 log "pgferry run (topic prefix ${PREFIX})"
 t0=$(now)
-timed "$WORK/ferry.time" "$BIN" run --config "$CFG" 2>"$WORK/ferry.log" &
+if [[ -n $TIME_V ]]; then
+    "$TIME_V" -v -o "$WORK/ferry.time" "$BIN" run --config "$CFG" 2>"$WORK/ferry.log" &
+else
+    "$BIN" run --config "$CFG" 2>"$WORK/ferry.log" &
+fi
 LAUNCHER=$!
 FERRY_PID=$LAUNCHER
 if [[ -n $TIME_V ]]; then
