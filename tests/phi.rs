@@ -213,3 +213,94 @@ fn transform_mistakes_are_refused_before_streaming() {
         assert!(out.contains(says), "{file}: check: {out}");
     }
 }
+
+/// Issue 12 "transforms in every path": the initial snapshot, the stream and an
+/// on-demand (incremental) snapshot give the same transformed values for the same row,
+/// and none of them carries the plaintext.
+#[test]
+fn snapshots_and_the_stream_transform_a_row_identically() {
+    let src = TestDb::new("phisnap");
+    let tgt = TestDb::on(&service_env("PGFERRY_TARGET_URL"), "phisnap_t");
+    src.sql(TABLE);
+    src.sql(
+        "insert into patients values
+           ('MRN-PLAIN-0001', 'Ada Plaintext-Lovelace', '+1-555-PLAIN-01', '1815-12-10', '2026-11-22 10:11:12+00', 'w1'),
+           ('MRN-PLAIN-0002', 'Grace Plaintext-Hopper', '+1-555-PLAIN-02', '1906-12-09', '2026-11-23 10:11:12+00', 'w2')",
+    );
+    tgt.sql(TABLE);
+    let prefix = format!("t{}", src.name);
+    let cfg = src.config(
+        "p.toml",
+        "s",
+        &format!(
+            "[phi]\nkey = \"{KEY}\"\n[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\nformat = \"json\"\njson_schemas = false\n\
+             [sink]\nurl = \"{}\"\nconsumer = \"phi\"\nbatch_linger = \"20ms\"\n\
+             [[tables]]\nsource = \"public.patients\"\n{}",
+            brokers(),
+            tgt.url,
+            transforms()
+        ),
+    );
+    let mut p = Pgferry::spawn(
+        &["run", "--config", cfg.to_str().unwrap()],
+        src.dir.join("run.stderr"),
+    );
+    wait_streaming(&src, "s");
+    // The same rows through the stream: an update that changes nothing transformed.
+    src.sql("update patients set ward = ward");
+    let (code, out, err) = run(&[
+        "snapshot",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--table",
+        "public.patients",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let topic = format!("{prefix}.public.patients");
+    // 2 initial rows, 2 updates, 2 incremental rows.
+    let events: Vec<serde_json::Value> =
+        consume_all(&brokers(), &topic, 6, T, Duration::from_secs(3))
+            .into_iter()
+            .filter_map(|r| r.value)
+            .map(|v| serde_json::from_slice(&v).unwrap())
+            .collect();
+    assert!(p.terminate().success(), "{}", p.stderr_text());
+    let mut by_key: std::collections::BTreeMap<String, Vec<(String, String, serde_json::Value)>> =
+        Default::default();
+    for e in &events {
+        let after = e["after"].clone();
+        let key = after["mrn"].as_str().unwrap().to_string();
+        by_key.entry(key).or_default().push((
+            e["op"].as_str().unwrap().to_string(),
+            e["source"]["snapshot"].as_str().unwrap().to_string(),
+            after,
+        ));
+    }
+    assert_eq!(by_key.len(), 2, "{events:?}");
+    for (key, seen) in &by_key {
+        assert_eq!(key.len(), 64, "the key is the HMAC: {key}");
+        let paths: Vec<(&str, &str)> = seen
+            .iter()
+            .map(|(o, s, _)| (o.as_str(), s.as_str()))
+            .collect();
+        assert!(
+            paths.iter().any(|(o, s)| *o == "r" && *s != "incremental"),
+            "initial snapshot: {paths:?}"
+        );
+        assert!(paths.contains(&("u", "false")), "stream: {paths:?}");
+        assert!(
+            paths.contains(&("r", "incremental")),
+            "incremental snapshot: {paths:?}"
+        );
+        for (_, _, after) in seen {
+            assert_eq!(
+                after, &seen[0].2,
+                "row {key}: every path gives the same values"
+            );
+        }
+        assert_eq!(seen[0].2["name"], "REDACTED");
+        assert!(seen[0].2["phone"].is_null());
+    }
+    let text = events.iter().map(|e| e.to_string()).collect::<String>();
+    assert!(!text.contains("PLAIN"), "no plaintext on the topic");
+}
