@@ -19,6 +19,15 @@ const T: Duration = Duration::from_secs(120);
 /// JSON events without embedded schemas; the mock broker has no CreateTopics API, so
 /// the topics (the table's, `_state`, `_schemas`) are created on the mock and pgferry
 /// is told not to create topics.
+/// The fault tests run one at a time: four mock clusters and four pgferry processes
+/// at once (one of them filling its queues on purpose) starved the retry test on two
+/// cores, which then waited over 120 s for a message librdkafka was still retrying.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn config(
     db: &TestDb,
     slot: &str,
@@ -51,6 +60,7 @@ fn last_commit(db: &TestDb) -> u64 {
 
 #[test]
 fn brokers_down_stalls_confirmation_with_bounded_memory_and_loses_nothing() {
+    let _serial = serial();
     let mock = MockCluster::new(3).unwrap();
     let db = TestDb::new("kdown");
     db.sql("create table d (id int primary key, pad text)");
@@ -126,6 +136,7 @@ fn brokers_down_stalls_confirmation_with_bounded_memory_and_loses_nothing() {
 /// time, with exit 0, and confirms nothing that Kafka did not take.
 #[test]
 fn sigterm_while_brokers_are_down_stops_in_bounded_time_confirming_nothing_undelivered() {
+    let _serial = serial();
     let mock = MockCluster::new(3).unwrap();
     let db = TestDb::new("ktermdown");
     db.sql("create table d (id int primary key, pad text)");
@@ -166,6 +177,7 @@ fn sigterm_while_brokers_are_down_stops_in_bounded_time_confirming_nothing_undel
 
 #[test]
 fn retriable_produce_errors_do_not_reorder_a_key() {
+    let _serial = serial();
     let mock = MockCluster::new(3).unwrap();
     let db = TestDb::new("kretry");
     db.sql("create table r (id int primary key, counter int not null)");
@@ -236,6 +248,7 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
 
 #[test]
 fn a_fatal_produce_error_stops_run_and_leaves_the_slot_unconfirmed() {
+    let _serial = serial();
     let mock = MockCluster::new(1).unwrap();
     let db = TestDb::new("kfatal");
     db.sql("create table f (id int primary key)");

@@ -130,7 +130,7 @@ impl Source {
         let system = {
             let mut conn = ReplicationConn::connect(&config.source.url).await?;
             let id = conn.identify_system().await?;
-            let _ = conn.finish().await;
+            conn.close().await;
             id
         };
         let existing = slot::slot_info(&catalog, &slot).await?;

@@ -445,6 +445,14 @@ impl ReplicationConn {
     }
 
     /// End the CopyBoth stream politely (after a final status update).
+    /// Close a connection that is not streaming (after `IDENTIFY_SYSTEM`, or the
+    /// exporter of a snapshot): `Terminate` alone. (`finish` would wait 5 s for an
+    /// answer to a CopyDone that an idle connection never gives.)
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.write);
+        let _ = self.flush().await;
+    }
+
     pub async fn finish(mut self) -> Result<(), Error> {
         frontend::copy_done(&mut self.write);
         self.flush().await?;
