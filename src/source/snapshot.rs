@@ -459,7 +459,7 @@ pub async fn run_initial(
         })
         .collect();
     if names.is_empty() {
-        init.exporter.close().await;
+        let _ = init.exporter.finish().await;
         return Ok(());
     }
     let (cache, tables) = describe(init.catalog, config, init.table_oids, &names).await?;
@@ -493,7 +493,7 @@ pub async fn run_initial(
         })?;
         clients.push(c);
     }
-    init.exporter.close().await;
+    let _ = init.exporter.finish().await;
 
     let position = Lsn(init.consistent_point.0.saturating_sub(1));
     let feed = Arc::new(Feed {
