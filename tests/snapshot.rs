@@ -520,10 +520,11 @@ fn initial_snapshot_of_two_million_rows_stays_below_128_mib() {
         },
     );
     let peak_mib = p.peak_rss_kib() / 1024;
-    let s = status(&cfg);
-    assert!(
-        s.contains("snapshot public.patients: done (initial), 2000000 rows"),
-        "{s}"
+    // (The state records `done` a moment after the log line.)
+    wait_status(
+        &cfg,
+        &p,
+        "snapshot public.patients: done (initial), 2000000 rows",
     );
     assert_eq!(p.terminate().code(), Some(0), "{}", p.stderr_text());
     eprintln!("peak RSS while snapshotting 2,000,000 rows: {peak_mib} MiB");
