@@ -550,8 +550,18 @@ impl Session<'_> {
                     if state.selected {
                         let table = state.schema.clone();
                         state.count(Op::Truncate);
-                        self.change(Op::Truncate, table, None, None, lsn, open, conn, down)
-                            .await?;
+                        self.change(
+                            Op::Truncate,
+                            table,
+                            None,
+                            None,
+                            lsn,
+                            open,
+                            conn,
+                            down,
+                            crate::event::SnapshotMark::No,
+                        )
+                        .await?;
                     }
                 }
                 return Ok(());
@@ -583,8 +593,18 @@ impl Session<'_> {
                 w.changed(table.oid, || Some(snapshot::key_of(row, &table.key)));
             }
         }
-        self.change(op, table, before, after, lsn, open, conn, down)
-            .await
+        self.change(
+            op,
+            table,
+            before,
+            after,
+            lsn,
+            open,
+            conn,
+            down,
+            crate::event::SnapshotMark::No,
+        )
+        .await
     }
 
     /// A watermark of an incremental snapshot: open a window, or close it and emit the
@@ -618,7 +638,7 @@ impl Session<'_> {
             return Ok(());
         }
         for row in rows {
-            self.change_marked(
+            self.change(
                 Op::Read,
                 chunk.schema.clone(),
                 None,
@@ -691,32 +711,6 @@ impl Session<'_> {
 
     #[allow(clippy::too_many_arguments)]
     async fn change(
-        &mut self,
-        op: Op,
-        table: Arc<crate::event::TableSchema>,
-        before: Option<crate::event::Row>,
-        after: Option<crate::event::Row>,
-        lsn: Lsn,
-        open: &mut Option<OpenTxn>,
-        conn: &mut ReplicationConn,
-        down: &mut Downstream,
-    ) -> Result<(), Error> {
-        self.change_marked(
-            op,
-            table,
-            before,
-            after,
-            lsn,
-            open,
-            conn,
-            down,
-            crate::event::SnapshotMark::No,
-        )
-        .await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn change_marked(
         &mut self,
         op: Op,
         table: Arc<crate::event::TableSchema>,
