@@ -222,6 +222,22 @@ mod tests {
         assert_eq!(t.mark(2), Some(2), "nothing in flight: durable at once");
     }
 
+    /// The incremental snapshot's case: the high watermark's transaction sends its
+    /// rows, then the mark, and every row is acknowledged before the commit arrives.
+    /// The commit alone makes the mark durable (the producer must publish it then:
+    /// no delivery is left to do it).
+    #[test]
+    fn a_commit_after_all_acks_makes_a_later_mark_durable() {
+        let mut t = AckTracker::new();
+        let a = t.begin();
+        t.sent(a);
+        assert_eq!(t.mark(7), None, "the transaction is still open");
+        t.acked(a);
+        assert_eq!(t.durable_mark(), 0, "no commit yet");
+        assert_eq!(t.commit(a, Lsn(90)), Some(Lsn(90)));
+        assert_eq!(t.durable_mark(), 7, "the commit moved the mark");
+    }
+
     #[test]
     fn an_open_transaction_is_never_durable() {
         let mut t = AckTracker::new();

@@ -53,6 +53,22 @@ struct Shared {
     delivered: Notify,
 }
 
+impl Shared {
+    /// Publish what a tracker step made durable. Every step that can move either
+    /// value goes through here: a commit whose messages were all acknowledged before
+    /// it arrived moves the marks with no delivery left to publish them.
+    fn publish(&self, moved: Option<Lsn>, mark: u64) {
+        if let Some(lsn) = moved {
+            self.durable.send_replace(lsn);
+        }
+        self.marks.send_if_modified(|m| {
+            let up = mark > *m;
+            *m = (*m).max(mark);
+            up
+        });
+    }
+}
+
 struct AckContext(Arc<Shared>);
 
 impl ClientContext for AckContext {
@@ -85,14 +101,7 @@ impl ProducerContext for AckContext {
                     .map(|mut t| (t.acked(seq as u64), t.durable_mark()))
                     .ok();
                 if let Some((moved, mark)) = moved {
-                    if let Some(lsn) = moved {
-                        self.0.durable.send_replace(lsn);
-                    }
-                    self.0.marks.send_if_modified(|m| {
-                        let up = mark > *m;
-                        *m = (*m).max(mark);
-                        up
-                    });
+                    self.0.publish(moved, mark);
                 }
             }
             Err((e, msg)) => {
@@ -280,10 +289,7 @@ impl KafkaStage {
                 },
                 Event::Commit { end_lsn, .. } => {
                     if let Some(seq) = open.take() {
-                        let moved = self.lock_tracker().commit(seq, *end_lsn);
-                        if let Some(lsn) = moved {
-                            self.shared.durable.send_replace(lsn);
-                        }
+                        self.commit(seq, *end_lsn);
                     }
                     Ok(())
                 }
@@ -291,13 +297,16 @@ impl KafkaStage {
                     // Its own entry, ending at LSN 0: durable alone, confirming nothing.
                     let seq = self.lock_tracker().begin();
                     let produced = self.produce_change(change, seq).await;
-                    self.lock_tracker().commit(seq, Lsn::ZERO);
+                    self.commit(seq, Lsn::ZERO);
                     produced
                 }
                 Event::Mark(mark) => {
-                    if let Some(m) = self.lock_tracker().mark(*mark) {
-                        self.shared.marks.send_replace(m);
-                    }
+                    let durable = {
+                        let mut t = self.lock_tracker();
+                        t.mark(*mark);
+                        t.durable_mark()
+                    };
+                    self.shared.publish(None, durable);
                     Ok(())
                 }
             };
@@ -319,6 +328,15 @@ impl KafkaStage {
     /// The highest snapshot mark whose events (and all before them) are durable.
     pub fn marks(&self) -> watch::Receiver<u64> {
         self.shared.marks.subscribe()
+    }
+
+    /// Transaction `seq` is complete: publish whatever that made durable.
+    fn commit(&self, seq: u64, end: Lsn) {
+        let (moved, mark) = {
+            let mut t = self.lock_tracker();
+            (t.commit(seq, end), t.durable_mark())
+        };
+        self.shared.publish(moved, mark);
     }
 
     fn lock_tracker(&self) -> std::sync::MutexGuard<'_, AckTracker> {

@@ -630,7 +630,10 @@ impl Session<'_> {
             }
             snapshot::Watermark::High { seq, .. } => match windows.high(seq) {
                 Some(found) => found,
-                None => return Ok(()),
+                None => {
+                    tracing::debug!(chunk = seq, %lsn, "high watermark without its whole window; the chunk is read again");
+                    return Ok(());
+                }
             },
         };
         if open.is_none() {
