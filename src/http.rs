@@ -1,12 +1,14 @@
 //! The HTTP endpoint on `[http].listen`: `/metrics` (Prometheus text), `/healthz`
 //! (the process is alive) and `/readyz` (every enabled stage is streaming).
 //! A deliberately tiny HTTP/1.1 responder: three GET routes do not need a framework.
+//! And the client side that reads `/metrics` back (`status`, `verify --ledger`).
 //!
 //! It faces whatever can reach the port, so it is bounded: at most
 //! [`MAX_CONNECTIONS`] at once (more are closed at once), request headers of at most
 //! [`MAX_HEADER_BYTES`] (else 431), and [`HEADER_TIMEOUT`] to send them (a slow client
 //! is dropped and frees its slot).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,6 +126,72 @@ async fn respond(mut stream: TcpStream, health: &Health) -> std::io::Result<()> 
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Prometheus label text: `a="x",b="y\"z"` -> {a: x, b: y"z} (Prometheus text escapes `\\`, `\"`, `\n`).
+pub fn parse_labels(text: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let name: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        let name = name.trim().trim_start_matches(',').trim().to_string();
+        if name.is_empty() || chars.next() != Some('"') {
+            break;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(other) => value.push(other),
+                    None => break,
+                },
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        out.insert(name, value);
+    }
+    out
+}
+
+/// GET `url` (plain `http://host:port/path`): the body of a 200 answer.
+pub async fn get(url: &str) -> Result<String, Error> {
+    let bad = || {
+        Error::operator(format!(
+            "{url}: expected http://host:port/path (e.g. http://127.0.0.1:9187/metrics)"
+        ))
+    };
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/metrics"),
+    };
+    if authority.is_empty() {
+        return Err(bad());
+    }
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| Error::transient(format!("{url}: no answer within 10 s")))?
+        .map_err(|e| Error::transient(format!("{url}: cannot fetch")).with_source(e))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| Error::transient(format!("{url}: not an HTTP response")))?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(Error::operator(format!("{url}: HTTP status {status}")));
+    }
+    Ok(body.to_string())
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! and target tables by row count and an order-independent checksum; `pgferry verify
 //! --ledger` checks the target's applied-transactions ledger (see `sink::ledger`).
 
+use std::collections::HashMap;
 use std::io::Write;
 
 use crate::codec::avro;
@@ -48,10 +49,9 @@ pub async fn schema(config: &Config, only: Option<&str>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Settings that make both sides print values the same way.
-const CANONICAL_SESSION: &str =
-    "set DateStyle = ISO; set IntervalStyle = postgres; set TimeZone = 'UTC'; \
-     set extra_float_digits = 1; set bytea_output = hex";
+/// Settings that make both sides print values the same way, and as the walsender
+/// prints them, which is the text that transforms saw in the stream.
+const CANONICAL_SESSION: &str = crate::source::snapshot::SESSION_SQL;
 
 /// One table's comparison.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +93,68 @@ async fn fingerprint(
         .await
         .map_err(|e| Error::postgres(format!("checksumming {table}"), e))?;
     Ok((row.get(0), row.get(1)))
+}
+
+/// The [`fingerprint`] of a table with PHI transforms, computed here rather than in
+/// SQL: the source's values go through the same transforms as in the stream (the HMAC
+/// key never leaves pgferry, not even as a query parameter the server could log). Both
+/// sides are read with `COPY` and hashed the same way, row by row, so memory stays
+/// flat. `transforms[i]` applies to `columns[i]` (the target side passes none).
+async fn fingerprint_streamed(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+    columns: &[String],
+    filter: Option<&str>,
+    transforms: &[Option<crate::event::Transform>],
+    key: &[u8],
+) -> Result<(i64, String), Error> {
+    use futures_util::StreamExt;
+    use std::hash::{Hash, Hasher};
+    let sql = format!(
+        "copy (select {} from {}{}) to stdout",
+        columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        table.quoted(),
+        filter.map_or(String::new(), |w| format!(" where ({w})"))
+    );
+    let context = |e| Error::postgres(format!("reading {table} to checksum it"), e);
+    let stream = client.copy_out(&sql).await.map_err(context)?;
+    let mut stream = std::pin::pin!(stream);
+    let (mut rows, mut sum) = (0i64, 0u64);
+    let mut pending = bytes::BytesMut::new();
+    let row_hash = |line: &[u8]| -> Result<u64, Error> {
+        let fields = crate::source::snapshot::parse_copy_line(line)
+            .map_err(|why| Error::fatal(format!("reading {table} to checksum it: {why}")))?;
+        // DefaultHasher::new() has fixed keys: both sides hash alike in this process.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (i, field) in fields.iter().enumerate() {
+            let text = match field {
+                crate::source::pgoutput::TupleValue::Text(b) => Some(b.as_ref()),
+                _ => None,
+            };
+            let transformed = match (transforms.get(i).copied().flatten(), text) {
+                (Some(t), Some(b)) => {
+                    crate::source::transform::apply(t, key, &String::from_utf8_lossy(b))
+                        .map(String::into_bytes)
+                }
+                (_, b) => b.map(<[u8]>::to_vec),
+            };
+            transformed.hash(&mut h);
+        }
+        Ok(h.finish())
+    };
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk.map_err(context)?);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line = pending.split_to(end + 1);
+            sum = sum.wrapping_add(row_hash(&line)?);
+            rows += 1;
+        }
+    }
+    Ok((rows, format!("{sum:016x}")))
 }
 
 async fn columns(
@@ -154,13 +216,31 @@ pub async fn verify(config: &Config, only: Option<&str>) -> Result<Vec<Compariso
             .iter()
             .map(|c| table.rename.get(c).cloned().unwrap_or_else(|| c.clone()))
             .collect();
-        let (source_rows, source_sum) = fingerprint(
-            &source,
-            &table.source,
-            &published,
-            table.row_filter.as_deref(),
-        )
-        .await?;
+        let streamed = !table.transform.is_empty();
+        let (source_rows, source_sum) = if streamed {
+            let transforms: Vec<_> = published
+                .iter()
+                .map(|c| table.transform.get(c).copied())
+                .collect();
+            let key = config.phi_key.as_ref().map_or(&[][..], |k| &k.0[..]);
+            fingerprint_streamed(
+                &source,
+                &table.source,
+                &published,
+                table.row_filter.as_deref(),
+                &transforms,
+                key,
+            )
+            .await?
+        } else {
+            fingerprint(
+                &source,
+                &table.source,
+                &published,
+                table.row_filter.as_deref(),
+            )
+            .await?
+        };
         let Some(target_columns) = columns(&target, &table.target).await? else {
             out.push(Comparison {
                 table: name,
@@ -190,7 +270,11 @@ pub async fn verify(config: &Config, only: Option<&str>) -> Result<Vec<Compariso
             });
             continue;
         }
-        let (target_rows, target_sum) = fingerprint(&target, &table.target, &mapped, None).await?;
+        let (target_rows, target_sum) = if streamed {
+            fingerprint_streamed(&target, &table.target, &mapped, None, &[], &[]).await?
+        } else {
+            fingerprint(&target, &table.target, &mapped, None).await?
+        };
         let status = if source_rows != target_rows {
             "DIFFERENT: row counts differ".to_string()
         } else if source_sum != target_sum {
@@ -232,6 +316,9 @@ pub async fn status(config: &std::sync::Arc<Config>) -> Result<Vec<String>, Erro
         )),
     }
     snapshot_lines(config, &source, &mut lines).await;
+    if config.sink.is_some() {
+        lines.push(latency_line(config).await);
+    }
     if let Some(sink) = &config.sink {
         let target = crate::pg::connect(&sink.url, "status").await?;
         let rows = target
@@ -269,6 +356,57 @@ pub async fn status(config: &std::sync::Arc<Config>) -> Result<Vec<String>, Erro
         }
     }
     Ok(lines)
+}
+
+/// The running daemon's end-to-end latency over the last minute, read from its
+/// `/metrics` (the window lives in the process; see `sink::latency`).
+async fn latency_line(config: &Config) -> String {
+    let Some(listen) = &config.http_listen else {
+        return "latency: unknown ([http] listen is off, so the daemon cannot be asked)".into();
+    };
+    // A wildcard listen address is reached on loopback.
+    let authority = match listen.rsplit_once(':') {
+        Some(("0.0.0.0" | "[::]" | "", port)) => format!("127.0.0.1:{port}"),
+        _ => listen.clone(),
+    };
+    let url = format!("http://{authority}/metrics");
+    let body = match tokio::time::timeout(std::time::Duration::from_secs(3), crate::http::get(&url))
+        .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => return format!("latency: unknown (is `pgferry run` up? {e})"),
+        Err(_) => return format!("latency: unknown ({url} did not answer within 3 s)"),
+    };
+    let (mut recent, mut total) = (HashMap::new(), None);
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("pgferry_end_to_end_latency_recent_seconds{") {
+            if let Some((labels, value)) = rest.rsplit_once('}') {
+                let labels = crate::http::parse_labels(labels);
+                if let (Some(q), Ok(v)) = (labels.get("quantile"), value.trim().parse::<f64>()) {
+                    recent.insert(q.clone(), v);
+                }
+            }
+        } else if let Some(v) = line.strip_prefix("pgferry_end_to_end_latency_seconds_count ") {
+            total = v.trim().parse::<f64>().ok();
+        }
+    }
+    let ms = |q: &str| {
+        recent
+            .get(q)
+            .map_or("-".into(), |v| format!("{:.0} ms", v * 1e3))
+    };
+    match total {
+        Some(n) if n > 0.0 && recent.is_empty() => {
+            format!("latency: no change applied in the last minute; {n:.0} changes since start")
+        }
+        Some(n) if n > 0.0 => format!(
+            "latency (source commit to target commit, last minute): p50 {}, p99 {}, max {}; {n:.0} changes since start",
+            ms("0.5"),
+            ms("0.99"),
+            ms("1")
+        ),
+        _ => "latency: no change applied since the daemon started".into(),
+    }
 }
 
 /// Each table's snapshot progress, from the state `run` records on Kafka: rows copied

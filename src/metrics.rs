@@ -4,7 +4,10 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -32,6 +35,12 @@ pub struct Metrics {
     /// `pgferry_replication_lag_seconds`: source commit to target commit, of the last
     /// applied batch.
     pub replication_lag_seconds: Gauge,
+    /// `pgferry_end_to_end_latency_seconds`: per applied change, from its source commit
+    /// to the target commit that applied it (snapshot reads are not counted).
+    pub end_to_end_latency: Histogram,
+    /// `pgferry_end_to_end_latency_recent_seconds{quantile}`: p50, p99 and max of that
+    /// latency over about the last minute (see `sink::latency`), what `status` shows.
+    pub end_to_end_latency_recent: GaugeVec,
     /// `pgferry_errors_total{stage,kind}`: errors by stage and policy kind.
     pub errors: IntCounterVec,
     /// `pgferry_snapshot_rows_total{table}`: rows a snapshot handed to Kafka.
@@ -40,6 +49,13 @@ pub struct Metrics {
     /// done, failed).
     pub snapshot_tables: IntGaugeVec,
 }
+
+/// Bucket bounds of the latency histogram, in seconds: fine below 100 ms, where the
+/// goal is, coarse up to the minutes an outage takes.
+pub const LATENCY_BUCKETS: [f64; 26] = [
+    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+    0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels)
@@ -100,6 +116,22 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Seconds from the source commit to the target commit of the last applied change.",
         )
         .expect("metric definitions are static and valid"),
+        end_to_end_latency: Histogram::with_opts(
+            HistogramOpts::new(
+                "pgferry_end_to_end_latency_seconds",
+                "Seconds from a change's source commit to the target commit that applied it.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("metric definitions are static and valid"),
+        end_to_end_latency_recent: GaugeVec::new(
+            Opts::new(
+                "pgferry_end_to_end_latency_recent_seconds",
+                "End-to-end latency over about the last minute: quantile 0.5, 0.99 and 1 (the max).",
+            ),
+            &["quantile"],
+        )
+        .expect("metric definitions are static and valid"),
         errors: counter_vec("pgferry_errors_total", "Errors by stage and kind.", &["stage", "kind"]),
         snapshot_rows: counter_vec(
             "pgferry_snapshot_rows_total",
@@ -124,6 +156,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.sink_ledger_run_info.clone()),
         Box::new(m.sink_checkpoint_offset.clone()),
         Box::new(m.replication_lag_seconds.clone()),
+        Box::new(m.end_to_end_latency.clone()),
+        Box::new(m.end_to_end_latency_recent.clone()),
         Box::new(m.errors.clone()),
         Box::new(m.snapshot_rows.clone()),
         Box::new(m.snapshot_tables.clone()),

@@ -109,6 +109,27 @@ fn transformed_columns_never_reach_kafka_in_plaintext_and_the_target_holds_the_h
     });
     assert!(p.terminate().success(), "{}", p.stderr_text());
 
+    // `verify` compares the transformed source with the target: equal now, and a
+    // value changed by hand in a transformed column is found. Its output holds no
+    // plaintext either.
+    let verify = || {
+        let (code, out, err) = run(&["verify", "--config", cfg.to_str().unwrap()]);
+        assert!(
+            !out.contains("PLAIN") && !err.contains("PLAIN"),
+            "{out}{err}"
+        );
+        (code, out)
+    };
+    let (code, out) = verify();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("equal"), "{out}");
+    tgt.sql("update patients set name = 'Ada Plaintext-Lovelace' where ward = 'icu'");
+    let (code, out) = verify();
+    assert_eq!(code, 1, "a plaintext name where REDACTED belongs: {out}");
+    assert!(out.contains("DIFFERENT: checksums differ"), "{out}");
+    tgt.sql("update patients set name = 'REDACTED' where ward = 'icu'");
+    assert_eq!(verify().0, 0);
+
     let bytes = all_bytes(&prefix);
     for plain in [
         "MRN-PLAIN",

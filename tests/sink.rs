@@ -128,6 +128,12 @@ fn every_type_end_to_end(format: &str) {
         "[[tables]]\nsource = \"public.patients\"\ntarget = \"public.patients_h\"\nexclude = [\"ssn\"]\n\
          rename = { name = \"full_name\" }\n[[tables]]\nsource = \"public.types\"\n",
     );
+    // The HTTP endpoint on, so that `status` can show the daemon's latency.
+    let port = common::free_port();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&cfg, text).unwrap();
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("[kafka]\n", &format!("[kafka]\nformat = \"{format}\"\n"));
@@ -218,6 +224,18 @@ fn every_type_end_to_end(format: &str) {
         "{out}"
     );
     assert!(out.contains(".public.patients[0] next offset"), "{out}");
+    // And the end-to-end latency over the last minute, from the running daemon.
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("latency (source commit to target commit, last minute): p50 "))
+        .unwrap_or_else(|| panic!("no latency line: {out}"));
+    let p99_ms: f64 = line
+        .split("p99 ")
+        .nth(1)
+        .and_then(|r| r.split(" ms").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(p99_ms > 0.0 && p99_ms < 120_000.0, "{line}");
 
     // One changed cell is found.
     tgt.sql("update patients_h set ward = 'changed' where id = 1");

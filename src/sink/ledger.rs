@@ -20,10 +20,9 @@
 //! row is read under a per-consumer advisory transaction lock, so two sinks of one
 //! consumer group cannot fork the chain: the second waits for the first to commit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, Transaction};
 
 use crate::error::Error;
@@ -432,7 +431,9 @@ struct Scrape {
 /// GET `url` (plain `http://host:port/path`) and pick out the run id and
 /// `pgferry_sink_applied_total`.
 async fn scrape(url: &str) -> Result<Scrape, Error> {
-    let body = http_get(url).await?;
+    let body = crate::http::get(url)
+        .await
+        .map_err(|e| e.context("--metrics"))?;
     Ok(parse_metrics(&body))
 }
 
@@ -445,7 +446,7 @@ fn parse_metrics(body: &str) -> Scrape {
         let Some((labels, value)) = rest.rsplit_once('}') else {
             continue;
         };
-        let labels = parse_labels(labels);
+        let labels = crate::http::parse_labels(labels);
         match name {
             "pgferry_sink_ledger_run_info" => {
                 out.run_id = labels.get("run_id").cloned();
@@ -460,73 +461,6 @@ fn parse_metrics(body: &str) -> Scrape {
         }
     }
     out
-}
-
-/// `a="x",b="y\"z"` -> {a: x, b: y"z} (Prometheus text escapes `\\`, `\"`, `\n`).
-fn parse_labels(text: &str) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    let mut chars = text.chars().peekable();
-    loop {
-        let name: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        let name = name.trim().trim_start_matches(',').trim().to_string();
-        if name.is_empty() || chars.next() != Some('"') {
-            break;
-        }
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some('n') => value.push('\n'),
-                    Some(other) => value.push(other),
-                    None => break,
-                },
-                '"' => break,
-                c => value.push(c),
-            }
-        }
-        out.insert(name, value);
-    }
-    out
-}
-
-async fn http_get(url: &str) -> Result<String, Error> {
-    let bad = || {
-        Error::operator(format!(
-            "--metrics {url}: expected http://host:port/path (e.g. http://127.0.0.1:9187/metrics)"
-        ))
-    };
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/metrics"),
-    };
-    if authority.is_empty() {
-        return Err(bad());
-    }
-    let fetch = async {
-        let mut stream = tokio::net::TcpStream::connect(authority).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(std::time::Duration::from_secs(10), fetch)
-        .await
-        .map_err(|_| Error::transient(format!("--metrics {url}: no answer within 10 s")))?
-        .map_err(|e| Error::transient(format!("--metrics {url}: cannot fetch")).with_source(e))?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| Error::transient(format!("--metrics {url}: not an HTTP response")))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(Error::operator(format!(
-            "--metrics {url}: HTTP status {status}"
-        )));
-    }
-    Ok(body.to_string())
 }
 
 #[cfg(test)]

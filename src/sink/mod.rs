@@ -22,6 +22,7 @@ pub mod apply;
 pub mod barrier;
 pub mod checkpoint;
 pub mod decode;
+pub mod latency;
 pub mod ledger;
 pub mod target;
 
@@ -229,6 +230,7 @@ impl SinkStage {
                 _ = shutdown.cancelled() => return Ok(()),
             };
             if batch.is_empty() {
+                latency::observe([]);
                 continue;
             }
             self.process(batch, shutdown).await?;
@@ -992,13 +994,14 @@ impl SinkStage {
                 .set(cp.next_offset);
             self.checkpoints.insert((topic, partition), cp);
         }
-        if let Some(last) = fresh
-            .iter()
-            .map(|e| e.commit_ts_us)
-            .max()
-            .filter(|t| *t > 0)
-        {
-            let now = crate::timestamp::PgTimestamp::now().unix_micros();
+        let now = crate::timestamp::PgTimestamp::now().unix_micros();
+        let streamed = || {
+            fresh
+                .iter()
+                .filter(|e| e.op != crate::event::Op::Read && e.commit_ts_us > 0)
+        };
+        latency::observe(streamed().map(|e| (now - e.commit_ts_us) as f64 / 1e6));
+        if let Some(last) = streamed().map(|e| e.commit_ts_us).max() {
             m.replication_lag_seconds
                 .set((now - last).max(0) as f64 / 1e6);
         }

@@ -56,7 +56,8 @@ const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 /// Session settings that make the text of every value what the walsender sends
 /// (the replication connection's `options`), so snapshot rows and streamed changes of
 /// the same value are the same bytes.
-const SESSION_SQL: &str = "set DateStyle = ISO; set IntervalStyle = iso_8601; set TimeZone = UTC; \
+pub const SESSION_SQL: &str =
+    "set DateStyle = ISO; set IntervalStyle = iso_8601; set TimeZone = UTC; \
      set extra_float_digits = 1; set bytea_output = hex; set lc_monetary = 'C'; \
      set client_encoding = UTF8; set statement_timeout = 0";
 
