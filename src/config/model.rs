@@ -189,7 +189,9 @@ pub struct SinkConfig {
     /// Most bytes of Kafka messages per target transaction.
     #[serde(default = "default_batch_bytes")]
     pub batch_max_bytes: usize,
-    /// How long a batch waits for more events before it is applied.
+    /// How long a batch waits for more events before it is applied. The default, 0,
+    /// takes what has arrived and applies it at once: while one batch is applied the
+    /// next one gathers by itself, so batches grow with the load and latency stays low.
     #[serde(default = "default_linger", deserialize_with = "duration")]
     pub batch_linger: Duration,
     /// Write the applied-transactions ledger `pgferry.ledger` (one hash-chained row
@@ -317,7 +319,7 @@ fn default_batch_bytes() -> usize {
     16 << 20
 }
 fn default_linger() -> Duration {
-    Duration::from_millis(50)
+    Duration::ZERO
 }
 fn default_consumer() -> String {
     "pgferry".into()

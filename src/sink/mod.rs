@@ -64,6 +64,8 @@ struct Item {
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
+    /// The message's Kafka timestamp (ms since the epoch; when pgferry produced it).
+    timestamp_ms: Option<i64>,
 }
 
 /// Why a batch did not commit. The one place where target errors become policies:
@@ -392,6 +394,9 @@ impl SinkStage {
                 return Err(Error::fatal(text));
             }
             let msg = tokio::select! {
+                // A message already here is taken before the deadline is looked at: a
+                // zero linger still takes everything that is ready.
+                biased;
                 m = self.consumer.recv() => m,
                 _ = tokio::time::sleep_until(deadline) => break,
             };
@@ -440,6 +445,7 @@ impl SinkStage {
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),
                 headers,
+                timestamp_ms: m.timestamp().to_millis(),
             };
             bytes +=
                 item.key.as_ref().map_or(0, Vec::len) + item.value.as_ref().map_or(0, Vec::len);
@@ -457,6 +463,11 @@ impl SinkStage {
         batch: Vec<Item>,
         shutdown: &CancellationToken,
     ) -> Result<(), Error> {
+        let started = Instant::now();
+        let events = batch.len();
+        // Where the time of the oldest event went: source commit to produce, and
+        // produce to now (in Kafka, and in this sink's queue).
+        let produced_ms = batch.iter().filter_map(|i| i.timestamp_ms).min();
         let mut decoded = Vec::with_capacity(batch.len());
         for item in batch {
             // A registry or broker hiccup, or a schema not visible yet, is waited
@@ -485,6 +496,14 @@ impl SinkStage {
                 decoded.push((item, event));
             }
         }
+        let decode_us = started.elapsed().as_micros() as u64;
+        let committed_ms = decoded
+            .iter()
+            .filter_map(|(_, e)| e.as_ref().ok().and_then(Option::as_ref))
+            .map(|e| e.commit_ts_us / 1000)
+            .filter(|&t| t > 0)
+            .min();
+        let now_ms = crate::timestamp::PgTimestamp::now().unix_micros() / 1000;
         let mut start = 0;
         while start < decoded.len() {
             let end = decoded[start..]
@@ -518,6 +537,14 @@ impl SinkStage {
                 start = end + 1;
             }
         }
+        tracing::debug!(
+            events,
+            commit_to_produce_ms = produced_ms.zip(committed_ms).map(|(p, c)| p - c),
+            produce_to_sink_ms = produced_ms.map(|p| now_ms - p),
+            decode_us,
+            apply_us = started.elapsed().as_micros() as u64 - decode_us,
+            "batch applied"
+        );
         self.release_barriers(shutdown).await
     }
 

@@ -205,9 +205,9 @@ impl Pgferry {
     pub fn spawn_env(args: &[&str], stderr: PathBuf, env: &[(&str, &str)]) -> Pgferry {
         let err = std::fs::File::create(&stderr).unwrap();
         let mut child = Command::new(bin())
+            .env("PGFERRY_LOG", "info,pgferry=debug")
             .envs(env.iter().copied())
             .args(args)
-            .env("PGFERRY_LOG", "info,pgferry=debug")
             .stdout(Stdio::piped())
             .stderr(err)
             .spawn()
