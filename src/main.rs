@@ -11,6 +11,10 @@ use pgferry::config::Config;
 use pgferry::error::{Error, ErrorKind};
 use pgferry::lsn::Lsn;
 
+/// See Cargo.toml: small allocations on many threads are pgferry's hot path.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "pgferry",

@@ -3,9 +3,10 @@
 //! it with the column's own input function. Pure: schemas come from a lookup the
 //! caller provides.
 
-use serde_json::Value as Json;
+use std::sync::Arc;
 
 use apache_avro::types::Value as Avro;
+use serde_json::Value as Json;
 
 use crate::codec::pgtext;
 use crate::event::{Op, TableName};
@@ -34,9 +35,9 @@ pub struct SinkEvent {
     pub before: Option<Vec<(String, SinkValue)>>,
     pub after: Option<Vec<(String, SinkValue)>>,
     /// Source column name -> PostgreSQL type (from the Avro schema), for DDL.
-    pub types: Vec<(String, String)>,
+    pub types: Arc<Vec<(String, String)>>,
     /// Key column names (source names).
-    pub key: Vec<String>,
+    pub key: Arc<Vec<String>>,
 }
 
 /// A message that cannot be decoded: the reason (never a value).
@@ -66,15 +67,77 @@ pub fn position(headers: &[(String, Vec<u8>)]) -> Result<(Lsn, u32), DecodeError
     Ok((lsn, ordinal))
 }
 
-/// Decode an Avro envelope written with `schema` (whose JSON is `schema_json`).
+/// A writer schema, prepared once for every message written with it: apache-avro's
+/// `from_avro_datum` resolves the schema's names again on each call, and reading the
+/// columns' names and types out of the JSON per message cost as much as decoding.
+pub struct WriterSchema {
+    pub avro: apache_avro::Schema,
+    pub json: Json,
+    /// Decodes with the names resolved once (an empty single-object header: the
+    /// framing was already taken off).
+    reader: apache_avro::GenericSingleObjectReader,
+    /// Of a value schema: each row column's name and Avro type, in order.
+    columns: Vec<(String, Json)>,
+    /// Of a value schema: each column's name and PostgreSQL type (`pgferry.type`).
+    types: Arc<Vec<(String, String)>>,
+    /// Of a key schema: the key columns' names.
+    key: Arc<Vec<String>>,
+}
+
+struct NoHeader;
+
+impl apache_avro::headers::HeaderBuilder for NoHeader {
+    fn build_header(&self) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+impl WriterSchema {
+    pub fn parse(text: &str) -> Result<WriterSchema, String> {
+        let json: Json = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let avro = apache_avro::Schema::parse(&json).map_err(|e| e.to_string())?;
+        let reader =
+            apache_avro::GenericSingleObjectReader::new_with_header_builder(avro.clone(), NoHeader)
+                .map_err(|e| e.to_string())?;
+        let fields = row_schema_fields(&json);
+        let columns = fields
+            .into_iter()
+            .flatten()
+            .map(|f| (column_name(f), f["type"].clone()))
+            .collect();
+        let types = fields
+            .into_iter()
+            .flatten()
+            .map(|f| {
+                (
+                    column_name(f),
+                    f["pgferry.type"].as_str().unwrap_or("text").to_string(),
+                )
+            })
+            .collect();
+        let key = json["fields"]
+            .as_array()
+            .map(|fs| fs.iter().map(column_name).collect())
+            .unwrap_or_default();
+        Ok(WriterSchema {
+            avro,
+            reader,
+            columns,
+            types: Arc::new(types),
+            key: Arc::new(key),
+            json,
+        })
+    }
+}
+
+/// Decode an Avro envelope written with `schema`; `key` is the key's writer schema.
 pub fn avro_envelope(
     datum: &[u8],
-    schema: &apache_avro::Schema,
-    schema_json: &Json,
-    key_json: Option<&Json>,
+    schema: &WriterSchema,
+    key: Option<&WriterSchema>,
     position: (Lsn, u32),
 ) -> Result<SinkEvent, DecodeError> {
-    let value = apache_avro::from_avro_datum(schema, &mut &datum[..], None).map_err(|e| {
+    let value = schema.reader.read_value(&mut &datum[..]).map_err(|e| {
         bad(format!(
             "the Avro value does not decode with its schema: {e}"
         ))
@@ -83,8 +146,9 @@ pub fn avro_envelope(
         return Err(bad("the Avro value is not a record"));
     };
     let field = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-    let row_fields =
-        row_schema_fields(schema_json).ok_or_else(|| bad("the schema has no Value record"))?;
+    if schema.columns.is_empty() {
+        return Err(bad("the schema has no Value record"));
+    }
     let op = match field("op") {
         Some(Avro::String(s)) => parse_op(s)?,
         _ => return Err(bad("the envelope has no op")),
@@ -124,8 +188,8 @@ pub fn avro_envelope(
                 Avro::Record(values) => Ok(Some(
                     values
                         .iter()
-                        .zip(row_fields)
-                        .map(|((_, v), f)| Ok((column_name(f), avro_text(v, &f["type"])?)))
+                        .zip(&schema.columns)
+                        .map(|((_, v), (name, ty))| Ok((name.clone(), avro_text(v, ty)?)))
                         .collect::<Result<_, DecodeError>>()?,
                 )),
                 _ => Err(bad(format!("{name} is not a row"))),
@@ -133,19 +197,8 @@ pub fn avro_envelope(
             _ => Err(bad(format!("the envelope has no {name}"))),
         }
     };
-    let types = row_fields
-        .iter()
-        .map(|f| {
-            (
-                column_name(f),
-                f["pgferry.type"].as_str().unwrap_or("text").to_string(),
-            )
-        })
-        .collect();
-    let key = key_json
-        .and_then(|k| k["fields"].as_array())
-        .map(|fs| fs.iter().map(column_name).collect())
-        .unwrap_or_default();
+    let types = schema.types.clone();
+    let key = key.map(|k| k.key.clone()).unwrap_or_default();
     Ok(SinkEvent {
         position,
         op,
@@ -418,6 +471,7 @@ pub fn connect_envelope(
         .and_then(|k| serde_json::from_slice::<Json>(k).ok())
         .map(connect_payload)
         .and_then(|k| k.as_object().map(|o| o.keys().cloned().collect()))
+        .map(Arc::new)
         .unwrap_or_default();
     Ok(SinkEvent {
         position,
@@ -426,7 +480,7 @@ pub fn connect_envelope(
         commit_ts_us: v["source"]["ts_us"].as_i64().unwrap_or(0),
         before: row("before")?,
         after,
-        types,
+        types: Arc::new(types),
         key,
     })
 }
@@ -585,6 +639,7 @@ pub fn json_envelope(
     let key = key
         .and_then(|k| serde_json::from_slice::<Json>(k).ok())
         .and_then(|k| k.as_object().map(|o| o.keys().cloned().collect()))
+        .map(Arc::new)
         .unwrap_or_default();
     Ok(SinkEvent {
         position,
@@ -593,7 +648,7 @@ pub fn json_envelope(
         commit_ts_us: v["source"]["ts_us"].as_i64().unwrap_or(0),
         before: row(&v["before"]),
         after,
-        types: Vec::new(),
+        types: Default::default(),
         key,
     })
 }

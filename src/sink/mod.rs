@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::Value as Json;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -111,7 +110,7 @@ enum Outcome {
     Interrupted,
 }
 
-type SchemaEntry = Arc<(apache_avro::Schema, Json)>;
+type SchemaEntry = Arc<decode::WriterSchema>;
 
 pub struct SinkStage {
     config: Arc<Config>,
@@ -684,9 +683,13 @@ impl SinkStage {
                     crate::kafka::producer::fingerprint_hex(&fp)
                 ))));
             };
-            return Ok(
-                decode::connect_envelope(value, item.key.as_deref(), &schema.1, position).map(Some),
-            );
+            return Ok(decode::connect_envelope(
+                value,
+                item.key.as_deref(),
+                &schema.json,
+                position,
+            )
+            .map(Some));
         }
         let Some((framing, datum)) = Framing::parse(value) else {
             return Ok(Err(DecodeError(
@@ -702,14 +705,7 @@ impl SinkStage {
             Some((kf, _)) => self.schema(kf).await?,
             None => None,
         };
-        Ok(decode::avro_envelope(
-            datum,
-            &value_schema.0,
-            &value_schema.1,
-            key_schema.as_ref().map(|k| &k.1),
-            position,
-        )
-        .map(Some))
+        Ok(decode::avro_envelope(datum, &value_schema, key_schema.as_deref(), position).map(Some))
     }
 
     /// The writer schema of a framing: from the registry, or from the schema topic
@@ -768,7 +764,7 @@ impl SinkStage {
             else {
                 continue;
             };
-            if let Ok((fp, _)) = crate::codec::avro::fingerprint(&entry.1) {
+            if let Ok((fp, _)) = crate::codec::avro::fingerprint(&entry.json) {
                 self.by_fingerprint.insert(fp, entry);
             }
         }
@@ -915,7 +911,9 @@ impl SinkStage {
             }
         }
         let mut counts = apply::Counts::new();
+        let timer = Instant::now();
         let runs = apply::plan(&fresh, &self.tables, &mut counts);
+        let plan_us = timer.elapsed().as_micros() as u64;
         let consumer_name = self.sink().consumer.clone();
         let self_group = self.sink().group.is_some();
         let write_ledger = self.sink().ledger && !entry.is_empty();
@@ -988,6 +986,7 @@ impl SinkStage {
                 )));
             }
         }
+        let rows_started = Instant::now();
         for run in &runs {
             let target = tables
                 .values()
@@ -1003,13 +1002,25 @@ impl SinkStage {
                 .await
                 .map_err(classify)?;
         }
+        let rows_us = rows_started.elapsed().as_micros() as u64;
+        let ledger_started = Instant::now();
         if write_ledger {
             // Last: its per-consumer lock is held only from here to the commit.
             ledger::write(&tx, &consumer_name, &entry)
                 .await
                 .map_err(classify)?;
         }
+        let ledger_us = ledger_started.elapsed().as_micros() as u64;
+        let commit_started = Instant::now();
         tx.commit().await.map_err(classify)?;
+        tracing::debug!(
+            runs = runs.len(),
+            plan_us,
+            rows_us,
+            ledger_us,
+            commit_us = commit_started.elapsed().as_micros() as u64,
+            "batch committed"
+        );
         // Committed: now the in-memory view may move.
         let m = metrics();
         for ((table, op), n) in counts {
@@ -1133,7 +1144,5 @@ fn topics_of(config: &Config) -> Vec<String> {
 }
 
 fn parse_schema(text: &str) -> Result<SchemaEntry, String> {
-    let json: Json = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let schema = apache_avro::Schema::parse(&json).map_err(|e| e.to_string())?;
-    Ok(Arc::new((schema, json)))
+    decode::WriterSchema::parse(text).map(Arc::new)
 }

@@ -170,7 +170,7 @@ pub async fn prepare(
 async fn create(client: &Client, mapping: &Mapping, event: &SinkEvent) -> Result<(), Error> {
     let name = &mapping.target;
     let mut columns: Vec<String> = Vec::with_capacity(event.types.len());
-    for (c, t) in &event.types {
+    for (c, t) in event.types.iter() {
         let col = mapping.column(c);
         let t = checked_type(client, name, col, t).await?;
         columns.push(format!("{} {t}", quote_ident(col)));
