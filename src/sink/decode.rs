@@ -734,7 +734,7 @@ mod tests {
                 (Lsn(1), 0),
             )
             .unwrap();
-            assert_eq!(e.key, ["id"]);
+            assert_eq!(*e.key, ["id"]);
             assert_eq!(e.op, Op::Update);
             let text = |r: &[(String, SinkValue)], c: &str| {
                 r.iter().find(|(n, _)| n == c).unwrap().1.clone()
