@@ -354,6 +354,9 @@ url = "${BENCH_URL}"
 slot = "${slot}"
 publication = "bench"
 heartbeat_interval = "10s"
+# The slot exists before pgferry first starts, so by default it would also copy the
+# table while streaming; the anchor copies nothing (copy_data = false / pg_recvlogical).
+snapshot = "never"
 [kafka]
 brokers = "${PGFERRY_BROKERS}"
 topic_prefix = "${prefix}"

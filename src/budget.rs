@@ -9,8 +9,9 @@ use tokio::sync::Semaphore;
 
 use crate::event::Event;
 
-/// Default budget: 64 MiB of events in flight between the source and the next stage.
-pub const DEFAULT_BYTES: usize = 64 << 20;
+/// Default budget: 8 MiB of events in flight between the source and the next stage
+/// (the producer's own queue is behind it; more here only costs memory).
+pub const DEFAULT_BYTES: usize = 8 << 20;
 
 /// Budget units are KiB, so a `u32` permit count covers any event.
 const UNIT: usize = 1024;

@@ -316,7 +316,7 @@ fn default_batch_events() -> usize {
     5000
 }
 fn default_batch_bytes() -> usize {
-    16 << 20
+    4 << 20
 }
 fn default_linger() -> Duration {
     Duration::ZERO

@@ -158,7 +158,13 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("acks", "all")
         .set("compression.type", "lz4")
         .set("message.timeout.ms", "0")
-        .set("queue.buffering.max.kbytes", "65536")
+        // Bounded memory: 16 MiB, or room for the largest message.
+        .set(
+            "queue.buffering.max.kbytes",
+            (config.kafka.max_message_bytes / 1024 + 1024)
+                .max(16 << 10)
+                .to_string(),
+        )
         .set("linger.ms", "5")
         .set(
             "message.max.bytes",

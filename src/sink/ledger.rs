@@ -121,7 +121,9 @@ impl Entry {
         };
         self.counts.entry(event.table.to_string()).or_default()[op] += 1;
         let tx = self.txs.entry(event.position.0).or_default();
-        tx.0 = tx.0.or(xid(headers));
+        if tx.0.is_none() {
+            tx.0 = xid(headers);
+        }
         tx.1 = Some(event.commit_ts_us);
     }
 

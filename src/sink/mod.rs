@@ -112,24 +112,43 @@ enum Outcome {
 
 type SchemaEntry = Arc<decode::WriterSchema>;
 
+/// The applier is away only inside `run_inner`'s apply-while-reading step.
+const HOME: &str = "the applier is home between batches";
+
 pub struct SinkStage {
     config: Arc<Config>,
-    consumer: consumer::SinkConsumer,
-    client: Option<Client>,
-    checkpoints: HashMap<(String, i32), Checkpoint>,
-    tables: HashMap<TableName, (Mapping, TargetTable)>,
-    by_fingerprint: HashMap<[u8; 8], SchemaEntry>,
-    by_id: HashMap<u32, SchemaEntry>,
-    registry: Option<Registry>,
-    dlq: Option<FutureProducer>,
+    reader: Reader,
+    /// Away (`None`) only while it applies a batch on its own task.
+    applier: Option<Applier>,
     topics: Vec<String>,
     assigned: HashSet<(String, i32)>,
-    /// Every configured table's topic exists and its partitions are assigned (or, in
-    /// group mode, the group gave this sink its share): readiness.
-    all_topics_consumed: bool,
     /// Truncates waiting for their copies on the topic's other partitions.
     barrier: barrier::Barrier<(Item, Decoded)>,
     health: Arc<Health>,
+}
+
+/// The reading half: consumes and decodes the next batch while the applier applies
+/// the one before it.
+struct Reader {
+    config: Arc<Config>,
+    consumer: consumer::SinkConsumer,
+    by_fingerprint: HashMap<[u8; 8], SchemaEntry>,
+    by_id: HashMap<u32, SchemaEntry>,
+    registry: Option<Registry>,
+    health: Arc<Health>,
+}
+
+/// The applying half: owns the target connection and what is known to be applied.
+struct Applier {
+    config: Arc<Config>,
+    client: Option<Client>,
+    checkpoints: HashMap<(String, i32), Checkpoint>,
+    tables: HashMap<TableName, (Mapping, TargetTable)>,
+    dlq: Option<FutureProducer>,
+    health: Arc<Health>,
+    /// Every configured table's topic exists and its partitions are assigned (or, in
+    /// group mode, the group gave this sink its share): readiness, once applying works.
+    all_topics_consumed: bool,
 }
 
 /// What decoding one message gave: `Ok(None)` for a tombstone.
@@ -170,21 +189,33 @@ impl SinkStage {
             tracing::info!(%group, "sink joins its consumer group; partitions are sought to the target's checkpoints on every assignment");
         }
         Ok(SinkStage {
-            consumer: kafka_consumer,
-            client: Some(client),
-            checkpoints,
-            tables: HashMap::new(),
-            by_fingerprint: HashMap::new(),
-            by_id: HashMap::new(),
-            registry,
-            dlq: None,
+            reader: Reader {
+                config: config.clone(),
+                consumer: kafka_consumer,
+                by_fingerprint: HashMap::new(),
+                by_id: HashMap::new(),
+                registry,
+                health: health.clone(),
+            },
+            applier: Some(Applier {
+                config: config.clone(),
+                client: Some(client),
+                checkpoints,
+                tables: HashMap::new(),
+                dlq: None,
+                health: health.clone(),
+                all_topics_consumed: false,
+            }),
             topics,
             assigned: HashSet::new(),
-            all_topics_consumed: false,
             barrier: barrier::Barrier::default(),
             health,
             config,
         })
+    }
+
+    fn applier(&mut self) -> &mut Applier {
+        self.applier.as_mut().expect(HOME)
     }
 
     fn sink(&self) -> &crate::config::Sink {
@@ -205,17 +236,25 @@ impl SinkStage {
     async fn run_inner(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
         let mut last_refresh = Instant::now() - ASSIGNMENT_REFRESH;
         let group_mode = self.sink().group.is_some();
+        // Read and decoded, not yet through the barrier nor applied.
+        let mut ready: Vec<(Item, Decoded)> = Vec::new();
         loop {
             if group_mode {
-                if self.consumer.context().take_rebalanced() {
+                if self.reader.consumer.context().take_rebalanced() {
                     self.seek_assigned().await?;
+                    // What was read of a partition this sink no longer owns is the
+                    // new owner's to apply (from the target's checkpoint). Partitions
+                    // it keeps go on where they are: their events must not be dropped,
+                    // the consumer is already past them.
+                    let assigned = &self.assigned;
+                    ready.retain(|(i, _)| assigned.contains(&(i.topic.clone(), i.partition)));
                 }
             } else if last_refresh.elapsed() >= ASSIGNMENT_REFRESH {
                 // Always: topics appear and gain partitions at any time.
                 match self.refresh_assignment() {
                     Ok(()) => {}
                     Err(e) if e.is_transient() => {
-                        if let Some(text) = self.consumer.context().failure() {
+                        if let Some(text) = self.reader.consumer.context().failure() {
                             return Err(Error::fatal(text));
                         }
                         // A restarting broker: keep consuming what is assigned.
@@ -226,17 +265,45 @@ impl SinkStage {
                 }
                 last_refresh = Instant::now();
             }
-            let batch = tokio::select! {
-                b = self.collect() => b?,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            if batch.is_empty() {
-                latency::observe([]);
-                continue;
+            // The barrier sees events in order, after everything before them applied,
+            // exactly as if nothing overlapped.
+            let mut batch = Vec::with_capacity(ready.len());
+            for (item, event) in ready.drain(..) {
+                if let Some(passed) = self.through_barrier(item, event)? {
+                    batch.push(passed);
+                }
             }
-            self.process(batch, shutdown).await?;
+            // Apply this batch on its own task while this one reads and decodes the
+            // next: decoding, encoding the COPY and the target's work overlap.
+            let mut applier = self.applier.take().expect(HOME);
+            let stop = shutdown.clone();
+            let applying = tokio::spawn(async move {
+                let applied = applier.apply_decoded(&batch, &stop).await;
+                (applier, applied)
+            });
+            // A task spawned here waits in this worker's LIFO slot, which other
+            // workers cannot steal, until this one yields: let it start, so that the
+            // two run on two workers.
+            tokio::task::yield_now().await;
+            // Whatever the reading gives, the applier comes home first: its
+            // transaction is never left behind.
+            let next = self.reader.next_batch(shutdown).await;
+            let (applier, applied) = applying
+                .await
+                .map_err(|e| Error::fatal("the sink's apply task failed").with_source(e))?;
+            self.applier = Some(applier);
+            if !applied? {
+                // Interrupted: nothing after an unapplied event may be checkpointed.
+                return Ok(());
+            }
+            self.release_barriers(shutdown).await?;
             if shutdown.is_cancelled() {
                 return Ok(());
+            }
+            match next? {
+                Some(next) if next.is_empty() => latency::observe([]),
+                Some(next) => ready = next,
+                None => return Ok(()),
             }
         }
     }
@@ -244,12 +311,14 @@ impl SinkStage {
     /// Assign every partition of the topics that exist, at its checkpoint offset,
     /// following the topics' metadata as it changes.
     fn refresh_assignment(&mut self) -> Result<(), Error> {
-        let counts =
-            tokio::task::block_in_place(|| consumer::partitions(&self.consumer, &self.topics))?;
+        let counts = tokio::task::block_in_place(|| {
+            consumer::partitions(&self.reader.consumer, &self.topics)
+        })?;
         let mut at = HashMap::new();
         for (topic, n) in &counts {
             for p in 0..*n {
                 let offset = self
+                    .applier()
                     .checkpoints
                     .get(&(topic.clone(), p))
                     .map(|c| c.next_offset);
@@ -269,15 +338,16 @@ impl SinkStage {
             for k in now.difference(&self.assigned) {
                 self.check_position(&k.0, k.1, at[k])?;
             }
-            consumer::assign(&self.consumer, &at)?;
+            consumer::assign(&self.reader.consumer, &at)?;
             tracing::info!(
                 partitions = now.len(),
                 "sink assigned partitions at their checkpoint offsets"
             );
             self.assigned = now;
         }
-        self.all_topics_consumed = missing.is_empty();
-        self.health.set_sink_streaming(self.all_topics_consumed);
+        self.applier().all_topics_consumed = missing.is_empty();
+        let consumed = self.applier().all_topics_consumed;
+        self.health.set_sink_streaming(consumed);
         Ok(())
     }
 
@@ -287,7 +357,8 @@ impl SinkStage {
     /// way reading on would skip or misplace changes: stop.
     fn check_position(&self, topic: &str, partition: i32, next: Option<i64>) -> Result<(), Error> {
         let (low, high) = tokio::task::block_in_place(|| {
-            self.consumer
+            self.reader
+                .consumer
                 .fetch_watermarks(topic, partition, Duration::from_secs(10))
         })
         .map_err(|e| {
@@ -324,6 +395,7 @@ impl SinkStage {
     /// offset checkpointed in the target (read now: another sink may have moved it).
     async fn seek_assigned(&mut self) -> Result<(), Error> {
         let assignment = self
+            .reader
             .consumer
             .assignment()
             .map_err(|e| Error::transient("reading the partition assignment").with_source(e))?;
@@ -335,7 +407,7 @@ impl SinkStage {
         let added: Vec<(String, i32)> = now.difference(&self.assigned).cloned().collect();
         if !added.is_empty() {
             let consumer_name = self.sink().consumer.clone();
-            let client = self.target().await.map_err(Failure::into_error)?;
+            let client = self.applier().target().await.map_err(Failure::into_error)?;
             let fresh = checkpoint::load(client, &consumer_name).await?;
             for (topic, partition) in &added {
                 let k = (topic.clone(), *partition);
@@ -344,13 +416,14 @@ impl SinkStage {
                     rdkafka::Offset::Offset(c.next_offset)
                 });
                 if let Some(c) = fresh.get(&k) {
-                    self.checkpoints.insert(k.clone(), *c);
+                    self.applier().checkpoints.insert(k.clone(), *c);
                 }
                 // The fetcher may not run yet right after the rebalance: retry briefly.
                 // Should it never take, positions still make re-read events no-ops.
                 let mut sought = false;
                 for _ in 0..20 {
                     if self
+                        .reader
                         .consumer
                         .seek(topic, *partition, offset, Duration::from_secs(2))
                         .is_ok()
@@ -371,9 +444,174 @@ impl SinkStage {
             );
         }
         self.assigned = now;
-        self.all_topics_consumed = true;
+        self.applier().all_topics_consumed = true;
         self.health.set_sink_streaming(true);
         Ok(())
+    }
+
+    /// Partitions of `topic` this sink consumes.
+    fn partition_count(&self, topic: &str) -> usize {
+        self.assigned.iter().filter(|(t, _)| t == topic).count()
+    }
+
+    /// Hold a truncate of a multi-partition topic at the barrier (see [`barrier`]), and
+    /// drop what a held partition delivers past it (it is read again on release).
+    /// Everything else passes. Group mode, where one sink may not own every
+    /// partition, applies truncates as they come.
+    fn through_barrier(
+        &mut self,
+        item: Item,
+        event: Decoded,
+    ) -> Result<Option<(Item, Decoded)>, Error> {
+        if self.barrier.blocks(&item.topic, item.partition) {
+            return Ok(None);
+        }
+        let truncate = match &event {
+            Ok(Some(e)) if e.op == crate::event::Op::Truncate => e.position,
+            _ => return Ok(Some((item, event))),
+        };
+        let k = (item.topic.clone(), item.partition);
+        let resent = self
+            .applier()
+            .checkpoints
+            .get(&k)
+            .is_some_and(|c| truncate <= c.position);
+        if resent || self.sink().group.is_some() || self.partition_count(&item.topic) < 2 {
+            return Ok(Some((item, event)));
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&item.topic, item.partition);
+        self.reader.consumer.pause(&tpl).map_err(|e| {
+            Error::transient(format!(
+                "pausing topic {} partition {} at a truncate",
+                item.topic, item.partition
+            ))
+            .with_source(e)
+        })?;
+        tracing::debug!(topic = %item.topic, partition = item.partition, offset = item.offset,
+            "truncate held until every partition reaches it");
+        let (topic, partition, offset) = (item.topic.clone(), item.partition, item.offset);
+        self.barrier
+            .hold(&topic, partition, truncate, (item, event))
+            .map_err(|held| {
+                Error::fatal(format!(
+                    "topic {topic} partition {partition} offset {offset} carries a truncate at {}/{} while \
+                     another partition waits at the truncate at {}/{}: the partitions disagree on their order",
+                    truncate.0, truncate.1, held.0, held.1
+                ))
+            })?;
+        Ok(None)
+    }
+
+    /// Apply each truncate that every partition of its topic reached, in one target
+    /// transaction with all their checkpoints, then let the partitions go on from
+    /// just past it.
+    async fn release_barriers(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
+        if self.barrier.is_empty() {
+            return Ok(());
+        }
+        let assigned = self.assigned.clone();
+        let complete = self
+            .barrier
+            .complete(|t| assigned.iter().filter(|(a, _)| a == t).count());
+        for (topic, copies) in complete {
+            let slice: Vec<(&Item, Option<&SinkEvent>)> = copies
+                .iter()
+                .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
+                .collect();
+            match self.applier().apply_with_retry(&slice, shutdown, false).await? {
+                Outcome::Applied => {}
+                // Nothing moved: on restart the barrier forms again from the checkpoints.
+                Outcome::Interrupted => return Ok(()),
+                Outcome::Rejected(_, reason) => {
+                    return Err(Error::fatal(format!(
+                        "the target refused the truncate of topic {topic}: {reason}"
+                    ))
+                    .with_hint("a truncate cannot be dead-lettered; fix the target (e.g. foreign keys onto the table) and restart"))
+                }
+            }
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for (item, _) in &copies {
+                let next = rdkafka::Offset::Offset(item.offset + 1);
+                let mut sought = false;
+                for _ in 0..20 {
+                    if self
+                        .reader
+                        .consumer
+                        .seek(&item.topic, item.partition, next, Duration::from_secs(2))
+                        .is_ok()
+                    {
+                        sought = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if !sought {
+                    // Re-assigning at the checkpoints puts every partition right.
+                    self.assigned.clear();
+                }
+                tpl.add_partition(&item.topic, item.partition);
+            }
+            self.reader.consumer.resume(&tpl).map_err(|e| {
+                Error::transient(format!("resuming topic {topic} after its truncate"))
+                    .with_source(e)
+            })?;
+            tracing::info!(%topic, partitions = copies.len(), "truncate applied once every partition reached it");
+        }
+        Ok(())
+    }
+}
+
+impl Reader {
+    fn sink(&self) -> &crate::config::Sink {
+        self.config.sink.as_ref().expect("checked in new()")
+    }
+
+    /// The next batch, read and decoded (`None` at shutdown). A registry or broker
+    /// hiccup, or a schema not visible yet, is waited out: never a reason to stop,
+    /// nor to dead-letter the event.
+    async fn next_batch(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<(Item, Decoded)>>, Error> {
+        let batch = tokio::select! {
+            b = self.collect() => b?,
+            _ = shutdown.cancelled() => return Ok(None),
+        };
+        let started = Instant::now();
+        let events = batch.len();
+        let mut decoded = Vec::with_capacity(batch.len());
+        for item in batch {
+            let mut backoff = BACKOFF_START;
+            let event = loop {
+                match self.decode(&item).await {
+                    Ok(event) => break event,
+                    Err(e) if e.is_transient() => {
+                        self.health.set_sink_streaming(false);
+                        record_error("sink", &e);
+                        tracing::warn!(error = %e, topic = %item.topic, partition = item.partition,
+                            offset = item.offset, retry_in_ms = backoff.as_millis() as u64,
+                            "cannot decode the event yet; waiting");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            // Nothing of this batch was applied: it is read again.
+                            _ = shutdown.cancelled() => return Ok(None),
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            decoded.push((item, event));
+        }
+        if events > 0 {
+            tracing::debug!(
+                events,
+                decode_us = started.elapsed().as_micros() as u64,
+                "batch decoded"
+            );
+        }
+        Ok(Some(decoded))
     }
 
     /// Gather a batch: up to the count and byte limits, waiting at most the linger
@@ -454,207 +692,6 @@ impl SinkStage {
             batch.push(item);
         }
         Ok(batch)
-    }
-
-    /// Decode, then apply in order; poison events are handled as configured.
-    async fn process(
-        &mut self,
-        batch: Vec<Item>,
-        shutdown: &CancellationToken,
-    ) -> Result<(), Error> {
-        let started = Instant::now();
-        let events = batch.len();
-        // Where the time of the oldest event went: source commit to produce, and
-        // produce to now (in Kafka, and in this sink's queue).
-        let produced_ms = batch.iter().filter_map(|i| i.timestamp_ms).min();
-        let mut decoded = Vec::with_capacity(batch.len());
-        for item in batch {
-            // A registry or broker hiccup, or a schema not visible yet, is waited
-            // out: never a reason to stop, nor to dead-letter the event.
-            let mut backoff = BACKOFF_START;
-            let event = loop {
-                match self.decode(&item).await {
-                    Ok(event) => break event,
-                    Err(e) if e.is_transient() => {
-                        self.health.set_sink_streaming(false);
-                        record_error("sink", &e);
-                        tracing::warn!(error = %e, topic = %item.topic, partition = item.partition,
-                            offset = item.offset, retry_in_ms = backoff.as_millis() as u64,
-                            "cannot decode the event yet; waiting");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            // Nothing of this batch was applied: it is read again.
-                            _ = shutdown.cancelled() => return Ok(()),
-                        }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            if let Some((item, event)) = self.through_barrier(item, event)? {
-                decoded.push((item, event));
-            }
-        }
-        let decode_us = started.elapsed().as_micros() as u64;
-        let committed_ms = decoded
-            .iter()
-            .filter_map(|(_, e)| e.as_ref().ok().and_then(Option::as_ref))
-            .map(|e| e.commit_ts_us / 1000)
-            .filter(|&t| t > 0)
-            .min();
-        let now_ms = crate::timestamp::PgTimestamp::now().unix_micros() / 1000;
-        let mut start = 0;
-        while start < decoded.len() {
-            let end = decoded[start..]
-                .iter()
-                .position(|(_, e)| e.is_err())
-                .map_or(decoded.len(), |i| start + i);
-            if end > start {
-                let slice: Vec<(&Item, Option<&SinkEvent>)> = decoded[start..end]
-                    .iter()
-                    .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
-                    .collect();
-                match self.apply_with_retry(&slice, shutdown, false).await? {
-                    Outcome::Applied => start = end,
-                    Outcome::Rejected(i, reason) => {
-                        let poison = start + i;
-                        self.poison(&decoded[poison].0, &reason).await?;
-                        start = poison + 1;
-                        continue;
-                    }
-                    // Nothing after an unapplied event may be checkpointed: a poison
-                    // event later in the batch would move the checkpoint past it.
-                    Outcome::Interrupted => return Ok(()),
-                }
-            }
-            if end < decoded.len() {
-                let reason = match &decoded[end].1 {
-                    Err(e) => format!("cannot decode: {e}"),
-                    Ok(_) => String::new(),
-                };
-                self.poison(&decoded[end].0, &reason).await?;
-                start = end + 1;
-            }
-        }
-        tracing::debug!(
-            events,
-            commit_to_produce_ms = produced_ms.zip(committed_ms).map(|(p, c)| p - c),
-            produce_to_sink_ms = produced_ms.map(|p| now_ms - p),
-            decode_us,
-            apply_us = started.elapsed().as_micros() as u64 - decode_us,
-            "batch applied"
-        );
-        self.release_barriers(shutdown).await
-    }
-
-    /// Partitions of `topic` this sink consumes.
-    fn partition_count(&self, topic: &str) -> usize {
-        self.assigned.iter().filter(|(t, _)| t == topic).count()
-    }
-
-    /// Hold a truncate of a multi-partition topic at the barrier (see [`barrier`]), and
-    /// drop what a held partition delivers past it (it is read again on release).
-    /// Everything else passes. Group mode, where one sink may not own every
-    /// partition, applies truncates as they come.
-    fn through_barrier(
-        &mut self,
-        item: Item,
-        event: Decoded,
-    ) -> Result<Option<(Item, Decoded)>, Error> {
-        if self.barrier.blocks(&item.topic, item.partition) {
-            return Ok(None);
-        }
-        let truncate = match &event {
-            Ok(Some(e)) if e.op == crate::event::Op::Truncate => e.position,
-            _ => return Ok(Some((item, event))),
-        };
-        let k = (item.topic.clone(), item.partition);
-        let resent = self
-            .checkpoints
-            .get(&k)
-            .is_some_and(|c| truncate <= c.position);
-        if resent || self.sink().group.is_some() || self.partition_count(&item.topic) < 2 {
-            return Ok(Some((item, event)));
-        }
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition(&item.topic, item.partition);
-        self.consumer.pause(&tpl).map_err(|e| {
-            Error::transient(format!(
-                "pausing topic {} partition {} at a truncate",
-                item.topic, item.partition
-            ))
-            .with_source(e)
-        })?;
-        tracing::debug!(topic = %item.topic, partition = item.partition, offset = item.offset,
-            "truncate held until every partition reaches it");
-        let (topic, partition, offset) = (item.topic.clone(), item.partition, item.offset);
-        self.barrier
-            .hold(&topic, partition, truncate, (item, event))
-            .map_err(|held| {
-                Error::fatal(format!(
-                    "topic {topic} partition {partition} offset {offset} carries a truncate at {}/{} while \
-                     another partition waits at the truncate at {}/{}: the partitions disagree on their order",
-                    truncate.0, truncate.1, held.0, held.1
-                ))
-            })?;
-        Ok(None)
-    }
-
-    /// Apply each truncate that every partition of its topic reached, in one target
-    /// transaction with all their checkpoints, then let the partitions go on from
-    /// just past it.
-    async fn release_barriers(&mut self, shutdown: &CancellationToken) -> Result<(), Error> {
-        if self.barrier.is_empty() {
-            return Ok(());
-        }
-        let assigned = self.assigned.clone();
-        let complete = self
-            .barrier
-            .complete(|t| assigned.iter().filter(|(a, _)| a == t).count());
-        for (topic, copies) in complete {
-            let slice: Vec<(&Item, Option<&SinkEvent>)> = copies
-                .iter()
-                .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
-                .collect();
-            match self.apply_with_retry(&slice, shutdown, false).await? {
-                Outcome::Applied => {}
-                // Nothing moved: on restart the barrier forms again from the checkpoints.
-                Outcome::Interrupted => return Ok(()),
-                Outcome::Rejected(_, reason) => {
-                    return Err(Error::fatal(format!(
-                        "the target refused the truncate of topic {topic}: {reason}"
-                    ))
-                    .with_hint("a truncate cannot be dead-lettered; fix the target (e.g. foreign keys onto the table) and restart"))
-                }
-            }
-            let mut tpl = rdkafka::TopicPartitionList::new();
-            for (item, _) in &copies {
-                let next = rdkafka::Offset::Offset(item.offset + 1);
-                let mut sought = false;
-                for _ in 0..20 {
-                    if self
-                        .consumer
-                        .seek(&item.topic, item.partition, next, Duration::from_secs(2))
-                        .is_ok()
-                    {
-                        sought = true;
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                if !sought {
-                    // Re-assigning at the checkpoints puts every partition right.
-                    self.assigned.clear();
-                }
-                tpl.add_partition(&item.topic, item.partition);
-            }
-            self.consumer.resume(&tpl).map_err(|e| {
-                Error::transient(format!("resuming topic {topic} after its truncate"))
-                    .with_source(e)
-            })?;
-            tracing::info!(%topic, partitions = copies.len(), "truncate applied once every partition reached it");
-        }
-        Ok(())
     }
 
     /// `Ok(None)`: a tombstone or something to skip (the checkpoint still moves).
@@ -770,6 +807,77 @@ impl SinkStage {
         }
         Ok(())
     }
+}
+
+impl Applier {
+    fn sink(&self) -> &crate::config::Sink {
+        self.config.sink.as_ref().expect("checked in new()")
+    }
+
+    /// Apply a decoded batch in order; poison events are handled as configured.
+    /// `false`: shutdown came while the target was unavailable, and nothing from the
+    /// first unapplied event on was applied or checkpointed.
+    async fn apply_decoded(
+        &mut self,
+        decoded: &[(Item, Decoded)],
+        shutdown: &CancellationToken,
+    ) -> Result<bool, Error> {
+        if decoded.is_empty() {
+            return Ok(true);
+        }
+        let started = Instant::now();
+        // Where the time of the oldest event went: source commit to produce, and
+        // produce to now (in Kafka, and in this sink's queue).
+        let produced_ms = decoded.iter().filter_map(|(i, _)| i.timestamp_ms).min();
+        let committed_ms = decoded
+            .iter()
+            .filter_map(|(_, e)| e.as_ref().ok().and_then(Option::as_ref))
+            .map(|e| e.commit_ts_us / 1000)
+            .filter(|&t| t > 0)
+            .min();
+        let now_ms = crate::timestamp::PgTimestamp::now().unix_micros() / 1000;
+        let mut start = 0;
+        while start < decoded.len() {
+            let end = decoded[start..]
+                .iter()
+                .position(|(_, e)| e.is_err())
+                .map_or(decoded.len(), |i| start + i);
+            if end > start {
+                let slice: Vec<(&Item, Option<&SinkEvent>)> = decoded[start..end]
+                    .iter()
+                    .map(|(i, e)| (i, e.as_ref().ok().and_then(Option::as_ref)))
+                    .collect();
+                match self.apply_with_retry(&slice, shutdown, false).await? {
+                    Outcome::Applied => start = end,
+                    Outcome::Rejected(i, reason) => {
+                        let poison = start + i;
+                        self.poison(&decoded[poison].0, &reason).await?;
+                        start = poison + 1;
+                        continue;
+                    }
+                    // Nothing after an unapplied event may be checkpointed: a poison
+                    // event later in the batch would move the checkpoint past it.
+                    Outcome::Interrupted => return Ok(false),
+                }
+            }
+            if end < decoded.len() {
+                let reason = match &decoded[end].1 {
+                    Err(e) => format!("cannot decode: {e}"),
+                    Ok(_) => String::new(),
+                };
+                self.poison(&decoded[end].0, &reason).await?;
+                start = end + 1;
+            }
+        }
+        tracing::debug!(
+            events = decoded.len(),
+            commit_to_produce_ms = produced_ms.zip(committed_ms).map(|(p, c)| p - c),
+            produce_to_sink_ms = produced_ms.map(|p| now_ms - p),
+            apply_us = started.elapsed().as_micros() as u64,
+            "batch applied"
+        );
+        Ok(true)
+    }
 
     /// Apply `items`, retrying transient failures with backoff (consumption pauses
     /// meanwhile). Returns the index of an event the target refused, if any; the
@@ -849,32 +957,43 @@ impl SinkStage {
         items: &[(&Item, Option<&SinkEvent>)],
         dead_lettered: bool,
     ) -> Result<(), Failure> {
-        // Target tables first (DDL runs outside the batch transaction).
+        // Target tables first (DDL runs outside the batch transaction). Events written
+        // with one Avro schema carry the same columns: one look per schema and batch.
+        let mut seen: Vec<(usize, &TableName)> = Vec::new();
         for (_, event) in items {
             let Some(event) = event else { continue };
+            let shape = (Arc::as_ptr(&event.types) as usize, &event.table);
+            if !event.types.is_empty() {
+                if seen.contains(&shape) {
+                    continue;
+                }
+                seen.push(shape);
+            }
+            let needs =
+                match self.tables.get(&event.table) {
+                    None => true,
+                    Some((mapping, t)) => event
+                        .after
+                        .as_ref()
+                        .or(event.before.as_ref())
+                        .is_some_and(|r| {
+                            r.iter()
+                                .any(|(c, _)| !t.types.contains_key(mapping.column(c)))
+                        }),
+                };
+            if !needs {
+                continue;
+            }
             let Some(mapping) = Mapping::for_table(&self.config, &event.table) else {
                 continue;
             };
             let known = self.tables.get(&event.table).map(|(_, t)| t.clone());
-            let needs = match &known {
-                None => true,
-                Some(t) => event
-                    .after
-                    .as_ref()
-                    .or(event.before.as_ref())
-                    .is_some_and(|r| {
-                        r.iter()
-                            .any(|(c, _)| !t.types.contains_key(mapping.column(c)))
-                    }),
-            };
-            if needs {
-                let config = self.config.clone();
-                let client = self.target().await?;
-                let table = target::prepare(client, &config, &mapping, event, known)
-                    .await
-                    .map_err(Failure::of)?;
-                self.tables.insert(event.table.clone(), (mapping, table));
-            }
+            let config = self.config.clone();
+            let client = self.target().await?;
+            let table = target::prepare(client, &config, &mapping, event, known)
+                .await
+                .map_err(Failure::of)?;
+            self.tables.insert(event.table.clone(), (mapping, table));
         }
         // Skip what was already applied: Kafka may hold re-sent events.
         let mut next: HashMap<(String, i32), Checkpoint> = HashMap::new();
