@@ -1,0 +1,444 @@
+//! Draining a replication backlog (issues 11 and 12): ROWS rows inserted in one
+//! transaction and then all updated in a second (2 × ROWS changes of the 10-column
+//! patients table), drained by every side from a slot of its own, all created before
+//! the backlog was written, so each decodes exactly the same WAL. In one run:
+//!
+//! - `pipeline`: EHR -> Kafka -> hospital. `pgferry run` against PostgreSQL's own
+//!   publication and subscription (`copy_data = false`), each into a fresh target
+//!   database. Time: from start until the target holds every row (count and
+//!   sum(weight), checked by SQL); the subscription's end is its slot confirming the
+//!   backlog's end LSN (it confirms only what it applied and flushed).
+//! - `kafka`: slot -> Kafka. `pgferry run` without a sink against `pg_recvlogical`
+//!   writing to /dev/null. Time: until the slot confirms the end LSN (pgferry confirms
+//!   only what Kafka acknowledged).
+//! - `phi`: the pipeline again with `hmac` on three columns, and with the ledger off,
+//!   next to the plain run: what the PHI controls cost.
+//!
+//! Every pgferry run ends with `pgferry verify` (exit 0 required). Peak RSS (VmHWM) and
+//! CPU seconds of the pgferry process are read from /proc before it stops.
+//!
+//! ```text
+//! scripts/services.sh up && eval "$(scripts/services.sh env)"
+//! cargo bench --bench drain                         # ROWS=200000, every scenario
+//! ROWS=50000 SCENARIOS=kafka cargo bench --bench drain
+//! ```
+//!
+//! Results: a table on stdout and one JSON line per side in `target/bench-results.jsonl`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TABLE: &str = "create table public.patients (
+    id bigint primary key, name text, dob date, gender char(1), contact_number text,
+    email text, address text, notes text, weight numeric(6,2), updated_at timestamptz
+)";
+
+/// Realistic rows: names, addresses and a clinical note of ~200 bytes.
+const BACKLOG: &str = "
+insert into public.patients
+select g,
+       (array['Margaret','James','Aisha','Oliver','Priya','Thomas','Chloe','Mohammed','Eleanor','Daniel'])[1 + g % 10]
+         || ' ' || (array['Smith','O''Connell','Patel','Jones','Nowak','Williams','Okafor','Brown','Taylor','Whitfield'])[1 + (g / 10) % 10],
+       date '1930-01-01' + (g * 37 % 32000),
+       case when g % 2 = 0 then 'F' else 'M' end,
+       '+44 7' || lpad((g::bigint * 7919 % 1000000000)::text, 9, '0'),
+       'patient' || g || '@example.org',
+       (g % 240 + 1) || ' ' || (array['Harbour View Road','Mill Lane','Station Road','Church Street'])[1 + g % 4]
+         || ', ' || (array['Portsmouth','Leeds','Bristol','Norwich','Exeter','York'])[1 + (g / 5) % 6] || ', United Kingdom',
+       'Follow-up after laparoscopic cholecystectomy; wound healing well, no signs of infection. '
+         || 'Mild post-operative nausea resolved. Continue paracetamol 1g QDS PRN; review bloods in 2 weeks. Ref ' || g || '.',
+       round((45 + (g % 700) / 10.0)::numeric, 2),
+       now() - (g % 100000) * interval '1 minute'
+  from generate_series(1, ROWS) as g;
+update public.patients set weight = weight + 1, updated_at = now();";
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a whole number, got {v:?}"))
+    })
+}
+
+/// The source database with its backlog, and what the target must hold after it.
+struct Backlog {
+    src: TestDb,
+    rows: u64,
+    end_lsn: String,
+    weight_sum: String,
+}
+
+impl Backlog {
+    /// A slot per side, then the backlog.
+    fn new(rows: u64, slots: &[&str]) -> Backlog {
+        let src = TestDb::new("drain");
+        src.sql(&format!(
+            "{TABLE}; create publication bench for table public.patients"
+        ));
+        for tag in slots {
+            src.sql(&format!(
+                "select pg_create_logical_replication_slot('{}', 'pgoutput')",
+                src.slot(tag)
+            ));
+        }
+        println!("drain: writing the backlog: {rows} inserts, then {rows} updates");
+        src.sql(&BACKLOG.replace("ROWS", &rows.to_string()));
+        let end_lsn = src.value("select pg_current_wal_lsn()::text").unwrap();
+        let weight_sum = src
+            .value("select sum(weight)::text from public.patients")
+            .unwrap();
+        src.sql("vacuum analyze public.patients");
+        Backlog {
+            src,
+            rows,
+            end_lsn,
+            weight_sum,
+        }
+    }
+
+    fn changes(&self) -> u64 {
+        2 * self.rows
+    }
+
+    fn slot_done(&self, tag: &str) -> bool {
+        self.src
+            .value(&format!(
+                "select confirmed_flush_lsn >= '{}'::pg_lsn from pg_replication_slots where slot_name = '{}'",
+                self.end_lsn,
+                self.src.slot(tag)
+            ))
+            .as_deref()
+            == Some("t")
+    }
+
+    fn target_done(&self, target: &TestDb) -> bool {
+        target
+            .value("select count(*) || '/' || coalesce(sum(weight)::text, '') from public.patients")
+            .as_deref()
+            == Some(&format!("{}/{}", self.rows, self.weight_sum))
+    }
+}
+
+struct Side {
+    scenario: &'static str,
+    side: String,
+    seconds: f64,
+    cpu_s: Option<f64>,
+    peak_rss_mb: Option<f64>,
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// (CPU seconds, peak RSS MB) of a live process.
+fn usage(pid: u32) -> (Option<f64>, Option<f64>) {
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(") ")?.1.split(' ').collect::<Vec<_>>();
+            // utime and stime: fields 14 and 15, i.e. 11 and 12 after the name.
+            let t: f64 =
+                after.get(11)?.parse::<f64>().ok()? + after.get(12)?.parse::<f64>().ok()?;
+            Some(t / clock_ticks())
+        });
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let kb: f64 = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kb / 1024.0)
+        });
+    (cpu, rss)
+}
+
+fn wait(what: &str, mut done: impl FnMut() -> bool) -> f64 {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "{what} did not finish within 900 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed().as_secs_f64()
+}
+
+fn subscription(b: &Backlog) -> Side {
+    let target = TestDb::on(&service_env("PGFERRY_TARGET_URL"), "drain_sub");
+    target.sql(TABLE);
+    let slot = b.src.slot("sub");
+    let started = Instant::now();
+    target.sql(&format!(
+        "create subscription {slot} connection '{}' publication bench
+           with (create_slot = false, slot_name = '{slot}', copy_data = false)",
+        b.src.url
+    ));
+    wait("the subscription", || b.slot_done("sub"));
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        b.target_done(&target),
+        "the subscription's target is not complete"
+    );
+    target.sql(&format!(
+        "alter subscription {slot} disable; alter subscription {slot} set (slot_name = none); drop subscription {slot}"
+    ));
+    Side {
+        scenario: "pipeline",
+        side: "subscription".into(),
+        seconds,
+        cpu_s: None,
+        peak_rss_mb: None,
+    }
+}
+
+fn recvlogical(b: &Backlog) -> Side {
+    let started = Instant::now();
+    let status = Command::new("pg_recvlogical")
+        .args([
+            "-d",
+            &b.src.url,
+            "--slot",
+            &b.src.slot("recv"),
+            "--start",
+            "-E",
+            &b.end_lsn,
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=bench",
+            "-f",
+            "/dev/null",
+        ])
+        .status()
+        .expect("running pg_recvlogical (on PATH after `eval \"$(scripts/services.sh env)\"`)");
+    assert!(status.success(), "pg_recvlogical failed: {status}");
+    Side {
+        scenario: "kafka",
+        side: "pg_recvlogical".into(),
+        seconds: started.elapsed().as_secs_f64(),
+        cpu_s: None,
+        peak_rss_mb: None,
+    }
+}
+
+/// `pgferry run` from slot `tag`; with a sink unless `sink` is `None` (else its extra
+/// keys). `extra` goes into the main config, `table_extra` into the table's section.
+fn pgferry(
+    b: &Backlog,
+    scenario: &'static str,
+    tag: &str,
+    sink: Option<&str>,
+    extra: &str,
+    table_extra: &str,
+) -> Side {
+    let target = sink.map(|_| {
+        let t = TestDb::on(&service_env("PGFERRY_TARGET_URL"), &format!("drain_{tag}"));
+        t.sql(TABLE);
+        t
+    });
+    let path = b.src.dir.join(format!("{tag}.toml"));
+    let sink_section = match (&target, sink) {
+        (Some(t), Some(sink_extra)) => format!(
+            "[sink]\nurl = \"{}\"\nconsumer = \"bench\"\n{sink_extra}\n",
+            t.url
+        ),
+        _ => String::new(),
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\nslot = \"{}\"\npublication = \"bench\"\nheartbeat_interval = \"10s\"\n\
+             # The slot exists before pgferry first starts: no copy, as for the anchors.\nsnapshot = \"never\"\n\
+             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"d{}{tag}\"\n[http]\nlisten = \"\"\n{extra}\n{sink_section}\
+             [[tables]]\nsource = \"public.patients\"\n{table_extra}\n",
+            b.src.url,
+            b.src.slot(tag),
+            service_env("PGFERRY_BROKERS"),
+            b.src.name,
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut args = vec!["run", "--config", path.to_str().unwrap()];
+    if sink.is_none() {
+        args.extend(["--only", "source"]);
+    }
+    let mut p = Pgferry::spawn_env(
+        &args,
+        b.src.dir.join(format!("{tag}.stderr")),
+        &[("PGFERRY_LOG", "info")],
+    );
+    let running = |p: &mut Pgferry| {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            panic!("pgferry exited ({status}):\n{}", p.stderr_text());
+        }
+    };
+    match &target {
+        Some(t) => {
+            // Cheap polls of the checkpoint first; the full count only at the end.
+            let messages = b.changes();
+            wait("pgferry", || {
+                running(&mut p);
+                // The sink creates its checkpoint table as it starts.
+                let exists = t.value("select to_regclass('pgferry.checkpoints') is not null");
+                if exists.as_deref() != Some("t") {
+                    return false;
+                }
+                let consumed: u64 = t
+                    .value("select coalesce(sum(next_offset), 0)::text from pgferry.checkpoints")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                consumed >= messages && b.target_done(t)
+            })
+        }
+        None => wait("pgferry", || {
+            running(&mut p);
+            b.slot_done(tag)
+        }),
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let (cpu_s, peak_rss_mb) = usage(p.pid());
+    let status = p.terminate();
+    assert!(status.success(), "pgferry failed:\n{}", p.stderr_text());
+    if target.is_some() {
+        let (code, out, err) = run(&["verify", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "verify after {tag}: {out}{err}");
+    }
+    Side {
+        scenario,
+        side: format!("pgferry run ({tag})"),
+        seconds,
+        cpu_s,
+        peak_rss_mb,
+    }
+}
+
+fn main() {
+    let rows = env_u64("ROWS", 200_000);
+    let scenarios = std::env::var("SCENARIOS").unwrap_or_else(|_| "pipeline,kafka,phi".into());
+    let want = |s: &str| scenarios.split(',').any(|x| x.trim() == s);
+    let mut slots = Vec::new();
+    if want("pipeline") || want("phi") {
+        slots.extend(["sub", "e2e"]);
+    }
+    if want("kafka") {
+        slots.extend(["recv", "kafka"]);
+    }
+    if want("phi") {
+        slots.extend(["hmac", "noledger"]);
+    }
+    let b = Backlog::new(rows, &slots);
+    let mut sides = Vec::new();
+    if want("pipeline") || want("phi") {
+        sides.push(subscription(&b));
+        sides.push(pgferry(&b, "pipeline", "e2e", Some(""), "", ""));
+    }
+    if want("kafka") {
+        sides.push(recvlogical(&b));
+        sides.push(pgferry(&b, "kafka", "kafka", None, "", ""));
+    }
+    if want("phi") {
+        let key = "[phi]\nkey = \"a-benchmark-key-of-at-least-sixteen-bytes\"";
+        let transform =
+            "[tables.transform]\nname = \"hmac\"\ncontact_number = \"hmac\"\nemail = \"hmac\"";
+        sides.push(pgferry(&b, "phi", "hmac", Some(""), key, transform));
+        sides.push(pgferry(
+            &b,
+            "phi",
+            "noledger",
+            Some("ledger = false"),
+            "",
+            "",
+        ));
+    }
+    report(&b, &sides);
+}
+
+fn report(b: &Backlog, sides: &[Side]) {
+    let changes = b.changes() as f64;
+    let anchor = |scenario: &str| {
+        let name = if scenario == "kafka" {
+            "pg_recvlogical"
+        } else {
+            "subscription"
+        };
+        sides
+            .iter()
+            .find(|s| s.side == name)
+            .map(|s| changes / s.seconds)
+    };
+    println!(
+        "\ndrain: {} changes ({} rows inserted, then updated), end LSN {}",
+        b.changes(),
+        b.rows,
+        b.end_lsn
+    );
+    println!(
+        "{:<10} {:<26} {:>8} {:>10} {:>7} {:>8} {:>7}",
+        "scenario", "side", "seconds", "changes/s", "CPU s", "RSS MB", "ratio"
+    );
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/bench-results.jsonl"
+        ))
+        .expect("opening target/bench-results.jsonl");
+    let plain = sides
+        .iter()
+        .find(|s| s.side == "pgferry run (e2e)")
+        .map(|s| changes / s.seconds);
+    for s in sides {
+        let rate = changes / s.seconds;
+        // pgferry against its anchor; the phi runs against the plain pgferry run.
+        let ratio = if s.side.starts_with("pgferry") {
+            match s.scenario {
+                "phi" => plain.map(|p| rate / p),
+                sc => anchor(sc).map(|a| rate / a),
+            }
+        } else {
+            None
+        };
+        let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+        println!(
+            "{:<10} {:<26} {:>8.2} {:>10.0} {:>7} {:>8} {:>7}",
+            s.scenario,
+            s.side,
+            s.seconds,
+            rate,
+            opt(s.cpu_s, 2),
+            opt(s.peak_rss_mb, 0),
+            opt(ratio, 2)
+        );
+        let line = serde_json::json!({
+            "bench": "drain", "scenario": s.scenario, "side": s.side, "changes": b.changes(),
+            "seconds": s.seconds, "changes_per_s": rate, "cpu_s": s.cpu_s,
+            "peak_rss_mb": s.peak_rss_mb, "ratio": ratio,
+        });
+        writeln!(out, "{line}").unwrap();
+    }
+    println!(
+        "(ratio: changes/s against the anchor of its scenario; for phi, against the plain pgferry run)"
+    );
+}
