@@ -23,7 +23,7 @@ RUN apt-get update \
 WORKDIR /src
 
 # Dependency layer: with only the manifest and lock file (plus stub sources, since
-# Cargo.toml names the bin and the `decode`/`encode` benches), build every
+# Cargo.toml names the bin and the `decode`/`encode`/`latency`/`drain` benches), build every
 # dependency, librdkafka included. This layer is reused as long as Cargo.toml and
 # Cargo.lock do not change, so editing src/ rebuilds pgferry only.
 COPY Cargo.toml Cargo.lock ./
@@ -31,6 +31,8 @@ RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > benches/decode.rs \
     && echo 'fn main() {}' > benches/encode.rs \
+    && echo 'fn main() {}' > benches/latency.rs \
+    && echo 'fn main() {}' > benches/drain.rs \
     && cargo build --release --locked \
     # Forget the stub crate, so the real sources are always compiled (COPY keeps
     # the files' mtimes, which may be older than the stub's build).

@@ -763,11 +763,20 @@ fn mixed_ehr_workload_survives_random_faults_exactly_once() {
 
     let mut ferry = Ferry::start(seed, cfg, src.dir.clone());
     wait_streaming(&src, "chaos");
-    // The counters' initial rows were written before the slot existed: copy them.
-    tgt.sql(&format!(
-        "insert into chaos_counters select g, 0 from generate_series(0, {}) g",
-        COUNTERS - 1
-    ));
+    // The counters' initial rows were written before the slot existed: the initial
+    // snapshot copies them.
+    wait_for(
+        "the initial snapshot of chaos_counters in the target",
+        Duration::from_secs(120),
+        || {
+            (try_sql(&tgt.url, "select count(*) from chaos_counters")
+                .ok()
+                .and_then(|r| r.into_iter().next())
+                .and_then(|r| r.into_iter().next().flatten())
+                == Some(COUNTERS.to_string()))
+            .then_some(())
+        },
+    );
     let first = probe(&mut ferry, &src, &tgt, 0);
     eprintln!("chaos: pipeline up (first probe in {first:.1?}); starting the workload");
     let workload = Workload::start(&src.url, seed);

@@ -43,7 +43,7 @@ fn config(
     // JSON events name their Avro value schema, which goes to the schema topic.
     mock.create_topic(&format!("{prefix}._schemas"), 1, 3)
         .unwrap();
-    db.config(
+    let path = db.config(
         &format!("{slot}.toml"),
         slot,
         &format!(
@@ -51,7 +51,16 @@ fn config(
              tombstones = false\n[kafka.properties]\n{props}\n[[tables]]\nsource = \"public.{table}\"\n",
             mock.bootstrap_servers()
         ),
-    )
+    );
+    // The tables start empty: no initial snapshot, so that the only state record is
+    // written before streaming, and injected errors meet the changes alone.
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "heartbeat_interval = \"1s\"\n",
+        "heartbeat_interval = \"1s\"\nsnapshot = \"never\"\n",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 fn last_commit(db: &TestDb) -> u64 {

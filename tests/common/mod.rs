@@ -405,9 +405,11 @@ pub fn wait_streaming(db: &TestDb, tag: &str) {
     // `active` alone is not enough: the backend creating the slot holds it while it
     // waits for a consistent point, and changes made before that are not decoded.
     // A walsender streaming it is what counts.
+    // Nor is a walsender: the one that created the slot with an exported snapshot
+    // holds it, in state `startup`, while the initial copy runs.
     let query = format!(
         "select count(*) from pg_stat_replication r join pg_replication_slots s on s.active_pid = r.pid \
-         where s.slot_name = '{slot}'"
+         where s.slot_name = '{slot}' and r.state in ('catchup', 'streaming')"
     );
     // Creating a slot waits for every transaction open on the server to end, and
     // other tests run long ones: allow for it.
