@@ -11,6 +11,8 @@
 # use databases of their own) and uses a fresh topic prefix, so every run starts clean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The demo log goes to target/, which a build with CARGO_TARGET_DIR set elsewhere does not create.
+mkdir -p target
 
 ci=0
 [[ ${1:-} == --ci ]] && ci=1
@@ -28,11 +30,11 @@ if [[ $ci == 1 ]]; then
     # Short mode reuses the test build: a release build would double CI's compile time.
     say "2/8 building pgferry (debug, short mode)"
     cargo build --locked --quiet
-    bin=target/debug/pgferry
+    bin=${CARGO_TARGET_DIR:-target}/debug/pgferry
 else
     say "2/8 building pgferry (release)"
     cargo build --release --locked --quiet
-    bin=target/release/pgferry
+    bin=${CARGO_TARGET_DIR:-target}/release/pgferry
 fi
 
 say "3/8 loading the EHR schema (source) and the hospital schema (target)"
