@@ -27,6 +27,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::io::Write;
 use std::process::Command;
@@ -153,20 +154,7 @@ fn usage(pid: u32) -> (Option<f64>, Option<f64>) {
                 after.get(11)?.parse::<f64>().ok()? + after.get(12)?.parse::<f64>().ok()?;
             Some(t / clock_ticks())
         });
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let kb: f64 = s
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()?;
-            Some(kb / 1024.0)
-        });
-    (cpu, rss)
+    (cpu, support::peak_rss_mb(pid))
 }
 
 fn wait(what: &str, mut done: impl FnMut() -> bool) -> f64 {
@@ -397,14 +385,7 @@ fn report(b: &Backlog, sides: &[Side]) {
         "{:<10} {:<26} {:>8} {:>10} {:>7} {:>8} {:>7}",
         "scenario", "side", "seconds", "changes/s", "CPU s", "RSS MB", "ratio"
     );
-    let mut out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/target/bench-results.jsonl"
-        ))
-        .expect("opening target/bench-results.jsonl");
+    let mut out = support::results_file();
     let plain = sides
         .iter()
         .find(|s| s.side == "pgferry run (e2e)")

@@ -24,6 +24,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -233,19 +234,6 @@ fn metric(body: &str, quantile: &str) -> f64 {
         .map_or(f64::NAN, |s| s * 1e3)
 }
 
-fn peak_rss_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
 fn pgferry(src: &TestDb, load: &Load) -> Result {
     let target = TestDb::on(&service_env("PGFERRY_TARGET_URL"), "lat_ferry");
     target.sql(TARGET_TABLE);
@@ -286,7 +274,7 @@ fn pgferry(src: &TestDb, load: &Load) -> Result {
         metric(&body, "0.99"),
         metric(&body, "1"),
     ));
-    let peak = peak_rss_mb(p.pid());
+    let peak = support::peak_rss_mb(p.pid());
     if let Ok(dir) = std::env::var("KEEP_LOG") {
         let _ = std::fs::copy(
             src.dir.join("lat.stderr"),
@@ -335,14 +323,7 @@ fn main() {
         "histogram p50/p99/max ms",
         "RSS MB"
     );
-    let mut out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/target/bench-results.jsonl"
-        ))
-        .expect("opening target/bench-results.jsonl");
+    let mut out = support::results_file();
     for r in &results {
         let hist = r
             .histogram
