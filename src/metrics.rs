@@ -26,6 +26,9 @@ pub struct Metrics {
     pub kafka_in_flight: IntGauge,
     /// `pgferry_sink_applied_total{table,op}`: events applied to the target.
     pub sink_applied: IntCounterVec,
+    /// `pgferry_sink_batches_total{worker}`: target transactions committed by each
+    /// sink worker (how evenly `[sink] workers` share the partitions).
+    pub sink_batches: IntCounterVec,
     /// `pgferry_sink_ledger_run_info{run_id}`: 1, labelled with the run id this process
     /// writes into `pgferry.ledger` (one label value per process), so `verify --ledger
     /// --metrics` can find the ledger rows written since it started.
@@ -101,6 +104,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Change events applied to the target.",
             &["table", "op"],
         ),
+        sink_batches: counter_vec(
+            "pgferry_sink_batches_total",
+            "Target transactions committed, per sink worker.",
+            &["worker"],
+        ),
         sink_ledger_run_info: IntGaugeVec::new(
             Opts::new("pgferry_sink_ledger_run_info", "The run id this process writes into pgferry.ledger."),
             &["run_id"],
@@ -153,6 +161,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.kafka_delivery_errors.clone()),
         Box::new(m.kafka_in_flight.clone()),
         Box::new(m.sink_applied.clone()),
+        Box::new(m.sink_batches.clone()),
         Box::new(m.sink_ledger_run_info.clone()),
         Box::new(m.sink_checkpoint_offset.clone()),
         Box::new(m.replication_lag_seconds.clone()),

@@ -643,8 +643,8 @@ fn write_config(src: &TestDb, tgt: &TestDb) -> PathBuf {
         format!(
             "tables_dir = \"tables\"\n\
              [source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\nheartbeat_interval = \"1s\"\n\
-             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"t{}\"\n\
-             [sink]\nurl = \"{}\"\nconsumer = \"chaos\"\nbatch_linger = \"20ms\"\n\
+             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"t{}\"\npartitions = 3\n\
+             [sink]\nurl = \"{}\"\nconsumer = \"chaos\"\nbatch_linger = \"20ms\"\nworkers = 3\n\
              [http]\nlisten = \"\"\n",
             src.url,
             service_env("PGFERRY_BROKERS"),

@@ -260,18 +260,26 @@ fn next(seed: &mut u64) -> u64 {
     *seed
 }
 
+/// Three partitions applied by three sink workers, each on its own target connection,
+/// killed five times mid-stream.
 #[test]
 fn repeated_kill9_during_100k_changes_is_exactly_once() {
     let src = TestDb::new("crash");
     let tgt = TestDb::on(&target_url(), "crash_t");
     src.sql("create table c (id int primary key, counter int not null, pad text)");
-    let (cfg, _) = pipeline_config(
+    let (cfg, prefix) = pipeline_config(
         &src,
         &tgt,
         "s_crash",
-        "create_tables = true",
+        "create_tables = true\nworkers = 3",
         "[[tables]]\nsource = \"public.c\"\n",
     );
+    let port = common::free_port();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[kafka]\n", "[kafka]\npartitions = 3\n")
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
+    std::fs::write(&cfg, text).unwrap();
     let mut p = run(&cfg);
     wait_streaming(&src, "s_crash");
     let rows = 1000;
@@ -293,6 +301,9 @@ fn repeated_kill9_during_100k_changes_is_exactly_once() {
         p = run(&cfg);
     }
     writer.join().unwrap();
+    // One more round for the last process, so that each of its workers has a share.
+    src.sql("update c set counter = counter + 1");
+    let rounds = rounds + 1;
     wait_equal(&cfg, &p);
     let counts = tgt.sql("select count(*), min(counter), max(counter), sum(counter) from c");
     assert_eq!(
@@ -305,6 +316,24 @@ fn repeated_kill9_during_100k_changes_is_exactly_once() {
         ],
         "every update applied exactly once"
     );
+    // Every partition has its checkpoint, and every worker applied its share (since
+    // the last start, as the counters are the last process's).
+    let partitions = tgt.value(&format!(
+        "select count(*) from pgferry.checkpoints where topic = '{prefix}.public.c'"
+    ));
+    assert_eq!(partitions.as_deref(), Some("3"));
+    let metrics = http_get(port, "/metrics").1;
+    for worker in 0..3 {
+        let line = format!("pgferry_sink_batches_total{{worker=\"{worker}\"}}");
+        let batches: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .unwrap_or_else(|| panic!("no {line} in /metrics:\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(batches > 0.0, "worker {worker} applied nothing:\n{metrics}");
+    }
 }
 
 #[test]

@@ -31,8 +31,8 @@ fn target_outage_of_20s_is_caught_up_without_loss() {
         "o.toml",
         "s_outage",
         &format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\n[sink]\nurl = \"{}\"\nconsumer = \"test\"\n\
-             create_tables = true\n[[tables]]\nsource = \"public.o\"\n",
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 3\n\
+             [sink]\nurl = \"{}\"\nconsumer = \"test\"\nworkers = 3\ncreate_tables = true\n[[tables]]\nsource = \"public.o\"\n",
             brokers(),
             tgt.url
         ),

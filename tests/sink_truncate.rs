@@ -24,7 +24,7 @@ fn a_truncate_on_several_partitions_keeps_the_rows_inserted_after_it() {
         "s",
         &format!(
             "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\n\
-             [sink]\nurl = \"{}\"\nconsumer = \"trunc\"\nbatch_max_events = 7\nbatch_linger = \"5ms\"\n\
+             [sink]\nurl = \"{}\"\nconsumer = \"trunc\"\nworkers = 3\nbatch_max_events = 7\nbatch_linger = \"5ms\"\n\
              [[tables]]\nsource = \"public.p\"\n",
             brokers(),
             tgt.url

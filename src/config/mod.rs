@@ -92,6 +92,8 @@ pub struct Sink {
     pub batch_linger: Duration,
     /// Write `pgferry.ledger` (see `sink::ledger`).
     pub ledger: bool,
+    /// Concurrent target connections, each applying its share of the partitions.
+    pub workers: usize,
 }
 
 /// One configured source table.
@@ -163,6 +165,13 @@ impl Config {
                         "batch limits must be at least 1",
                     ));
                 }
+                if s.workers == 0 || s.workers > 64 {
+                    return Err(err(
+                        path,
+                        "sink.workers",
+                        "must be between 1 and 64 (target connections that apply in parallel)",
+                    ));
+                }
                 Some(Sink {
                     url: parse_url(path, "sink.url", &s.url)?,
                     consumer: non_empty(path, "sink.consumer", s.consumer)?,
@@ -174,6 +183,7 @@ impl Config {
                     batch_max_bytes: s.batch_max_bytes,
                     batch_linger: s.batch_linger,
                     ledger: s.ledger,
+                    workers: s.workers,
                 })
             }
             None => None,
@@ -701,6 +711,7 @@ source = "public.visits"
             ("[source]\nurl = \"postgres://u@h/d\"\n[kafka]\nformat = \"xml\"\n", "kafka.format"),
             ("[source]\nurl = \"postgres://u@h/d\"\n[kafka]\njson_schemas = false\n", "kafka.json_schemas"),
             ("[source]\nurl = \"postgres://u@h/d\"\n[[tables]]\nsource = \"a.b.c\"\n", "tables[0].source"),
+            ("[source]\nurl = \"postgres://u@h/d\"\n[sink]\nurl = \"postgres://u@h/t\"\nworkers = 0\n", "sink.workers"),
             ("[source]\nurl = \"postgres://u@h/d\"\n[[tables]]\nsource = \"a\"\nkey = [\"id\"]\nexclude = [\"id\"]\n", "tables[0].key"),
         ];
         for (i, (text, key)) in cases.iter().enumerate() {

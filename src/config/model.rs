@@ -199,6 +199,12 @@ pub struct SinkConfig {
     /// of what reached the target, and costs one insert per batch.
     #[serde(default = "default_true")]
     pub ledger: bool,
+    /// Target connections that apply concurrently, each its own share of the
+    /// partitions (a partition is applied by one worker at a time, so per-key order
+    /// holds). Default 2. Only partitions run in parallel: one table on a
+    /// one-partition topic uses one worker whatever this says.
+    #[serde(default = "default_sink_workers")]
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -311,6 +317,9 @@ fn default_max_message_bytes() -> usize {
 }
 fn default_true() -> bool {
     true
+}
+fn default_sink_workers() -> usize {
+    2
 }
 fn default_batch_events() -> usize {
     5000

@@ -5,6 +5,7 @@
 //! offsets; the position makes re-sent events (at-least-once into Kafka) no-ops.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio_postgres::{Client, Transaction};
 
@@ -33,6 +34,29 @@ commit";
 pub struct Checkpoint {
     pub next_offset: i64,
     pub position: (Lsn, u32),
+}
+
+/// What this process knows is applied, per (topic, partition): one map shared by the
+/// sink's workers. A partition is applied by one worker at a time, so no entry has two
+/// writers; the lock is never held across an await.
+#[derive(Debug, Clone, Default)]
+pub struct Applied(Arc<Mutex<HashMap<(String, i32), Checkpoint>>>);
+
+impl Applied {
+    pub fn new(loaded: HashMap<(String, i32), Checkpoint>) -> Applied {
+        Applied(Arc::new(Mutex::new(loaded)))
+    }
+
+    pub fn get(&self, topic: &str, partition: i32) -> Option<Checkpoint> {
+        // A panic elsewhere cannot leave a half-written Copy value behind.
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&(topic.to_string(), partition)).copied()
+    }
+
+    pub fn insert(&self, topic: String, partition: i32, cp: Checkpoint) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert((topic, partition), cp);
+    }
 }
 
 pub async fn ensure_table(client: &Client) -> Result<(), Error> {

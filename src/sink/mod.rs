@@ -3,8 +3,13 @@
 //!
 //! ```text
 //! topics ──▶ consumer (manual assignment at checkpoint offsets) ──▶ decode ──▶ batch
-//!        ──▶ one target transaction: rows (apply) + checkpoint rows + ledger row ──▶ commit
+//!        ──▶ split by partition over the workers ──▶ per worker, one target
+//!            transaction: rows (apply) + checkpoint rows + ledger row ──▶ commit
 //! ```
+//!
+//! While the workers apply batch N, the reader consumes and decodes batch N+1. Every
+//! worker has its own target connection; a partition goes to one worker, so its
+//! events apply in order and its checkpoint commits with its rows.
 //!
 //! Exactly once (DESIGN §1): Kafka may hold duplicates after a source restart. Each
 //! partition's checkpoint holds the next offset and the last applied
@@ -112,14 +117,16 @@ enum Outcome {
 
 type SchemaEntry = Arc<decode::WriterSchema>;
 
-/// The applier is away only inside `run_inner`'s apply-while-reading step.
-const HOME: &str = "the applier is home between batches";
-
 pub struct SinkStage {
     config: Arc<Config>,
     reader: Reader,
-    /// Away (`None`) only while it applies a batch on its own task.
-    applier: Option<Applier>,
+    /// `[sink] workers` appliers, each with its own target connection. Empty only
+    /// while they apply a batch on their own tasks.
+    appliers: Vec<Applier>,
+    /// Which worker applies each partition: fixed once seen, the least busy one.
+    owners: HashMap<String, HashMap<i32, usize>>,
+    /// What is applied, per partition (shared with the appliers).
+    applied: checkpoint::Applied,
     topics: Vec<String>,
     assigned: HashSet<(String, i32)>,
     /// Truncates waiting for their copies on the topic's other partitions.
@@ -138,11 +145,14 @@ struct Reader {
     health: Arc<Health>,
 }
 
-/// The applying half: owns the target connection and what is known to be applied.
+/// The applying half: owns one target connection; [`checkpoint::Applied`] is shared
+/// with the other workers.
 struct Applier {
+    /// Its index, for logs.
+    worker: usize,
     config: Arc<Config>,
     client: Option<Client>,
-    checkpoints: HashMap<(String, i32), Checkpoint>,
+    checkpoints: checkpoint::Applied,
     tables: HashMap<TableName, (Mapping, TargetTable)>,
     dlq: Option<FutureProducer>,
     health: Arc<Health>,
@@ -173,7 +183,7 @@ impl SinkStage {
                 .with_label_values(&[ledger::run_id()])
                 .set(1);
         }
-        let checkpoints = checkpoint::load(&client, &sink.consumer).await?;
+        let applied = checkpoint::Applied::new(checkpoint::load(&client, &sink.consumer).await?);
         let topics = topics_of(&config);
         let registry = match config.kafka.schema_registry.as_str() {
             "" => None,
@@ -188,6 +198,21 @@ impl SinkStage {
             })?;
             tracing::info!(%group, "sink joins its consumer group; partitions are sought to the target's checkpoints on every assignment");
         }
+        let mut client = Some(client);
+        let appliers = (0..sink.workers)
+            .map(|worker| Applier {
+                worker,
+                config: config.clone(),
+                // The others connect at their first batch: one connection told
+                // that the target is reachable.
+                client: client.take(),
+                checkpoints: applied.clone(),
+                tables: HashMap::new(),
+                dlq: None,
+                health: health.clone(),
+                all_topics_consumed: false,
+            })
+            .collect();
         Ok(SinkStage {
             reader: Reader {
                 config: config.clone(),
@@ -197,15 +222,9 @@ impl SinkStage {
                 registry,
                 health: health.clone(),
             },
-            applier: Some(Applier {
-                config: config.clone(),
-                client: Some(client),
-                checkpoints,
-                tables: HashMap::new(),
-                dlq: None,
-                health: health.clone(),
-                all_topics_consumed: false,
-            }),
+            appliers,
+            owners: HashMap::new(),
+            applied,
             topics,
             assigned: HashSet::new(),
             barrier: barrier::Barrier::default(),
@@ -214,8 +233,36 @@ impl SinkStage {
         })
     }
 
+    /// The first worker, which also applies the truncates held at the barrier.
     fn applier(&mut self) -> &mut Applier {
-        self.applier.as_mut().expect(HOME)
+        self.appliers
+            .first_mut()
+            .expect("the appliers are home between batches")
+    }
+
+    fn set_all_topics_consumed(&mut self, consumed: bool) {
+        for a in &mut self.appliers {
+            a.all_topics_consumed = consumed;
+        }
+    }
+
+    /// The worker that applies `partition` of `topic`: the one with the fewest
+    /// partitions when first seen, then always the same (its target connection has
+    /// the table's shape cached).
+    fn owner(&mut self, topic: &str, partition: i32) -> usize {
+        if let Some(&w) = self.owners.get(topic).and_then(|p| p.get(&partition)) {
+            return w;
+        }
+        let mut load = vec![0usize; self.appliers.len().max(1)];
+        for &w in self.owners.values().flat_map(HashMap::values) {
+            load[w] += 1;
+        }
+        let w = (0..load.len()).min_by_key(|&w| load[w]).unwrap_or(0);
+        self.owners
+            .entry(topic.to_string())
+            .or_default()
+            .insert(partition, w);
+        w
     }
 
     fn sink(&self) -> &crate::config::Sink {
@@ -273,27 +320,48 @@ impl SinkStage {
                     batch.push(passed);
                 }
             }
-            // Apply this batch on its own task while this one reads and decodes the
-            // next: decoding, encoding the COPY and the target's work overlap.
-            let mut applier = self.applier.take().expect(HOME);
-            let stop = shutdown.clone();
-            let applying = tokio::spawn(async move {
-                let applied = applier.apply_decoded(&batch, &stop).await;
-                (applier, applied)
-            });
+            // Each worker applies its partitions' share of this batch on its own
+            // task while this one reads and decodes the next: decoding, encoding the
+            // COPY and the target's work overlap.
+            let mut shares: Vec<Vec<(Item, Decoded)>> =
+                (0..self.appliers.len()).map(|_| Vec::new()).collect();
+            for (item, event) in batch {
+                let w = self.owner(&item.topic, item.partition);
+                shares[w].push((item, event));
+            }
+            let applying: Vec<_> = std::mem::take(&mut self.appliers)
+                .into_iter()
+                .zip(shares)
+                .map(|(mut applier, share)| {
+                    let stop = shutdown.clone();
+                    tokio::spawn(async move {
+                        let applied = applier.apply_decoded(&share, &stop).await;
+                        (applier, applied)
+                    })
+                })
+                .collect();
             // A task spawned here waits in this worker's LIFO slot, which other
             // workers cannot steal, until this one yields: let it start, so that the
             // two run on two workers.
             tokio::task::yield_now().await;
-            // Whatever the reading gives, the applier comes home first: its
-            // transaction is never left behind.
+            // Whatever the reading gives, every applier comes home first: no
+            // transaction is left behind.
             let next = self.reader.next_batch(shutdown).await;
-            let (applier, applied) = applying
-                .await
-                .map_err(|e| Error::fatal("the sink's apply task failed").with_source(e))?;
-            self.applier = Some(applier);
-            if !applied? {
+            let mut outcome = Ok(true);
+            for task in applying {
+                let (applier, applied) = task
+                    .await
+                    .map_err(|e| Error::fatal("the sink's apply task failed").with_source(e))?;
+                self.appliers.push(applier);
+                outcome = match (outcome, applied) {
+                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                    (Ok(a), Ok(b)) => Ok(a && b),
+                };
+            }
+            if !outcome? {
                 // Interrupted: nothing after an unapplied event may be checkpointed.
+                // Other workers' partitions committed what they applied, each with
+                // its own checkpoint.
                 return Ok(());
             }
             self.release_barriers(shutdown).await?;
@@ -317,18 +385,15 @@ impl SinkStage {
         let mut at = HashMap::new();
         for (topic, n) in &counts {
             for p in 0..*n {
-                let offset = self
-                    .applier()
-                    .checkpoints
-                    .get(&(topic.clone(), p))
-                    .map(|c| c.next_offset);
+                let offset = self.applied.get(topic, p).map(|c| c.next_offset);
                 at.insert((topic.clone(), p), offset);
             }
         }
-        let missing: Vec<&String> = self
+        let missing: Vec<String> = self
             .topics
             .iter()
             .filter(|t| !counts.contains_key(*t))
+            .cloned()
             .collect();
         if !missing.is_empty() {
             tracing::info!(topics = ?missing, "waiting for topics to exist; not ready until they are consumed");
@@ -345,8 +410,8 @@ impl SinkStage {
             );
             self.assigned = now;
         }
-        self.applier().all_topics_consumed = missing.is_empty();
-        let consumed = self.applier().all_topics_consumed;
+        let consumed = missing.is_empty();
+        self.set_all_topics_consumed(consumed);
         self.health.set_sink_streaming(consumed);
         Ok(())
     }
@@ -416,7 +481,7 @@ impl SinkStage {
                     rdkafka::Offset::Offset(c.next_offset)
                 });
                 if let Some(c) = fresh.get(&k) {
-                    self.applier().checkpoints.insert(k.clone(), *c);
+                    self.applied.insert(k.0.clone(), k.1, *c);
                 }
                 // The fetcher may not run yet right after the rebalance: retry briefly.
                 // Should it never take, positions still make re-read events no-ops.
@@ -444,7 +509,7 @@ impl SinkStage {
             );
         }
         self.assigned = now;
-        self.applier().all_topics_consumed = true;
+        self.set_all_topics_consumed(true);
         self.health.set_sink_streaming(true);
         Ok(())
     }
@@ -470,11 +535,9 @@ impl SinkStage {
             Ok(Some(e)) if e.op == crate::event::Op::Truncate => e.position,
             _ => return Ok(Some((item, event))),
         };
-        let k = (item.topic.clone(), item.partition);
         let resent = self
-            .applier()
-            .checkpoints
-            .get(&k)
+            .applied
+            .get(&item.topic, item.partition)
             .is_some_and(|c| truncate <= c.position);
         if resent || self.sink().group.is_some() || self.partition_count(&item.topic) < 2 {
             return Ok(Some((item, event)));
@@ -870,6 +933,7 @@ impl Applier {
             }
         }
         tracing::debug!(
+            worker = self.worker,
             events = decoded.len(),
             commit_to_produce_ms = produced_ms.zip(committed_ms).map(|(p, c)| p - c),
             produce_to_sink_ms = produced_ms.map(|p| now_ms - p),
@@ -1004,11 +1068,14 @@ impl Applier {
                 entry.dead_lettered(&self.table_of_topic(&item.topic), &item.headers);
             }
             let k = (item.topic.clone(), item.partition);
-            let current = self.checkpoints.get(&k).copied();
-            let cp = next.entry(k).or_insert(current.unwrap_or(Checkpoint {
-                next_offset: 0,
-                position: (crate::lsn::Lsn::ZERO, 0),
-            }));
+            let cp = next.entry(k).or_insert_with(|| {
+                self.checkpoints
+                    .get(&item.topic, item.partition)
+                    .unwrap_or(Checkpoint {
+                        next_offset: 0,
+                        position: (crate::lsn::Lsn::ZERO, 0),
+                    })
+            });
             cp.next_offset = cp.next_offset.max(item.offset + 1);
             // Positions grow along a partition; one that does not is a re-send of
             // something already applied.
@@ -1092,9 +1159,9 @@ impl Applier {
                     next_offset: r.get(2),
                     position: (lsn.parse().unwrap_or_default(), r.get::<_, i32>(4) as u32),
                 };
-                if self.checkpoints.get(&k) != Some(&stored) {
+                if self.checkpoints.get(&k.0, k.1) != Some(stored) {
                     stale = true;
-                    self.checkpoints.insert(k, stored);
+                    self.checkpoints.insert(k.0, k.1, stored);
                 }
             }
             if stale {
@@ -1133,6 +1200,7 @@ impl Applier {
         let commit_started = Instant::now();
         tx.commit().await.map_err(classify)?;
         tracing::debug!(
+            worker = self.worker,
             runs = runs.len(),
             plan_us,
             rows_us,
@@ -1142,6 +1210,9 @@ impl Applier {
         );
         // Committed: now the in-memory view may move.
         let m = metrics();
+        m.sink_batches
+            .with_label_values(&[&self.worker.to_string()])
+            .inc();
         for ((table, op), n) in counts {
             m.sink_applied.with_label_values(&[&table, op]).inc_by(n);
         }
@@ -1149,7 +1220,7 @@ impl Applier {
             m.sink_checkpoint_offset
                 .with_label_values(&[&topic, &partition.to_string()])
                 .set(cp.next_offset);
-            self.checkpoints.insert((topic, partition), cp);
+            self.checkpoints.insert(topic, partition, cp);
         }
         let now = crate::timestamp::PgTimestamp::now().unix_micros();
         let streamed = || {
