@@ -212,9 +212,11 @@ fn typed_value(kind: &ValueKind, text: &str) -> Option<Value> {
                 _ => return None,
             }
         }
-        ValueKind::Timestamptz => {
-            Value::String(pgtext::timestamptz_to_iso(text).expect("timestamptz text"))
-        }
+        ValueKind::Timestamptz => Value::String(
+            pgtext::timestamptz_to_iso(text)
+                .expect("timestamptz text")
+                .to_string(),
+        ),
         other => unimplemented!("{other:?} is not a column type of the bench table"),
     })
 }

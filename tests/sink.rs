@@ -334,6 +334,17 @@ fn repeated_kill9_during_100k_changes_is_exactly_once() {
             .unwrap();
         assert!(batches > 0.0, "worker {worker} applied nothing:\n{metrics}");
     }
+    // The delivery callback counts by the topic index its messages carry: the last
+    // round's 1000 updates were acknowledged by this process.
+    let line = format!("pgferry_kafka_produced_total{{topic=\"{prefix}.public.c\"}}");
+    let produced: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .unwrap_or_else(|| panic!("no {line} in /metrics:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(produced >= 1000.0, "{line} {produced}");
 }
 
 #[test]

@@ -6,3 +6,65 @@ pub mod avro;
 pub mod connect;
 pub mod json;
 pub mod pgtext;
+
+use std::fmt;
+
+/// Short text formatted on the stack: numbers and timestamps that go out once per
+/// change or value without a heap allocation each. Writing past `N` bytes fails.
+#[derive(Clone, Copy)]
+pub struct StackText<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackText<N> {
+    pub fn new() -> Self {
+        StackText {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    /// `value`'s `Display` text. Callers size `N` for the longest text the type has.
+    pub fn of(value: impl fmt::Display) -> Self {
+        let mut t = StackText::new();
+        let _ = fmt::Write::write_fmt(&mut t, format_args!("{value}"));
+        t
+    }
+}
+
+impl<const N: usize> Default for StackText<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> fmt::Write for StackText<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let room = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl<const N: usize> std::ops::Deref for StackText<N> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Only whole `&str`s are ever copied in.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl<const N: usize> fmt::Display for StackText<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl<const N: usize> fmt::Debug for StackText<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}

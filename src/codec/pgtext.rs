@@ -89,6 +89,7 @@ const fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 }
 
 // The inverse of `days_from_civil` is shared with the event timestamps.
+use super::StackText;
 use crate::timestamp::civil_from_days;
 
 fn is_leap(year: i64) -> bool {
@@ -463,27 +464,35 @@ pub fn format_timestamp(micros: i64) -> String {
 /// Years beyond 9999 are printed with as many digits as needed; BC years as negative astronomical years ("-0043-03-15T12:00:00.000000Z").
 ///
 /// Unlike [`parse_timestamptz`] this covers PostgreSQL's whole range, up to 294276.
-pub fn timestamptz_to_iso(s: &str) -> Result<String, TextError> {
+/// The text is formatted on the stack: this runs for every timestamptz value streamed.
+pub fn timestamptz_to_iso(s: &str) -> Result<StackText<40>, TextError> {
+    let mut out = StackText::new();
     match infinity(s) {
-        Some(true) => return Ok("infinity".to_owned()),
-        Some(false) => return Ok("-infinity".to_owned()),
+        Some(true) => {
+            let _ = out.write_str("infinity");
+            return Ok(out);
+        }
+        Some(false) => {
+            let _ = out.write_str("-infinity");
+            return Ok(out);
+        }
         None => {}
     }
     let micros = parse_pg_datetime(s, true, TIMESTAMPTZ_EXPECTED)?;
     let (days, tod) = split_micros(micros);
     let (y, m, d) = civil_from_days(days);
-    let year = if y < 0 {
-        format!("-{:04}", y.unsigned_abs())
-    } else {
-        format!("{y:04}")
-    };
-    Ok(format!(
-        "{year}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+    let sign = if y < 0 { "-" } else { "" };
+    // At most "-294276-12-31T23:59:59.999999Z", 30 bytes.
+    let _ = write!(
+        out,
+        "{sign}{:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        y.unsigned_abs(),
         tod / MICROS_PER_HOUR,
         tod / MICROS_PER_MINUTE % 60,
         tod / MICROS_PER_SECOND % 60,
         tod % MICROS_PER_SECOND
-    ))
+    );
+    Ok(out)
 }
 
 /// Microseconds since the Unix epoch of the same text (for consumers that want a number), infinity -> i64::MAX/MIN.

@@ -14,7 +14,9 @@
 //! events, so the bounded event channel fills and the source stops reading.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use prometheus::IntCounter;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -30,6 +32,7 @@ use super::acks::AckTracker;
 use super::registry::Registry;
 use crate::codec::avro::{self, Framing, SourceInfo, TableSchemas};
 use crate::codec::connect::{self, ConnectSchemas};
+use crate::codec::StackText;
 use crate::config::{Config, Format};
 use crate::error::Error;
 use crate::event::{Change, Event, Op, TableSchema};
@@ -51,9 +54,41 @@ struct Shared {
     failure: Mutex<Option<String>>,
     /// Woken on every delivery: room in the local queue, or a failure to report.
     delivered: Notify,
+    /// `pgferry_kafka_produced_total` of each topic, by the index that travels in the
+    /// message's opaque: the delivery callback does no label lookup.
+    produced: RwLock<Vec<(String, IntCounter)>>,
+}
+
+/// The low bits of a message's opaque hold its topic's index in `Shared::produced`,
+/// the high bits its transaction sequence number.
+const TOPIC_BITS: u32 = 20;
+
+fn opaque(seq: u64, topic: usize) -> usize {
+    ((seq << TOPIC_BITS) | (topic as u64 & ((1 << TOPIC_BITS) - 1))) as usize
 }
 
 impl Shared {
+    /// The index of `topic`'s produced counter, registered on first use.
+    fn topic_index(&self, topic: &str) -> usize {
+        let known = self
+            .produced
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .position(|(t, _)| t == topic);
+        known.unwrap_or_else(|| {
+            let mut all = self
+                .produced
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            all.push((
+                topic.to_string(),
+                metrics().kafka_produced.with_label_values(&[topic]),
+            ));
+            all.len() - 1
+        })
+    }
+
     /// Publish what a tracker step made durable. Every step that can move either
     /// value goes through here: a commit whose messages were all acknowledged before
     /// it arrived moves the marks with no delivery left to publish them.
@@ -88,17 +123,27 @@ impl ProducerContext for AckContext {
     /// The transaction sequence number of the message.
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let seq = opaque as u64 >> TOPIC_BITS;
+        let topic = opaque & ((1 << TOPIC_BITS) - 1);
         let m = metrics();
         m.kafka_in_flight.dec();
         match result {
-            Ok(msg) => {
-                m.kafka_produced.with_label_values(&[msg.topic()]).inc();
+            Ok(_) => {
+                if let Some((_, c)) = self
+                    .0
+                    .produced
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(topic)
+                {
+                    c.inc();
+                }
                 let moved = self
                     .0
                     .tracker
                     .lock()
-                    .map(|mut t| (t.acked(seq as u64), t.durable_mark()))
+                    .map(|mut t| (t.acked(seq), t.durable_mark()))
                     .ok();
                 if let Some((moved, mark)) = moved {
                     self.0.publish(moved, mark);
@@ -125,7 +170,10 @@ impl ProducerContext for AckContext {
 struct TableCodec {
     table: Arc<TableSchema>,
     schemas: TableSchemas,
-    topic: String,
+    /// Shared, so that each message takes it without a copy.
+    topic: Arc<str>,
+    /// The topic's produced counter (see `Shared::produced`).
+    topic_index: usize,
     partitions: i32,
     key_framing: Option<Framing>,
     value_framing: Framing,
@@ -190,6 +238,7 @@ impl KafkaStage {
             marks: watch::channel(0).0,
             failure: Mutex::new(None),
             delivered: Notify::new(),
+            produced: RwLock::new(Vec::new()),
         });
         let client = client_config(&config);
         let producer: ThreadedProducer<AckContext> = client
@@ -417,6 +466,7 @@ impl KafkaStage {
             self.key_buf.clear();
         }
         let topic = codec.topic.clone();
+        let topic_index = codec.topic_index;
         let partitions = codec.partitions;
         let size = self.value_buf.len() + if has_key { self.key_buf.len() } else { 0 };
         if size > self.config.kafka.max_message_bytes {
@@ -428,39 +478,86 @@ impl KafkaStage {
             ));
         }
         let headers = headers(change, codec.connect.as_ref().map(|(_, fp)| fp.as_str()));
-        let key = has_key.then(|| self.key_buf.clone());
+        // The buffers are lent to the messages and taken back: no copy per message.
+        let key = has_key.then(|| std::mem::take(&mut self.key_buf));
         let value = std::mem::take(&mut self.value_buf);
-        if change.op == Op::Truncate {
+        let sent = self
+            .send_change(
+                change.op,
+                (&topic, topic_index),
+                partitions,
+                key.as_deref(),
+                &value,
+                headers,
+                seq,
+            )
+            .await;
+        self.value_buf = value;
+        if let Some(k) = key {
+            self.key_buf = k;
+        }
+        sent
+    }
+
+    /// The messages of one change: one, a truncate's one per partition, or a delete's
+    /// and its tombstone.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_change(
+        &self,
+        op: Op,
+        (topic, topic_index): (&str, usize),
+        partitions: i32,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: OwnedHeaders,
+        seq: u64,
+    ) -> Result<(), Error> {
+        if op == Op::Truncate {
             // A truncate concerns every key: each partition gets it, in its place.
             for p in 0..partitions.max(1) {
-                self.send(&topic, Some(p), None, Some(&value), headers.clone(), seq)
-                    .await?;
+                self.send(
+                    (topic, topic_index),
+                    Some(p),
+                    None,
+                    Some(value),
+                    headers.clone(),
+                    seq,
+                )
+                .await?;
             }
-        } else {
-            // Keyless tables keep their order on one partition.
-            let partition = if key.is_none() { Some(0) } else { None };
+            return Ok(());
+        }
+        // Keyless tables keep their order on one partition.
+        let partition = if key.is_none() { Some(0) } else { None };
+        if op == Op::Delete && self.config.kafka.tombstones && key.is_some() {
             self.send(
-                &topic,
+                (topic, topic_index),
                 partition,
-                key.as_deref(),
-                Some(&value),
+                key,
+                Some(value),
                 headers.clone(),
                 seq,
             )
             .await?;
-            if change.op == Op::Delete && self.config.kafka.tombstones && key.is_some() {
-                self.send(&topic, partition, key.as_deref(), None, headers, seq)
-                    .await?;
-            }
+            self.send((topic, topic_index), partition, key, None, headers, seq)
+                .await
+        } else {
+            self.send(
+                (topic, topic_index),
+                partition,
+                key,
+                Some(value),
+                headers,
+                seq,
+            )
+            .await
         }
-        self.value_buf = value;
-        Ok(())
     }
 
     /// Hand one message to librdkafka, waiting while its queue is full.
     async fn send(
         &self,
-        topic: &str,
+        (topic, topic_index): (&str, usize),
         partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
@@ -468,7 +565,7 @@ impl KafkaStage {
         seq: u64,
     ) -> Result<(), Error> {
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
-            BaseRecord::with_opaque_to(topic, seq as usize).headers(headers);
+            BaseRecord::with_opaque_to(topic, opaque(seq, topic_index)).headers(headers);
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -557,7 +654,8 @@ impl KafkaStage {
             TableCodec {
                 table: table.clone(),
                 schemas,
-                topic,
+                topic_index: self.shared.topic_index(&topic),
+                topic: topic.into(),
                 partitions,
                 key_framing,
                 value_framing,
@@ -606,8 +704,9 @@ impl KafkaStage {
                 key: "pgferry.subject",
                 value: Some(subject.as_str()),
             });
+            let schema_index = self.shared.topic_index(&schema_topic);
             self.send(
-                &schema_topic,
+                (&schema_topic, schema_index),
                 Some(0),
                 Some(key.as_bytes()),
                 Some(text.as_bytes()),
@@ -706,21 +805,22 @@ impl KafkaStage {
 /// JSON messages, `pgferry.schema`: the fingerprint (hex, as the schema topic's key)
 /// of the Avro value schema that describes the columns.
 fn headers(change: &Change, schema: Option<&str>) -> OwnedHeaders {
-    let commit_lsn = change.commit_lsn.to_string();
-    let ordinal = change.ordinal.to_string();
-    let xid = change.xid.to_string();
-    let mut h = OwnedHeaders::new()
+    // Formatted on the stack: these run for every change.
+    let commit_lsn = StackText::<24>::of(change.commit_lsn);
+    let ordinal = StackText::<12>::of(change.ordinal);
+    let xid = StackText::<12>::of(change.xid);
+    let mut h = OwnedHeaders::new_with_capacity(5)
         .insert(Header {
             key: "pgferry.commit_lsn",
-            value: Some(commit_lsn.as_str()),
+            value: Some(&*commit_lsn),
         })
         .insert(Header {
             key: "pgferry.ordinal",
-            value: Some(ordinal.as_str()),
+            value: Some(&*ordinal),
         })
         .insert(Header {
             key: "pgferry.xid",
-            value: Some(xid.as_str()),
+            value: Some(&*xid),
         });
     let unchanged: Vec<&str> = change.unchanged().collect();
     if !unchanged.is_empty() {
@@ -785,4 +885,29 @@ fn kafka_config_error(config: &Config, e: KafkaError) -> Error {
         config.path.display()
     ))
     .with_source(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_opaque_carries_the_sequence_and_the_topic() {
+        for (seq, topic) in [(0, 0), (1, 7), (u64::MAX >> TOPIC_BITS, (1 << TOPIC_BITS) - 1)] {
+            let o = opaque(seq, topic) as u64;
+            assert_eq!(o >> TOPIC_BITS, seq);
+            assert_eq!(o as usize & ((1 << TOPIC_BITS) - 1), topic);
+        }
+    }
+
+    #[test]
+    fn headers_are_formatted_like_their_display() {
+        let lsn = Lsn(0x16_B374_D848);
+        let text = StackText::<24>::of(lsn);
+        assert_eq!(&*text, lsn.to_string());
+        assert_eq!(&*StackText::<12>::of(u32::MAX), "4294967295");
+        // Too long for the buffer: nothing partial is claimed beyond what fit.
+        let cut = StackText::<4>::of("abcdefgh");
+        assert!(cut.len() <= 4);
+    }
 }

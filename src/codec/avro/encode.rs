@@ -36,6 +36,16 @@ pub fn write_long(out: &mut Vec<u8>, v: i64) {
     out.push(n as u8);
 }
 
+/// A union branch index as its one zigzag byte. Unions here have at most four
+/// branches (null, value, special, unchanged).
+fn branch_byte(branch: u32) -> u8 {
+    debug_assert!(
+        branch < 64,
+        "a union branch index that needs more than one byte"
+    );
+    (branch << 1) as u8
+}
+
 pub fn write_bytes(out: &mut Vec<u8>, b: &[u8]) {
     write_long(out, b.len() as i64);
     out.extend_from_slice(b);
@@ -179,16 +189,25 @@ fn write_field(
         },
         Datum::Text(text) => {
             let text = text.as_str();
-            let mut value = Vec::new();
-            let special =
-                write_value(&mut value, &plan.kind, column.ty.delimiter, text).map_err(err)?;
-            if plan.is_union() {
+            // The value is written in place, after a one-byte slot for its union
+            // branch, which is known only once the value is: a branch index below 64
+            // is one zigzag byte. No buffer per field.
+            let union = plan.is_union();
+            let slot = out.len();
+            if union {
+                out.push(0);
+            }
+            let special = write_value(out, &plan.kind, column.ty.delimiter, text).map_err(err)?;
+            if special {
+                out.truncate(slot + usize::from(union));
+            }
+            if union {
                 let branch = match (special, plan.special_branch) {
                     (true, Some(b)) => b,
                     (true, None) => return Err(err("value has no Avro representation".into())),
                     (false, _) => plan.value_branch,
                 };
-                write_long(out, i64::from(branch));
+                out[slot] = branch_byte(branch);
             } else if special {
                 return Err(err(
                     "value has no Avro representation in a key column".into()
@@ -197,8 +216,6 @@ fn write_field(
             if special {
                 // The Special record's one field: the PostgreSQL text.
                 write_bytes(out, text.as_bytes());
-            } else {
-                out.extend_from_slice(&value);
             }
         }
     }
