@@ -23,7 +23,8 @@ RUN apt-get update \
 WORKDIR /src
 
 # Dependency layer: with only the manifest and lock file (plus stub sources, since
-# Cargo.toml names the bin and the `decode`/`encode`/`latency`/`drain` benches), build every
+# Cargo.toml names the bin and the `decode`/`encode`/`latency`/`drain`/`snapshot`/`tail`
+# benches), build every
 # dependency, librdkafka included. This layer is reused as long as Cargo.toml and
 # Cargo.lock do not change, so editing src/ rebuilds pgferry only.
 COPY Cargo.toml Cargo.lock ./
@@ -33,6 +34,8 @@ RUN mkdir -p src benches \
     && echo 'fn main() {}' > benches/encode.rs \
     && echo 'fn main() {}' > benches/latency.rs \
     && echo 'fn main() {}' > benches/drain.rs \
+    && echo 'fn main() {}' > benches/snapshot.rs \
+    && echo 'fn main() {}' > benches/tail.rs \
     && cargo build --release --locked \
     # Forget the stub crate, so the real sources are always compiled (COPY keeps
     # the files' mtimes, which may be older than the stub's build).

@@ -7,7 +7,9 @@
 //!   publication and subscription (`copy_data = false`), each into a fresh target
 //!   database. Time: from start until the target holds every row (count and
 //!   sum(weight), checked by SQL); the subscription's end is its slot confirming the
-//!   backlog's end LSN (it confirms only what it applied and flushed).
+//!   backlog's end LSN (it confirms only what it applied and flushed). pgferry runs
+//!   twice: on a one-partition topic (`e2e`), and on two partitions (`e2e2p`), which
+//!   the sink's two workers apply over two target connections.
 //! - `kafka`: slot -> Kafka. `pgferry run` without a sink against `pg_recvlogical`
 //!   writing to /dev/null. Time: until the slot confirms the end LSN (pgferry confirms
 //!   only what Kafka acknowledged).
@@ -21,7 +23,11 @@
 //! scripts/services.sh up && eval "$(scripts/services.sh env)"
 //! cargo bench --bench drain                         # ROWS=200000, every scenario
 //! ROWS=50000 SCENARIOS=kafka cargo bench --bench drain
+//! SINK_EXTRA='batch_max_events = 1000' SCENARIOS=pipeline cargo bench --bench drain
 //! ```
+//!
+//! `SINK_EXTRA` and `KAFKA_EXTRA` add keys to the `[sink]` and `[kafka]` sections of
+//! the plain pipeline run (`e2e`), to try settings.
 //!
 //! Results: a table on stdout and one JSON line per side in `target/bench-results.jsonl`.
 
@@ -133,30 +139,6 @@ struct Side {
     peak_rss_mb: Option<f64>,
 }
 
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// (CPU seconds, peak RSS MB) of a live process.
-fn usage(pid: u32) -> (Option<f64>, Option<f64>) {
-    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(") ")?.1.split(' ').collect::<Vec<_>>();
-            // utime and stime: fields 14 and 15, i.e. 11 and 12 after the name.
-            let t: f64 =
-                after.get(11)?.parse::<f64>().ok()? + after.get(12)?.parse::<f64>().ok()?;
-            Some(t / clock_ticks())
-        });
-    (cpu, support::peak_rss_mb(pid))
-}
-
 fn wait(what: &str, mut done: impl FnMut() -> bool) -> f64 {
     let started = Instant::now();
     while !done() {
@@ -230,13 +212,14 @@ fn recvlogical(b: &Backlog) -> Side {
 }
 
 /// `pgferry run` from slot `tag`; with a sink unless `sink` is `None` (else its extra
-/// keys). `extra` goes into the main config, `table_extra` into the table's section.
+/// keys). `kafka_extra` goes into `[kafka]`, `extra` into the main config,
+/// `table_extra` into the table's section.
 fn pgferry(
     b: &Backlog,
     scenario: &'static str,
     tag: &str,
     sink: Option<&str>,
-    extra: &str,
+    (kafka_extra, extra): (&str, &str),
     table_extra: &str,
 ) -> Side {
     let target = sink.map(|_| {
@@ -257,7 +240,7 @@ fn pgferry(
         format!(
             "[source]\nurl = \"{}\"\nslot = \"{}\"\npublication = \"bench\"\nheartbeat_interval = \"10s\"\n\
              # The slot exists before pgferry first starts: no copy, as for the anchors.\nsnapshot = \"never\"\n\
-             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"d{}{tag}\"\n[http]\nlisten = \"\"\n{extra}\n{sink_section}\
+             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"d{}{tag}\"\n{kafka_extra}\n[http]\nlisten = \"\"\n{extra}\n{sink_section}\
              [[tables]]\nsource = \"public.patients\"\n{table_extra}\n",
             b.src.url,
             b.src.slot(tag),
@@ -305,7 +288,7 @@ fn pgferry(
         }),
     };
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu_s, peak_rss_mb) = usage(p.pid());
+    let (cpu_s, peak_rss_mb) = support::usage(p.pid());
     let status = p.terminate();
     assert!(status.success(), "pgferry failed:\n{}", p.stderr_text());
     if target.is_some() {
@@ -325,9 +308,17 @@ fn main() {
     let rows = env_u64("ROWS", 200_000);
     let scenarios = std::env::var("SCENARIOS").unwrap_or_else(|_| "pipeline,kafka,phi".into());
     let want = |s: &str| scenarios.split(',').any(|x| x.trim() == s);
+    // `e2e`: only pgferry's plain pipeline run, without its anchor (to try settings).
+    let anchored = want("pipeline") || want("phi");
     let mut slots = Vec::new();
-    if want("pipeline") || want("phi") {
-        slots.extend(["sub", "e2e"]);
+    if anchored {
+        slots.push("sub");
+    }
+    if anchored || want("e2e") {
+        slots.push("e2e");
+    }
+    if want("pipeline") {
+        slots.push("e2e2p");
     }
     if want("kafka") {
         slots.extend(["recv", "kafka"]);
@@ -337,25 +328,43 @@ fn main() {
     }
     let b = Backlog::new(rows, &slots);
     let mut sides = Vec::new();
-    if want("pipeline") || want("phi") {
+    if anchored {
         sides.push(subscription(&b));
-        sides.push(pgferry(&b, "pipeline", "e2e", Some(""), "", ""));
+    }
+    if anchored || want("e2e") {
+        // Knobs to try settings on the plain run: SINK_EXTRA (keys of [sink]) and
+        // KAFKA_EXTRA (keys of [kafka], e.g. a [kafka.properties] table).
+        let sink_extra = std::env::var("SINK_EXTRA").unwrap_or_default();
+        let kafka_extra = std::env::var("KAFKA_EXTRA").unwrap_or_default();
+        sides.push(pgferry(
+            &b,
+            "pipeline",
+            "e2e",
+            Some(&sink_extra),
+            (&kafka_extra, ""),
+            "",
+        ));
+    }
+    if want("pipeline") {
+        // Two partitions: the sink's two workers apply one each.
+        let two = ("partitions = 2", "");
+        sides.push(pgferry(&b, "pipeline", "e2e2p", Some(""), two, ""));
     }
     if want("kafka") {
         sides.push(recvlogical(&b));
-        sides.push(pgferry(&b, "kafka", "kafka", None, "", ""));
+        sides.push(pgferry(&b, "kafka", "kafka", None, ("", ""), ""));
     }
     if want("phi") {
         let key = "[phi]\nkey = \"a-benchmark-key-of-at-least-sixteen-bytes\"";
         let transform =
             "[tables.transform]\nname = \"hmac\"\ncontact_number = \"hmac\"\nemail = \"hmac\"";
-        sides.push(pgferry(&b, "phi", "hmac", Some(""), key, transform));
+        sides.push(pgferry(&b, "phi", "hmac", Some(""), ("", key), transform));
         sides.push(pgferry(
             &b,
             "phi",
             "noledger",
             Some("ledger = false"),
-            "",
+            ("", ""),
             "",
         ));
     }

@@ -495,3 +495,33 @@ fn two_sinks_in_a_group_split_the_partitions_exactly_once() {
         sink2.stderr_text()
     );
 }
+
+/// Types whose modifier PostgreSQL writes inside the name (`time(3) without time
+/// zone`) are created in the target with it, and their values arrive.
+#[test]
+fn create_tables_keeps_the_precision_of_time_types() {
+    let src = TestDb::new("prec");
+    let tgt = TestDb::on(&target_url(), "prec_t");
+    let columns = "id int primary key, t3 time(3), ts0 timestamp(0), tz3 timestamptz(3), \
+                   tt2 timetz(2), n numeric(5,2), v varchar(7), a time(1)[]";
+    src.sql(&format!("create table prec ({columns})"));
+    let (cfg, _) = pipeline_config(
+        &src,
+        &tgt,
+        "s_prec",
+        "create_tables = true",
+        "[[tables]]\nsource = \"public.prec\"\n",
+    );
+    let p = run(&cfg);
+    wait_streaming(&src, "s_prec");
+    src.sql(
+        "insert into prec values (1, '04:05:06.789', '2026-11-28 01:02:03', '2026-11-28 01:02:03.456+00', \
+         '04:05:06.78+02', 123.45, 'seven77', '{01:02:03.4}')",
+    );
+    wait_equal(&cfg, &p);
+    let shape = "select string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' order by attnum) \
+                 from pg_attribute where attrelid = 'public.prec'::regclass and attnum > 0";
+    assert_eq!(tgt.value(shape), src.value(shape));
+    let row = "set TimeZone = 'UTC'; select row(p.*)::text from prec p";
+    assert_eq!(tgt.sql(row), src.sql(row));
+}

@@ -330,6 +330,16 @@ pub(crate) fn type_name_base(t: &str) -> Option<&str> {
             return None;
         }
         rest = &r[close + 1..];
+        // PostgreSQL writes the precision of time and timestamp inside the name:
+        // `time(3) without time zone`, `timestamp(0) with time zone`.
+        if matches!(base, "time" | "timestamp") {
+            for zone in [" with time zone", " without time zone"] {
+                if let Some(r) = rest.strip_prefix(zone) {
+                    rest = r;
+                    break;
+                }
+            }
+        }
     }
     while let Some(r) = rest.strip_prefix("[]") {
         rest = r;
@@ -351,6 +361,8 @@ mod tests {
             ("public.mood", "public.mood"),
             ("\"Odd Type\"[]", "\"Odd Type\""),
             ("text[][]", "text"),
+            ("time(3) without time zone", "time"),
+            ("timestamp(0) with time zone[]", "timestamp"),
         ] {
             assert_eq!(type_name_base(t), Some(base), "{t}");
         }
@@ -364,6 +376,8 @@ mod tests {
             "\"unterminated",
             "",
             "(5)",
+            "integer(3) with time zone",
+            "time(3) with time zone; drop table x",
         ] {
             assert_eq!(type_name_base(bad), None, "{bad}");
         }
