@@ -893,7 +893,11 @@ mod tests {
 
     #[test]
     fn the_opaque_carries_the_sequence_and_the_topic() {
-        for (seq, topic) in [(0, 0), (1, 7), (u64::MAX >> TOPIC_BITS, (1 << TOPIC_BITS) - 1)] {
+        for (seq, topic) in [
+            (0, 0),
+            (1, 7),
+            (u64::MAX >> TOPIC_BITS, (1 << TOPIC_BITS) - 1),
+        ] {
             let o = opaque(seq, topic) as u64;
             assert_eq!(o >> TOPIC_BITS, seq);
             assert_eq!(o as usize & ((1 << TOPIC_BITS) - 1), topic);
