@@ -28,8 +28,8 @@ pub enum Run {
         /// Target column names, same for every row.
         columns: Vec<String>,
         rows: Vec<Vec<Option<String>>>,
-        /// Every row is a snapshot read: into an empty table they can be copied
-        /// straight in.
+        /// Every row is a snapshot read: they are tried with a plain COPY into the
+        /// table first (see [`copy_reads`]).
         reads_only: bool,
     },
     /// Rows with unchanged TOAST columns (left out of `columns`): update only the
@@ -52,6 +52,11 @@ pub enum Run {
 }
 
 impl Run {
+    /// Snapshot reads of a keyed table: [`copy_reads`] may load them.
+    pub fn is_keyed_reads(&self, target: &TargetTable) -> bool {
+        matches!(self, Run::Upsert { reads_only: true, .. }) && !target.key.is_empty()
+    }
+
     pub fn table(&self) -> &TableName {
         match self {
             Run::Upsert { table, .. }
@@ -337,6 +342,37 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
     }
 }
 
+/// Load a run of snapshot reads ([`Run::is_keyed_reads`]) with a plain COPY into the
+/// table, no staging and no upsert: what an initial snapshot into an empty table
+/// amounts to. `Ok(None)`: a row's key is already in the table (a re-sent or
+/// re-copied row, or a table that was not empty), nothing of the run was applied
+/// (its savepoint is rolled back), and the run must be upserted instead. A unique
+/// key violation is the only conflict: an absent key is inserted by COPY exactly as
+/// the upsert would insert it, and each column's input function checks the value as
+/// the upsert's cast does.
+pub async fn copy_reads(
+    tx: &mut Transaction<'_>,
+    run: &Run,
+) -> Result<Option<u64>, ApplyError> {
+    let Run::Upsert { columns, rows, .. } = run else {
+        return Ok(None);
+    };
+    let name = run.table().quoted();
+    let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let attempt = tx.savepoint("pgferry_copy_reads").await?;
+    match copy_rows(&attempt, &name, &list.join(", "), columns.len(), rows).await {
+        Ok(()) => {
+            attempt.commit().await?;
+            Ok(Some(rows.len() as u64))
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            attempt.rollback().await?;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Why a run did not apply.
 #[derive(Debug)]
 pub enum ApplyError {
@@ -430,28 +466,8 @@ pub async fn execute(
             }
             Ok(found)
         }
-        Run::Upsert {
-            columns,
-            rows,
-            reads_only,
-            ..
-        } => {
+        Run::Upsert { columns, rows, .. } => {
             let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-            // Snapshot rows into a table that is empty (in this transaction): nothing
-            // to conflict with, and the run holds each key once, so COPY them
-            // straight in. The column's own input function checks each value as the
-            // cast below does.
-            if *reads_only && !target.key.is_empty() {
-                let empty: bool = tx
-                    .query_one(&format!("select not exists (select from {name})"), &[])
-                    .await?
-                    .get(0);
-                if empty {
-                    tracing::debug!(rows = rows.len(), table = %name, "snapshot rows copied into an empty table");
-                    copy_rows(tx, &name, &list.join(", "), columns.len(), rows).await?;
-                    return Ok(rows.len() as u64);
-                }
-            }
             // COPY into a staging table, then one INSERT … SELECT: measured ~1.8x
             // faster than unnest() of text arrays (benches/apply_strategies.sh).
             let stage = stage_table(columns.len());

@@ -154,6 +154,9 @@ struct Applier {
     client: Option<Client>,
     checkpoints: checkpoint::Applied,
     tables: HashMap<TableName, (Mapping, TargetTable)>,
+    /// Target tables whose snapshot reads met keys already there: upserted, not
+    /// copied in (see [`apply::copy_reads`]).
+    upsert_reads: HashSet<TableName>,
     dlq: Option<FutureProducer>,
     health: Arc<Health>,
     /// Every configured table's topic exists and its partitions are assigned (or, in
@@ -208,6 +211,7 @@ impl SinkStage {
                 client: client.take(),
                 checkpoints: applied.clone(),
                 tables: HashMap::new(),
+                upsert_reads: HashSet::new(),
                 dlq: None,
                 health: health.clone(),
                 all_topics_consumed: false,
@@ -1134,7 +1138,7 @@ impl Applier {
             ),
         }
         };
-        let tx = client.transaction().await.map_err(classify)?;
+        let mut tx = client.transaction().await.map_err(classify)?;
         if self_group {
             // Several sinks may own a partition in turn: the target's checkpoint, locked
             // for this transaction, is the truth about what is applied.
@@ -1173,12 +1177,22 @@ impl Applier {
             }
         }
         let rows_started = Instant::now();
+        let mut conflicted = Vec::new();
         for run in &runs {
             let target = tables
                 .values()
                 .find(|(m, _)| &m.target == run.table())
                 .map(|(_, t)| t)
                 .expect("planned runs only name prepared tables");
+            if run.is_keyed_reads(target) && !self.upsert_reads.contains(run.table()) {
+                match apply::copy_reads(&mut tx, run).await {
+                    Ok(Some(_)) => continue,
+                    // Keys already there: this table's snapshot reads are upserted
+                    // from now on (this run too).
+                    Ok(None) => conflicted.push(run.table().clone()),
+                    Err(e) => return Err(classify_apply(e)),
+                }
+            }
             apply::execute(&tx, run, target)
                 .await
                 .map_err(classify_apply)?;
@@ -1199,6 +1213,10 @@ impl Applier {
         let ledger_us = ledger_started.elapsed().as_micros() as u64;
         let commit_started = Instant::now();
         tx.commit().await.map_err(classify)?;
+        if !conflicted.is_empty() {
+            tracing::debug!(tables = ?conflicted, "snapshot reads met keys already in the target; upserting them from now on");
+            self.upsert_reads.extend(conflicted);
+        }
         tracing::debug!(
             worker = self.worker,
             runs = runs.len(),
