@@ -54,7 +54,13 @@ pub enum Run {
 impl Run {
     /// Snapshot reads of a keyed table: [`copy_reads`] may load them.
     pub fn is_keyed_reads(&self, target: &TargetTable) -> bool {
-        matches!(self, Run::Upsert { reads_only: true, .. }) && !target.key.is_empty()
+        matches!(
+            self,
+            Run::Upsert {
+                reads_only: true,
+                ..
+            }
+        ) && !target.key.is_empty()
     }
 
     pub fn table(&self) -> &TableName {
@@ -93,7 +99,7 @@ pub fn plan(
             .entry((event.table.to_string(), op_label))
             .or_default() += 1;
         let key = &target.key;
-        let key_of = |row: &[(String, SinkValue)]| -> Vec<Option<String>> {
+        let key_of = |row: &[(std::sync::Arc<str>, SinkValue)]| -> Vec<Option<String>> {
             key.iter()
                 .map(|k| {
                     row.iter()
@@ -350,10 +356,7 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
 /// key violation is the only conflict: an absent key is inserted by COPY exactly as
 /// the upsert would insert it, and each column's input function checks the value as
 /// the upsert's cast does.
-pub async fn copy_reads(
-    tx: &mut Transaction<'_>,
-    run: &Run,
-) -> Result<Option<u64>, ApplyError> {
+pub async fn copy_reads(tx: &mut Transaction<'_>, run: &Run) -> Result<Option<u64>, ApplyError> {
     let Run::Upsert { columns, rows, .. } = run else {
         return Ok(None);
     };

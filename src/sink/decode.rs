@@ -32,13 +32,18 @@ pub struct SinkEvent {
     /// Commit time, microseconds since the Unix epoch.
     pub commit_ts_us: i64,
     /// Source column names and values, in source order.
-    pub before: Option<Vec<(String, SinkValue)>>,
-    pub after: Option<Vec<(String, SinkValue)>>,
+    /// (Names are shared with the writer schema: one allocation per column per
+    /// schema, not per event.)
+    pub before: Option<Row>,
+    pub after: Option<Row>,
     /// Source column name -> PostgreSQL type (from the Avro schema), for DDL.
     pub types: Arc<Vec<(String, String)>>,
     /// Key column names (source names).
     pub key: Arc<Vec<String>>,
 }
+
+/// A row image: column names and values, in source order.
+pub type Row = Vec<(Arc<str>, SinkValue)>;
 
 /// A message that cannot be decoded: the reason (never a value).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,7 +82,7 @@ pub struct WriterSchema {
     /// framing was already taken off).
     reader: apache_avro::GenericSingleObjectReader,
     /// Of a value schema: each row column's name and Avro type, in order.
-    columns: Vec<(String, Json)>,
+    columns: Vec<(Arc<str>, Json)>,
     /// Of a value schema: each column's name and PostgreSQL type (`pgferry.type`).
     types: Arc<Vec<(String, String)>>,
     /// Of a key schema: the key columns' names.
@@ -103,7 +108,7 @@ impl WriterSchema {
         let columns = fields
             .into_iter()
             .flatten()
-            .map(|f| (column_name(f), f["type"].clone()))
+            .map(|f| (Arc::from(column_name(f)), f["type"].clone()))
             .collect();
         let types = fields
             .into_iter()
@@ -181,7 +186,7 @@ pub fn avro_envelope(
             _ => None,
         })
         .unwrap_or(0);
-    let row = |name: &str| -> Result<Option<Vec<(String, SinkValue)>>, DecodeError> {
+    let row = |name: &str| -> Result<Option<Row>, DecodeError> {
         match field(name) {
             Some(Avro::Union(_, inner)) => match inner.as_ref() {
                 Avro::Null => Ok(None),
@@ -433,7 +438,7 @@ pub fn connect_envelope(
             .as_str()
             .ok_or_else(|| bad("source.table is missing"))?,
     );
-    let row = |name: &str| -> Result<Option<Vec<(String, SinkValue)>>, DecodeError> {
+    let row = |name: &str| -> Result<Option<Row>, DecodeError> {
         match &v[name] {
             Json::Null => Ok(None),
             Json::Object(o) => row_fields
@@ -443,7 +448,7 @@ pub fn connect_envelope(
                     let value = o.get(&column).unwrap_or(&Json::Null);
                     let value = connect_cell(value, &f["type"])
                         .map_err(|e| bad(format!("{name}.{column}: {}", e.0)))?;
-                    Ok((column, value))
+                    Ok((Arc::from(column), value))
                 })
                 .collect::<Result<_, _>>()
                 .map(Some),
@@ -462,7 +467,7 @@ pub fn connect_envelope(
     let mut after = row("after")?;
     if let (Some(after), Some(unchanged)) = (after.as_mut(), v["unchanged"].as_array()) {
         for u in unchanged.iter().filter_map(|u| u.as_str()) {
-            if let Some(cell) = after.iter_mut().find(|(c, _)| c == u) {
+            if let Some(cell) = after.iter_mut().find(|(c, _)| **c == *u) {
                 cell.1 = SinkValue::Unchanged;
             }
         }
@@ -626,14 +631,17 @@ pub fn json_envelope(
             .as_str()
             .ok_or_else(|| bad("source.table is missing"))?,
     );
-    let row = |r: &Json| -> Option<Vec<(String, SinkValue)>> {
-        r.as_object()
-            .map(|o| o.iter().map(|(k, v)| (k.clone(), json_text(v))).collect())
+    let row = |r: &Json| -> Option<Row> {
+        r.as_object().map(|o| {
+            o.iter()
+                .map(|(k, v)| (Arc::from(k.as_str()), json_text(v)))
+                .collect()
+        })
     };
     let mut after = row(&v["after"]);
     if let (Some(after), Some(unchanged)) = (after.as_mut(), v["unchanged"].as_array()) {
         for u in unchanged.iter().filter_map(|u| u.as_str()) {
-            after.push((u.to_string(), SinkValue::Unchanged));
+            after.push((Arc::from(u), SinkValue::Unchanged));
         }
     }
     let key = key
@@ -736,8 +744,8 @@ mod tests {
             .unwrap();
             assert_eq!(*e.key, ["id"]);
             assert_eq!(e.op, Op::Update);
-            let text = |r: &[(String, SinkValue)], c: &str| {
-                r.iter().find(|(n, _)| n == c).unwrap().1.clone()
+            let text = |r: &[(Arc<str>, SinkValue)], c: &str| {
+                r.iter().find(|(n, _)| **n == *c).unwrap().1.clone()
             };
             let t = |s: &str| SinkValue::Text(s.into());
             let after = e.after.unwrap();
