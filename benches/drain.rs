@@ -40,37 +40,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const TABLE: &str = "create table public.patients (
-    id bigint primary key, name text, dob date, gender char(1), contact_number text,
-    email text, address text, notes text, weight numeric(6,2), updated_at timestamptz
-)";
-
-/// Realistic rows: names, addresses and a clinical note of ~200 bytes.
-const BACKLOG: &str = "
-insert into public.patients
-select g,
-       (array['Margaret','James','Aisha','Oliver','Priya','Thomas','Chloe','Mohammed','Eleanor','Daniel'])[1 + g % 10]
-         || ' ' || (array['Smith','O''Connell','Patel','Jones','Nowak','Williams','Okafor','Brown','Taylor','Whitfield'])[1 + (g / 10) % 10],
-       date '1930-01-01' + (g * 37 % 32000),
-       case when g % 2 = 0 then 'F' else 'M' end,
-       '+44 7' || lpad((g::bigint * 7919 % 1000000000)::text, 9, '0'),
-       'patient' || g || '@example.org',
-       (g % 240 + 1) || ' ' || (array['Harbour View Road','Mill Lane','Station Road','Church Street'])[1 + g % 4]
-         || ', ' || (array['Portsmouth','Leeds','Bristol','Norwich','Exeter','York'])[1 + (g / 5) % 6] || ', United Kingdom',
-       'Follow-up after laparoscopic cholecystectomy; wound healing well, no signs of infection. '
-         || 'Mild post-operative nausea resolved. Continue paracetamol 1g QDS PRN; review bloods in 2 weeks. Ref ' || g || '.',
-       round((45 + (g % 700) / 10.0)::numeric, 2),
-       now() - (g % 100000) * interval '1 minute'
-  from generate_series(1, ROWS) as g;
-update public.patients set weight = weight + 1, updated_at = now();";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).map_or(default, |v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name} must be a whole number, got {v:?}"))
-    })
-}
+use support::{backlog_sql, env_u64, TABLE};
 
 /// The source database with its backlog, and what the target must hold after it.
 struct Backlog {
@@ -94,7 +64,7 @@ impl Backlog {
             ));
         }
         println!("drain: writing the backlog: {rows} inserts, then {rows} updates");
-        src.sql(&BACKLOG.replace("ROWS", &rows.to_string()));
+        src.sql(&backlog_sql(rows));
         let end_lsn = src.value("select pg_current_wal_lsn()::text").unwrap();
         let weight_sum = src
             .value("select sum(weight)::text from public.patients")

@@ -30,6 +30,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::*;
+use support::env_u64;
 
 /// The 10 columns of the drain benchmarks' patients table; `created_at` is the
 /// source's clock at insert.
@@ -51,15 +52,6 @@ const TARGET_TABLE: &str = "create table public.patients (
 
 /// Connections the load is spread over (each waits for its commit to be flushed).
 const WRITERS: u64 = 4;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} must be a whole number, got {v:?}")),
-        Err(_) => default,
-    }
-}
 
 struct Load {
     rate: u64,

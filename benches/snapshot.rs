@@ -45,34 +45,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use support::{ROWS_SQL, TABLE};
 
 /// The longest any side may take.
 const LIMIT: Duration = Duration::from_secs(1800);
-
-/// The drain bench's table (benches/drain.rs).
-const TABLE: &str = "create table public.patients (
-    id bigint primary key, name text, dob date, gender char(1), contact_number text,
-    email text, address text, notes text, weight numeric(6,2), updated_at timestamptz
-)";
-
-/// The drain bench's rows (benches/drain.rs): names, addresses and a clinical note of
-/// ~200 bytes.
-const ROWS_SQL: &str = "
-insert into public.patients
-select g,
-       (array['Margaret','James','Aisha','Oliver','Priya','Thomas','Chloe','Mohammed','Eleanor','Daniel'])[1 + g % 10]
-         || ' ' || (array['Smith','O''Connell','Patel','Jones','Nowak','Williams','Okafor','Brown','Taylor','Whitfield'])[1 + (g / 10) % 10],
-       date '1930-01-01' + (g * 37 % 32000),
-       case when g % 2 = 0 then 'F' else 'M' end,
-       '+44 7' || lpad((g::bigint * 7919 % 1000000000)::text, 9, '0'),
-       'patient' || g || '@example.org',
-       (g % 240 + 1) || ' ' || (array['Harbour View Road','Mill Lane','Station Road','Church Street'])[1 + g % 4]
-         || ', ' || (array['Portsmouth','Leeds','Bristol','Norwich','Exeter','York'])[1 + (g / 5) % 6] || ', United Kingdom',
-       'Follow-up after laparoscopic cholecystectomy; wound healing well, no signs of infection. '
-         || 'Mild post-operative nausea resolved. Continue paracetamol 1g QDS PRN; review bloods in 2 weeks. Ref ' || g || '.',
-       round((45 + (g % 700) / 10.0)::numeric, 2),
-       now() - (g % 100000) * interval '1 minute'
-  from generate_series(1, ROWS) as g";
 
 /// Count and a checksum of every row's text (in UTC, whatever the server's zone).
 const CHECKSUM: &str = "set timezone = 'UTC';

@@ -36,44 +36,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use support::{backlog_sql, env_u64, TABLE};
 
 /// The longest either side may take.
 const LIMIT: Duration = Duration::from_secs(900);
-
-/// The drain bench's table (benches/drain.rs).
-const TABLE: &str = "create table public.patients (
-    id bigint primary key, name text, dob date, gender char(1), contact_number text,
-    email text, address text, notes text, weight numeric(6,2), updated_at timestamptz
-)";
-
-/// The drain bench's backlog (benches/drain.rs): realistic rows, names, addresses and
-/// a clinical note of ~200 bytes, inserted, then all updated.
-const BACKLOG: &str = "
-insert into public.patients
-select g,
-       (array['Margaret','James','Aisha','Oliver','Priya','Thomas','Chloe','Mohammed','Eleanor','Daniel'])[1 + g % 10]
-         || ' ' || (array['Smith','O''Connell','Patel','Jones','Nowak','Williams','Okafor','Brown','Taylor','Whitfield'])[1 + (g / 10) % 10],
-       date '1930-01-01' + (g * 37 % 32000),
-       case when g % 2 = 0 then 'F' else 'M' end,
-       '+44 7' || lpad((g::bigint * 7919 % 1000000000)::text, 9, '0'),
-       'patient' || g || '@example.org',
-       (g % 240 + 1) || ' ' || (array['Harbour View Road','Mill Lane','Station Road','Church Street'])[1 + g % 4]
-         || ', ' || (array['Portsmouth','Leeds','Bristol','Norwich','Exeter','York'])[1 + (g / 5) % 6] || ', United Kingdom',
-       'Follow-up after laparoscopic cholecystectomy; wound healing well, no signs of infection. '
-         || 'Mild post-operative nausea resolved. Continue paracetamol 1g QDS PRN; review bloods in 2 weeks. Ref ' || g || '.',
-       round((45 + (g % 700) / 10.0)::numeric, 2),
-       now() - (g % 100000) * interval '1 minute'
-  from generate_series(1, ROWS) as g;
-update public.patients set weight = weight + 1, updated_at = now();";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).map_or(default, |v| {
-        v.parse()
-            .ok()
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| panic!("{name} must be a positive whole number, got {v:?}"))
-    })
-}
 
 /// The source database with its two slots and the backlog behind them.
 struct Backlog {
@@ -99,7 +65,7 @@ impl Backlog {
             .value("select pg_current_wal_lsn()::text")
             .expect("reading the WAL position before the backlog");
         println!("tail: writing the backlog: {rows} inserts, then {rows} updates");
-        src.sql(&BACKLOG.replace("ROWS", &rows.to_string()));
+        src.sql(&backlog_sql(rows));
         let end_lsn = src
             .value("select pg_current_wal_lsn()::text")
             .expect("reading the WAL position after the backlog");

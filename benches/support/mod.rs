@@ -108,3 +108,45 @@ pub fn watch_exit(pid: u32, started: Instant, limit: Duration) -> Option<Exit> {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The benchmarks' table: the 10-column patients table.
+pub const TABLE: &str = "create table public.patients (
+    id bigint primary key, name text, dob date, gender char(1), contact_number text,
+    email text, address text, notes text, weight numeric(6,2), updated_at timestamptz
+)";
+
+/// ROWS realistic rows of [`TABLE`] (`ROWS` is replaced by the count): names,
+/// addresses and a clinical note of ~200 bytes.
+pub const ROWS_SQL: &str = "
+insert into public.patients
+select g,
+       (array['Margaret','James','Aisha','Oliver','Priya','Thomas','Chloe','Mohammed','Eleanor','Daniel'])[1 + g % 10]
+         || ' ' || (array['Smith','O''Connell','Patel','Jones','Nowak','Williams','Okafor','Brown','Taylor','Whitfield'])[1 + (g / 10) % 10],
+       date '1930-01-01' + (g * 37 % 32000),
+       case when g % 2 = 0 then 'F' else 'M' end,
+       '+44 7' || lpad((g::bigint * 7919 % 1000000000)::text, 9, '0'),
+       'patient' || g || '@example.org',
+       (g % 240 + 1) || ' ' || (array['Harbour View Road','Mill Lane','Station Road','Church Street'])[1 + g % 4]
+         || ', ' || (array['Portsmouth','Leeds','Bristol','Norwich','Exeter','York'])[1 + (g / 5) % 6] || ', United Kingdom',
+       'Follow-up after laparoscopic cholecystectomy; wound healing well, no signs of infection. '
+         || 'Mild post-operative nausea resolved. Continue paracetamol 1g QDS PRN; review bloods in 2 weeks. Ref ' || g || '.',
+       round((45 + (g % 700) / 10.0)::numeric, 2),
+       now() - (g % 100000) * interval '1 minute'
+  from generate_series(1, ROWS) as g";
+
+/// The drains' backlog: `rows` rows inserted in one transaction, then all updated in
+/// a second.
+pub fn backlog_sql(rows: u64) -> String {
+    format!(
+        "{};\nupdate public.patients set weight = weight + 1, updated_at = now();",
+        ROWS_SQL.replace("ROWS", &rows.to_string())
+    )
+}
+
+/// A whole-number knob from the environment, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a whole number, got {v:?}"))
+    })
+}
