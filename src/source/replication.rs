@@ -444,7 +444,6 @@ impl ReplicationConn {
         self.flush().await
     }
 
-    /// End the CopyBoth stream politely (after a final status update).
     /// Close a connection that is not streaming (after `IDENTIFY_SYSTEM`, or the
     /// exporter of a snapshot): `Terminate` alone. (`finish` would wait 5 s for an
     /// answer to a CopyDone that an idle connection never gives.)
@@ -453,6 +452,7 @@ impl ReplicationConn {
         let _ = self.flush().await;
     }
 
+    /// End the CopyBoth stream politely (after a final status update).
     pub async fn finish(mut self) -> Result<(), Error> {
         frontend::copy_done(&mut self.write);
         self.flush().await?;

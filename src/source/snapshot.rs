@@ -460,7 +460,7 @@ pub async fn run_initial(
         })
         .collect();
     if names.is_empty() {
-        let _ = init.exporter.finish().await;
+        init.exporter.close().await;
         return Ok(());
     }
     let (cache, tables) = describe(init.catalog, config, init.table_oids, &names).await?;
@@ -494,7 +494,7 @@ pub async fn run_initial(
         })?;
         clients.push(c);
     }
-    let _ = init.exporter.finish().await;
+    init.exporter.close().await;
 
     let position = Lsn(init.consistent_point.0.saturating_sub(1));
     let feed = Arc::new(Feed {
