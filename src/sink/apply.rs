@@ -336,16 +336,23 @@ async fn copy_rows(
 }
 
 /// COPY text format: backslash, tab, newline and carriage return are escaped.
+/// Runs without such a byte are copied whole (most values have none).
 fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
-    for &b in text.as_bytes() {
-        match b {
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            _ => buf.extend_from_slice(&[b]),
-        }
+    let mut rest = text.as_bytes();
+    while let Some(i) = rest
+        .iter()
+        .position(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        buf.extend_from_slice(&rest[..i]);
+        buf.extend_from_slice(match rest[i] {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            _ => b"\\r",
+        });
+        rest = &rest[i + 1..];
     }
+    buf.extend_from_slice(rest);
 }
 
 /// Load a run of snapshot reads ([`Run::is_keyed_reads`]) with a plain COPY into the
@@ -538,6 +545,12 @@ mod tests {
         let mut buf = bytes::BytesMut::new();
         copy_escape(&mut buf, "a\tb\nc\\d\re \\N");
         assert_eq!(&buf[..], b"a\\tb\\nc\\\\d\\re \\\\N");
+        buf.clear();
+        copy_escape(&mut buf, "\\plain text\n");
+        assert_eq!(&buf[..], b"\\\\plain text\\n");
+        buf.clear();
+        copy_escape(&mut buf, "");
+        assert!(buf.is_empty());
     }
 
     #[test]
