@@ -165,22 +165,35 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let _ = std::panic::catch_unwind(|| {
-            sql(
-                &self.admin_url,
-                &format!(
-                    "select pg_terminate_backend(active_pid) from pg_replication_slots \
-                     where database = '{0}' and active_pid is not null",
-                    self.name
-                ),
-            );
-            std::thread::sleep(Duration::from_millis(200));
-            sql(
-                &self.admin_url,
-                &format!(
-                    "select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = '{0}'",
-                    self.name
-                ),
-            );
+            // A walsender takes a moment to let go of its slot after its client went
+            // away or was terminated; a slot left behind keeps WAL forever (and its
+            // database cannot be dropped), so wait for each to become inactive.
+            for _ in 0..50 {
+                let left = sql_value(
+                    &self.admin_url,
+                    &format!(
+                        "select count(*) from (
+                           select pg_terminate_backend(active_pid) from pg_replication_slots
+                            where database = '{0}' and active_pid is not null
+                           union all
+                           select null from pg_replication_slots
+                            where database = '{0}' and active) a",
+                        self.name
+                    ),
+                );
+                sql(
+                    &self.admin_url,
+                    &format!(
+                        "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+                         where database = '{0}' and not active",
+                        self.name
+                    ),
+                );
+                if left.as_deref() == Some("0") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
             sql(
                 &self.admin_url,
                 &format!("drop database if exists {} with (force)", self.name),
