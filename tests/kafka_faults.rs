@@ -198,18 +198,15 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
         "\"linger.ms\" = \"0\"",
         "r",
     );
-    let run = run_source(&cfg);
+    let mut run = run_source(&cfg);
     wait_streaming(&db, "s_kretry");
     let keys = 20;
     let rounds = 30;
     db.sql(&format!(
         "insert into r select g, 0 from generate_series(1, {keys}) g"
     ));
-    // A clean retriable error. (On librdkafka's mock cluster under load,
-    // REQUEST_TIMED_OUT once, and NOT_ENOUGH_REPLICAS three times in five full runs,
-    // left two messages undelivered for over 120 s; never alone, never on real Kafka.
-    // Not enough replicas is tested for real in tests/kafka_cluster.rs: two of three
-    // brokers stopped with min.insync.replicas = 2.)
+    // A clean retriable error. (NOT_ENOUGH_REPLICAS is tested for real in
+    // tests/kafka_cluster.rs: two of three brokers stopped with min.insync.replicas = 2.)
     let errors = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION];
     for round in 0..rounds {
         if round % 3 == 0 {
@@ -218,25 +215,57 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
         }
         db.sql("update r set counter = counter + 1");
     }
-    let total = (keys * (rounds + 1)) as usize;
-    let records = std::panic::catch_unwind(|| {
-        consume_all(
-            &mock.bootstrap_servers(),
-            "retry.public.r",
-            total,
-            T,
-            Duration::from_secs(3),
-        )
-    });
-    // On a shortfall, pgferry's own account of it (the mock cluster once kept a
-    // message undelivered under load).
-    let Ok(records) = records else {
-        let text = run.stderr_text();
-        panic!(
-            "messages are missing; pgferry's stderr ends:\n{}",
-            &text[text.len().saturating_sub(8000)..]
-        );
+    let last = last_commit(&db);
+    let confirmed_all = |db: &TestDb| {
+        db.confirmed_flush("s_kretry")
+            .is_some_and(|c| lsn(&c) >= last)
     };
+    let all_acked = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if confirmed_all(&db) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    };
+    // librdkafka's mock cluster sometimes keeps a retried message undelivered for
+    // minutes (two of 620, in about half of the loaded full runs; never alone, never
+    // on real Kafka). What pgferry owes then: the slot is not confirmed past it, and
+    // a restart sends it again from the slot. Order is checked on what arrives.
+    let mut restarted = false;
+    if !all_acked() {
+        let stalled_at = db.confirmed_flush("s_kretry").expect("the slot exists");
+        eprintln!(
+            "the mock cluster kept messages undelivered; the slot stays at {stalled_at}, \
+             before the last commit: restarting pgferry"
+        );
+        assert!(
+            lsn(&stalled_at) < last,
+            "nothing undelivered may be confirmed"
+        );
+        assert!(run.terminate().success(), "{}", run.stderr_text());
+        run = run_source(&cfg);
+        restarted = true;
+        assert!(
+            all_acked(),
+            "after a restart every message is acknowledged; pgferry's stderr ends:\n{}",
+            {
+                let text = run.stderr_text();
+                text[text.len().saturating_sub(8000)..].to_string()
+            }
+        );
+    }
+    let total = (keys * (rounds + 1)) as usize;
+    // Everything is acknowledged: the topic holds it all.
+    let records = consume_all(
+        &mock.bootstrap_servers(),
+        "retry.public.r",
+        total,
+        T,
+        Duration::from_secs(3),
+    );
     let mut per_key: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     for r in &records {
         let v: Value = serde_json::from_slice(r.value.as_ref().unwrap()).unwrap();
@@ -245,14 +274,25 @@ fn retriable_produce_errors_do_not_reorder_a_key() {
             .or_default()
             .push(v["after"]["counter"].as_i64().unwrap());
     }
-    assert_eq!(records.len(), total, "idempotence: no duplicates, no loss");
+    if !restarted {
+        assert_eq!(records.len(), total, "idempotence: no duplicates, no loss");
+    }
     for (key, counters) in per_key {
+        // A restart re-sends from the confirmed position: the first copy of each
+        // change is the one whose place counts.
+        let mut first = Vec::new();
+        for c in counters {
+            if !first.contains(&c) {
+                first.push(c);
+            }
+        }
         assert_eq!(
-            counters,
+            first,
             (0..=rounds as i64).collect::<Vec<_>>(),
             "key {key} out of order"
         );
     }
+    drop(run);
 }
 
 #[test]
