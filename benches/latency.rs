@@ -17,6 +17,7 @@
 //! scripts/services.sh up && eval "$(scripts/services.sh env)"
 //! cargo bench --bench latency                  # RATE=5000 SECS=60 TXN_ROWS=10
 //! RATE=2000 SECS=20 cargo bench --bench latency
+//! SINK_EXTRA='workers = 1' cargo bench --bench latency   # keys added to [sink]
 //! ```
 //!
 //! Results: a readable table on stdout, and one JSON line per side appended to
@@ -234,11 +235,13 @@ fn pgferry(src: &TestDb, load: &Load) -> Result {
         "lat.toml",
         "ferry",
         &format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"lat{}\"\n[sink]\nurl = \"{}\"\nconsumer = \"lat\"\n\
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"lat{}\"\n[sink]\nurl = \"{}\"\nconsumer = \"lat\"\n{}\n\
              [[tables]]\nsource = \"public.patients\"\n",
             service_env("PGFERRY_BROKERS"),
             src.name,
-            target.url
+            target.url,
+            // Keys added to [sink], to try settings.
+            std::env::var("SINK_EXTRA").unwrap_or_default()
         ),
     );
     let text = std::fs::read_to_string(&cfg)
