@@ -324,27 +324,28 @@ fn repeated_kill9_during_100k_changes_is_exactly_once() {
     assert_eq!(partitions.as_deref(), Some("3"));
     let metrics = http_get(port, "/metrics").1;
     for worker in 0..3 {
-        let line = format!("pgferry_sink_batches_total{{worker=\"{worker}\"}}");
-        let batches: f64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(line.as_str()))
-            .unwrap_or_else(|| panic!("no {line} in /metrics:\n{metrics}"))
-            .trim()
-            .parse()
-            .unwrap();
+        let batches = sample(
+            &metrics,
+            &format!("pgferry_sink_batches_total{{worker=\"{worker}\"}}"),
+        );
         assert!(batches > 0.0, "worker {worker} applied nothing:\n{metrics}");
     }
     // The delivery callback counts by the topic index its messages carry: the last
     // round's 1000 updates were acknowledged by this process.
     let line = format!("pgferry_kafka_produced_total{{topic=\"{prefix}.public.c\"}}");
-    let produced: f64 = metrics
+    let produced = sample(&metrics, &line);
+    assert!(produced >= 1000.0, "{line} {produced}");
+}
+
+/// The value of the sample `series` (name and labels, as exposed) in a `/metrics` text.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
         .lines()
-        .find_map(|l| l.strip_prefix(line.as_str()))
-        .unwrap_or_else(|| panic!("no {line} in /metrics:\n{metrics}"))
+        .find_map(|l| l.strip_prefix(series))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{metrics}"))
         .trim()
         .parse()
-        .unwrap();
-    assert!(produced >= 1000.0, "{line} {produced}");
+        .unwrap_or_else(|e| panic!("{series}: {e}"))
 }
 
 #[test]
