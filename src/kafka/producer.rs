@@ -64,23 +64,20 @@ struct Shared {
 const TOPIC_BITS: u32 = 20;
 
 fn opaque(seq: u64, topic: usize) -> usize {
+    // 2^44 transactions in one process, 2^20 topics: far beyond any real run.
+    debug_assert!(seq < 1 << (64 - TOPIC_BITS) && topic < 1 << TOPIC_BITS);
     ((seq << TOPIC_BITS) | (topic as u64 & ((1 << TOPIC_BITS) - 1))) as usize
 }
 
 impl Shared {
-    /// The index of `topic`'s produced counter, registered on first use.
+    /// The index of `topic`'s produced counter, registered on first use (once per
+    /// table version, never per message).
     fn topic_index(&self, topic: &str) -> usize {
-        let known = self
+        let mut all = self
             .produced
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .position(|(t, _)| t == topic);
-        known.unwrap_or_else(|| {
-            let mut all = self
-                .produced
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        all.iter().position(|(t, _)| t == topic).unwrap_or_else(|| {
             all.push((
                 topic.to_string(),
                 metrics().kafka_produced.with_label_values(&[topic]),
