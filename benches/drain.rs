@@ -318,7 +318,14 @@ fn main() {
     if want("pipeline") {
         // Two partitions: the sink's two workers apply one each.
         let two = ("partitions = 2", "");
-        sides.push(pgferry(&b, "pipeline", "e2e2p", Some(""), two, ""));
+        sides.push(pgferry(
+            &b,
+            "pipeline",
+            "e2e2p",
+            Some("workers = 2"),
+            two,
+            "",
+        ));
     }
     if want("kafka") {
         sides.push(recvlogical(&b));
