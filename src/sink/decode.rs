@@ -8,6 +8,7 @@ use std::sync::Arc;
 use apache_avro::types::Value as Avro;
 use serde_json::Value as Json;
 
+use super::avro_plan::EnvelopePlan;
 use crate::codec::pgtext;
 use crate::event::{Op, TableName};
 use crate::lsn::Lsn;
@@ -50,7 +51,7 @@ pub type Row = Vec<(Arc<str>, SinkValue)>;
 #[error("{0}")]
 pub struct DecodeError(pub String);
 
-fn bad(m: impl Into<String>) -> DecodeError {
+pub(super) fn bad(m: impl Into<String>) -> DecodeError {
     DecodeError(m.into())
 }
 
@@ -87,6 +88,8 @@ pub struct WriterSchema {
     types: Arc<Vec<(String, String)>>,
     /// Of a key schema: the key columns' names.
     key: Arc<Vec<String>>,
+    /// Of a value schema in the shapes it covers: the compiled decoder.
+    pub(super) plan: Option<EnvelopePlan>,
 }
 
 struct NoHeader;
@@ -105,7 +108,7 @@ impl WriterSchema {
             apache_avro::GenericSingleObjectReader::new_with_header_builder(avro.clone(), NoHeader)
                 .map_err(|e| e.to_string())?;
         let fields = row_schema_fields(&json);
-        let columns = fields
+        let columns: Vec<(Arc<str>, Json)> = fields
             .into_iter()
             .flatten()
             .map(|f| (Arc::from(column_name(f)), f["type"].clone()))
@@ -124,7 +127,9 @@ impl WriterSchema {
             .as_array()
             .map(|fs| fs.iter().map(column_name).collect())
             .unwrap_or_default();
+        let plan = EnvelopePlan::compile(&avro, &columns);
         Ok(WriterSchema {
+            plan,
             avro,
             reader,
             columns,
@@ -137,6 +142,30 @@ impl WriterSchema {
 
 /// Decode an Avro envelope written with `schema`; `key` is the key's writer schema.
 pub fn avro_envelope(
+    datum: &[u8],
+    schema: &WriterSchema,
+    key: Option<&WriterSchema>,
+    position: (Lsn, u32),
+) -> Result<SinkEvent, DecodeError> {
+    let Some(plan) = &schema.plan else {
+        return avro_envelope_generic(datum, schema, key, position);
+    };
+    let e = plan.decode(datum, &schema.columns)?;
+    Ok(SinkEvent {
+        position,
+        op: e.op,
+        table: TableName::new(e.schema, e.table),
+        commit_ts_us: e.commit_ts_us,
+        before: e.before,
+        after: e.after,
+        types: schema.types.clone(),
+        key: key.map(|k| k.key.clone()).unwrap_or_default(),
+    })
+}
+
+/// [`avro_envelope`] through apache-avro's generic values: for schemas outside the
+/// compiled plan's shapes.
+pub(super) fn avro_envelope_generic(
     datum: &[u8],
     schema: &WriterSchema,
     key: Option<&WriterSchema>,
@@ -235,7 +264,7 @@ fn column_name(field: &Json) -> String {
         .to_string()
 }
 
-fn parse_op(s: &str) -> Result<Op, DecodeError> {
+pub(super) fn parse_op(s: &str) -> Result<Op, DecodeError> {
     Ok(match s {
         "c" => Op::Create,
         "u" => Op::Update,
@@ -254,7 +283,7 @@ fn branch(ty: &Json, index: u32) -> &Json {
     }
 }
 
-fn is_named(ty: &Json, name: &str) -> bool {
+pub(super) fn is_named(ty: &Json, name: &str) -> bool {
     ty.as_str() == Some(name) || ty["connect.name"].as_str() == Some(name)
 }
 
@@ -282,7 +311,7 @@ fn avro_text(v: &Avro, ty: &Json) -> Result<SinkValue, DecodeError> {
     })
 }
 
-fn float_text(f: f64, single: bool) -> String {
+pub(super) fn float_text(f: f64, single: bool) -> String {
     if f.is_nan() {
         "NaN".into()
     } else if f.is_infinite() {
@@ -373,7 +402,7 @@ fn plain_text(v: &Avro, ty: &Json) -> Result<String, DecodeError> {
 }
 
 /// Quote one element of an array literal (always quoted: safe for every type).
-fn quote_array_element(out: &mut String, text: &str) {
+pub(super) fn quote_array_element(out: &mut String, text: &str) {
     out.push('"');
     for c in text.chars() {
         if c == '"' || c == '\\' {

@@ -24,6 +24,7 @@
 //! error in its headers before the checkpoint moves past it.
 
 pub mod apply;
+mod avro_plan;
 pub mod barrier;
 pub mod checkpoint;
 pub mod decode;
