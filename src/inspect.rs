@@ -126,7 +126,7 @@ async fn fingerprint_streamed(
     let (mut rows, mut sum) = (0i64, 0u64);
     let mut pending = bytes::BytesMut::new();
     let row_hash = |line: &[u8]| -> Result<u64, Error> {
-        let fields = crate::source::snapshot::parse_copy_line(line)
+        let fields = crate::source::snapshot::parse_copy_line(&bytes::Bytes::copy_from_slice(line))
             .map_err(|why| Error::fatal(format!("reading {table} to checksum it: {why}")))?;
         // DefaultHasher::new() has fixed keys: both sides hash alike in this process.
         let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -324,40 +324,55 @@ impl RelationState {
             )));
         }
         let mut values = Vec::with_capacity(self.positions.len());
-        let mut tuple: Vec<Option<TupleValue>> = tuple.into_iter().map(Some).collect();
-        for (i, &pos) in self.positions.iter().enumerate() {
-            let datum = match tuple[pos].take() {
-                Some(TupleValue::Text(bytes)) => Datum::Text(Text::new(bytes).map_err(|_| {
-                    Error::operator(format!(
-                        "table {} column {}: value is not valid UTF-8",
-                        self.schema.name, self.schema.columns[i].name
-                    ))
-                    .with_hint("pgferry reads with client_encoding UTF8; check the source database encoding")
-                })?),
-                Some(TupleValue::UnchangedToast) => Datum::Unchanged,
-                Some(TupleValue::Null) | None => Datum::Null,
-                Some(TupleValue::Binary(_)) => {
-                    return Err(Error::fatal(format!(
-                        "table {}: the server sent a binary value, which pgferry never asks for",
-                        self.schema.name
-                    )))
-                }
-            };
-            let datum = match (self.schema.columns[i].transform, datum) {
-                (Some(t), Datum::Text(text)) => {
-                    let key = self.phi_key.as_deref().unwrap_or_default();
-                    match super::transform::apply(t, key, text.as_str()) {
-                        Some(v) => Datum::Text(Text::from_string(v)),
-                        None => Datum::Null,
-                    }
-                }
-                // Unchanged TOAST stays unchanged: the target keeps its transformed value.
-                (Some(crate::event::Transform::Null), Datum::Unchanged) => Datum::Null,
-                (_, d) => d,
-            };
-            values.push(datum);
+        // Usually the wire columns are the table's, in order: no reshuffle needed.
+        let in_order = self.positions.len() == tuple.len()
+            && self.positions.iter().enumerate().all(|(i, &p)| i == p);
+        if in_order {
+            for (i, v) in tuple.into_iter().enumerate() {
+                values.push(self.datum(i, Some(v))?);
+            }
+        } else {
+            let mut tuple: Vec<Option<TupleValue>> = tuple.into_iter().map(Some).collect();
+            for (i, &pos) in self.positions.iter().enumerate() {
+                values.push(self.datum(i, tuple[pos].take())?);
+            }
         }
         Ok(Row { values, key_only })
+    }
+
+    /// Column `i`'s value from the wire, its transform applied.
+    fn datum(&self, i: usize, value: Option<TupleValue>) -> Result<Datum, Error> {
+        let datum = match value {
+            Some(TupleValue::Text(bytes)) => Datum::Text(Text::new(bytes).map_err(|_| {
+                Error::operator(format!(
+                    "table {} column {}: value is not valid UTF-8",
+                    self.schema.name, self.schema.columns[i].name
+                ))
+                .with_hint(
+                    "pgferry reads with client_encoding UTF8; check the source database encoding",
+                )
+            })?),
+            Some(TupleValue::UnchangedToast) => Datum::Unchanged,
+            Some(TupleValue::Null) | None => Datum::Null,
+            Some(TupleValue::Binary(_)) => {
+                return Err(Error::fatal(format!(
+                    "table {}: the server sent a binary value, which pgferry never asks for",
+                    self.schema.name
+                )))
+            }
+        };
+        Ok(match (self.schema.columns[i].transform, datum) {
+            (Some(t), Datum::Text(text)) => {
+                let key = self.phi_key.as_deref().unwrap_or_default();
+                match super::transform::apply(t, key, text.as_str()) {
+                    Some(v) => Datum::Text(Text::from_string(v)),
+                    None => Datum::Null,
+                }
+            }
+            // Unchanged TOAST stays unchanged: the target keeps its transformed value.
+            (Some(crate::event::Transform::Null), Datum::Unchanged) => Datum::Null,
+            (_, d) => d,
+        })
     }
 
     pub fn old_row(&self, old: OldTuple) -> Result<Row, Error> {

@@ -154,17 +154,18 @@ async fn wire_columns(
     Ok(rel.columns.into_iter().map(|c| c.name).collect())
 }
 
-/// Split one line of `COPY … TO STDOUT` text format into a tuple.
-pub fn parse_copy_line(line: &[u8]) -> Result<Tuple, String> {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    let mut out = Vec::new();
+/// Split one line of `COPY … TO STDOUT` text format into a tuple. Fields without
+/// escapes share the line's buffer (no copy per field).
+pub fn parse_copy_line(whole: &Bytes) -> Result<Tuple, String> {
+    let line = whole.strip_suffix(b"\n").unwrap_or(whole);
+    let mut out = Vec::with_capacity(16);
     for field in line.split(|&b| b == b'\t') {
         if field == b"\\N" {
             out.push(TupleValue::Null);
             continue;
         }
         if !field.contains(&b'\\') {
-            out.push(TupleValue::Text(Bytes::copy_from_slice(field)));
+            out.push(TupleValue::Text(whole.slice_ref(field)));
             continue;
         }
         let mut v = Vec::with_capacity(field.len());
@@ -258,7 +259,7 @@ impl CopyLines {
 
 fn decode_row(
     state: &RelationState,
-    line: &[u8],
+    line: &Bytes,
     skip: usize,
 ) -> Result<(Vec<Option<String>>, Row), Error> {
     let mut tuple = parse_copy_line(line).map_err(|why| {
