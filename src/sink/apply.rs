@@ -84,6 +84,7 @@ pub fn plan(
     counts: &mut Counts,
 ) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
+    let mut stretch: Option<(&TableName, &'static str, u64)> = None;
     for event in events {
         let Some((mapping, target)) = tables.get(&event.table) else {
             continue;
@@ -95,9 +96,16 @@ pub fn plan(
             Op::Delete => "d",
             Op::Truncate => "t",
         };
-        *counts
-            .entry((event.table.to_string(), op_label))
-            .or_default() += 1;
+        // Counted per stretch of one table and op (formatting the table's name for
+        // every event cost more than applying some of them).
+        match &mut stretch {
+            Some((t, op, n)) if *t == &event.table && *op == op_label => *n += 1,
+            _ => {
+                if let Some((t, op, n)) = stretch.replace((&event.table, op_label, 1)) {
+                    *counts.entry((t.to_string(), op)).or_default() += n;
+                }
+            }
+        }
         let key = &target.key;
         let key_of = |row: &[(std::sync::Arc<str>, SinkValue)]| -> Vec<Option<String>> {
             key.iter()
@@ -123,43 +131,52 @@ pub fn plan(
             Op::Create | Op::Read | Op::Update => {
                 let Some(after) = &event.after else { continue };
                 let partial = after.iter().any(|(_, v)| matches!(v, SinkValue::Unchanged));
-                let new_key = key_of(after);
-                let old_key = event
-                    .before
-                    .as_ref()
-                    .map(|b| key_of(b))
-                    .filter(|old| old.iter().all(Option::is_some) && *old != new_key);
-                let mut columns = Vec::new();
-                let mut values = Vec::new();
-                for (c, v) in after {
-                    let value = match v {
-                        SinkValue::Unchanged => continue,
-                        SinkValue::Null => None,
-                        SinkValue::Text(t) => Some(t.clone()),
-                    };
-                    columns.push(mapping.column(c).to_string());
-                    values.push(value);
+                // The new key matters only to an update in place or a moved key.
+                let new_key = (partial || event.before.is_some()).then(|| key_of(after));
+                let old_key =
+                    event.before.as_ref().map(|b| key_of(b)).filter(|old| {
+                        old.iter().all(Option::is_some) && Some(old) != new_key.as_ref()
+                    });
+                let mut values = Vec::with_capacity(after.len());
+                for (_, v) in after {
+                    match v {
+                        SinkValue::Unchanged => {}
+                        SinkValue::Null => values.push(None),
+                        SinkValue::Text(t) => values.push(Some(t.clone())),
+                    }
                 }
+                // The target names of the sent columns, compared with the last run's
+                // before any is allocated: consecutive events almost always match.
+                let sent = || {
+                    after
+                        .iter()
+                        .filter(|(_, v)| !matches!(v, SinkValue::Unchanged))
+                        .map(|(c, _)| mapping.column(c))
+                };
+                let same_columns = |columns: &[String]| {
+                    columns.len() == values.len() && sent().zip(columns).all(|(a, b)| a == b)
+                };
+                let columns = || sent().map(str::to_string).collect::<Vec<String>>();
                 if partial {
                     // The unchanged values exist only in the target row: update it in
                     // place (moving it when the key changed). A moved row gets a
                     // statement of its own, so no other row of that statement needs to
                     // see it at its new key.
                     let moved = old_key.is_some();
-                    let match_key = old_key.unwrap_or(new_key);
+                    let match_key = old_key.or(new_key).unwrap_or_default();
                     match runs.last_mut() {
                         Some(Run::Update {
                             table,
                             columns: c,
                             rows,
                             match_keys,
-                        }) if !moved && *table == mapping.target && *c == columns => {
+                        }) if !moved && *table == mapping.target && same_columns(c) => {
                             rows.push(values);
                             match_keys.push(match_key);
                         }
                         _ => runs.push(Run::Update {
                             table: mapping.target.clone(),
-                            columns,
+                            columns: columns(),
                             rows: vec![values],
                             match_keys: vec![match_key],
                         }),
@@ -180,19 +197,22 @@ pub fn plan(
                         columns: c,
                         rows,
                         reads_only,
-                    }) if *table == mapping.target && *c == columns => {
+                    }) if *table == mapping.target && same_columns(c) => {
                         rows.push(values);
                         *reads_only &= event.op == Op::Read;
                     }
                     _ => runs.push(Run::Upsert {
                         table: mapping.target.clone(),
-                        columns,
+                        columns: columns(),
                         rows: vec![values],
                         reads_only: event.op == Op::Read,
                     }),
                 }
             }
         }
+    }
+    if let Some((t, op, n)) = stretch {
+        *counts.entry((t.to_string(), op)).or_default() += n;
     }
     // (An empty table name only fenced a moved row's statement.)
     runs.retain(|r| !r.table().name.is_empty());
@@ -216,14 +236,15 @@ pub fn plan(
                 if key_idx.len() != target.key.len() || rows.len() < 2 {
                     continue;
                 }
-                let keys: Vec<Vec<Option<String>>> = rows
+                let keys: Vec<Vec<Option<&str>>> = rows
                     .iter()
-                    .map(|row| key_idx.iter().map(|&k| row[k].clone()).collect())
+                    .map(|row| key_idx.iter().map(|&k| row[k].as_deref()).collect())
                     .collect();
                 let keep = last_of_each(&keys);
                 if keep.len() < rows.len() {
-                    let old = std::mem::take(rows);
-                    *rows = keep.iter().map(|&i| old[i].clone()).collect();
+                    let mut old: Vec<Option<Vec<Option<String>>>> =
+                        std::mem::take(rows).into_iter().map(Some).collect();
+                    *rows = keep.iter().filter_map(|&i| old[i].take()).collect();
                 }
             }
             Run::Update {
@@ -243,8 +264,8 @@ pub fn plan(
 }
 
 /// Indices of the last occurrence of each key, in order.
-fn last_of_each(keys: &[Vec<Option<String>>]) -> Vec<usize> {
-    let mut last: HashMap<&Vec<Option<String>>, usize> = HashMap::new();
+fn last_of_each<K: std::hash::Hash + Eq>(keys: &[K]) -> Vec<usize> {
+    let mut last: HashMap<&K, usize> = HashMap::with_capacity(keys.len());
     for (i, k) in keys.iter().enumerate() {
         last.insert(k, i);
     }
@@ -560,5 +581,98 @@ mod tests {
             last_of_each(&[k("1"), k("2"), k("1"), k("3")]),
             vec![1, 2, 3]
         );
+    }
+
+    fn event(op: Op, table: &str, after: Option<&[(&str, SinkValue)]>, ts: u32) -> SinkEvent {
+        let row = |r: &[(&str, SinkValue)]| {
+            r.iter()
+                .map(|(c, v)| (std::sync::Arc::from(*c), v.clone()))
+                .collect()
+        };
+        SinkEvent {
+            position: (crate::lsn::Lsn(1), ts),
+            op,
+            table: TableName::new("public", table),
+            commit_ts_us: 0,
+            before: None,
+            after: after.map(row),
+            types: Default::default(),
+            key: Default::default(),
+        }
+    }
+
+    #[test]
+    fn plan_groups_runs_counts_stretches_and_keeps_the_last_image() {
+        let text = |s: &str| SinkValue::Text(s.into());
+        let mut tables = HashMap::new();
+        for t in ["a", "b"] {
+            let name = TableName::new("public", t);
+            tables.insert(
+                name.clone(),
+                (
+                    Mapping {
+                        target: name.clone(),
+                        rename: [("n".to_string(), "renamed".to_string())].into(),
+                    },
+                    TargetTable {
+                        name,
+                        types: HashMap::new(),
+                        key: vec!["id".into()],
+                    },
+                ),
+            );
+        }
+        let full = |id: &str, n: &str| vec![("id", text(id)), ("n", text(n))];
+        let events = [
+            event(Op::Read, "a", Some(&full("1", "x")), 0),
+            event(Op::Read, "a", Some(&full("2", "y")), 1),
+            event(Op::Create, "a", Some(&full("1", "z")), 2),
+            // Another column set: a run of its own.
+            event(Op::Update, "a", Some(&[("id", text("3"))]), 3),
+            event(Op::Create, "b", Some(&full("9", "q")), 4),
+            event(Op::Read, "a", Some(&full("4", "w")), 5),
+        ];
+        let refs: Vec<&SinkEvent> = events.iter().collect();
+        let mut counts = Counts::new();
+        let runs = plan(&refs, &tables, &mut counts);
+        let shapes: Vec<(String, Vec<String>, usize, bool)> = runs
+            .iter()
+            .map(|r| match r {
+                Run::Upsert {
+                    table,
+                    columns,
+                    rows,
+                    reads_only,
+                } => (table.to_string(), columns.clone(), rows.len(), *reads_only),
+                other => panic!("unexpected run {other:?}"),
+            })
+            .collect();
+        let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shapes,
+            vec![
+                // Key 1 twice: only its last image stays, after key 2.
+                ("public.a".into(), cols(&["id", "renamed"]), 2, false),
+                ("public.a".into(), cols(&["id"]), 1, false),
+                ("public.b".into(), cols(&["id", "renamed"]), 1, false),
+                ("public.a".into(), cols(&["id", "renamed"]), 1, true),
+            ]
+        );
+        let Run::Upsert { rows, .. } = &runs[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            rows,
+            &vec![
+                vec![Some("2".to_string()), Some("y".to_string())],
+                vec![Some("1".to_string()), Some("z".to_string())],
+            ]
+        );
+        let count = |t: &str, op: &'static str| counts.get(&(t.to_string(), op)).copied();
+        assert_eq!(count("public.a", "r"), Some(3));
+        assert_eq!(count("public.a", "c"), Some(1));
+        assert_eq!(count("public.a", "u"), Some(1));
+        assert_eq!(count("public.b", "c"), Some(1));
+        assert_eq!(counts.len(), 4);
     }
 }
