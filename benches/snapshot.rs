@@ -33,7 +33,8 @@
 //!
 //! Knobs: ROWS (default 1000000); SNAPSHOT_WORKERS (`[source] snapshot_workers`,
 //! default pgferry's: the cores); CHUNK_ROWS (`[source] snapshot_chunk_rows`, default
-//! pgferry's). Results: a table on stdout and one JSON line per side (`"bench":
+//! pgferry's); SINK_EXTRA and KAFKA_EXTRA (keys added to `[sink]` and `[kafka]`, the
+//! last section, so a `[kafka.properties]` table may follow). Results: a table on stdout and one JSON line per side (`"bench":
 //! "snapshot"`) in `target/bench-results.jsonl`.
 
 #[path = "../tests/common/mod.rs"]
@@ -309,16 +310,18 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
         &path,
         format!(
             "[source]\nurl = \"{}\"\nslot = \"{}\"\npublication = \"bench\"\n{}{}\
-             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"s{}\"\n\
-             [sink]\nurl = \"{}\"\nconsumer = \"bench\"\n[http]\nlisten = \"\"\n\
-             [[tables]]\nsource = \"public.patients\"\n",
+             [sink]\nurl = \"{}\"\nconsumer = \"bench\"\n{}\n[http]\nlisten = \"\"\n\
+             [[tables]]\nsource = \"public.patients\"\n\
+             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"s{}\"\n{}\n",
             s.src.url,
             s.src.slot("ferry"),
             knob("snapshot_workers", workers),
             knob("snapshot_chunk_rows", chunk_rows),
+            target.url,
+            std::env::var("SINK_EXTRA").unwrap_or_default(),
             service_env("PGFERRY_BROKERS"),
             s.src.name,
-            target.url,
+            std::env::var("KAFKA_EXTRA").unwrap_or_default(),
         ),
     )
     .expect("writing the pgferry config");
