@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use tokio_postgres::{Client, Transaction};
 
 use crate::error::Error;
-use crate::event::Op;
+use crate::event::{Op, TableName};
 use crate::lsn::Lsn;
 use crate::timestamp::PgTimestamp;
 
@@ -97,7 +97,8 @@ pub struct Entry {
     /// By commit LSN (which names a source transaction): xid, commit time (µs since
     /// the Unix epoch; unknown for an event that was dead-lettered undecoded).
     txs: BTreeMap<Lsn, (Option<u32>, Option<i64>)>,
-    counts: BTreeMap<String, [u64; OPS.len()]>,
+    /// By the table's name as the ledger writes it (and its parsed form, to find it).
+    counts: BTreeMap<String, (TableName, [u64; OPS.len()])>,
     skipped: u64,
 }
 
@@ -119,7 +120,18 @@ impl Entry {
             Op::Read => 3,
             Op::Truncate => 4,
         };
-        self.counts.entry(event.table.to_string()).or_default()[op] += 1;
+        // The name is formatted once per table, not per event.
+        let counts = match self.counts.iter_mut().find(|(_, (t, _))| *t == event.table) {
+            Some((_, (_, c))) => c,
+            None => {
+                &mut self
+                    .counts
+                    .entry(event.table.to_string())
+                    .or_insert_with(|| (event.table.clone(), [0; OPS.len()]))
+                    .1
+            }
+        };
+        counts[op] += 1;
         let tx = self.txs.entry(event.position.0).or_default();
         if tx.0.is_none() {
             tx.0 = xid(headers);
@@ -130,7 +142,10 @@ impl Entry {
     /// An event sent to the dead-letter topic (its table named by the caller; it may
     /// not have decoded).
     pub fn dead_lettered(&mut self, table: &str, headers: &[(String, Vec<u8>)]) {
-        self.counts.entry(table.to_string()).or_default()[5] += 1;
+        self.counts
+            .entry(table.to_string())
+            .or_insert_with(|| (TableName::new("", ""), [0; OPS.len()]))
+            .1[5] += 1;
         if let Ok((lsn, _)) = super::decode::position(headers) {
             let tx = self.txs.entry(lsn).or_default();
             tx.0 = tx.0.or(xid(headers));
@@ -169,7 +184,7 @@ impl Entry {
             .map(|(table, n)| {
                 let ops: serde_json::Map<String, serde_json::Value> = OPS
                     .iter()
-                    .zip(n)
+                    .zip(&n.1)
                     .map(|(op, n)| (op.to_string(), (*n).into()))
                     .collect();
                 (table.clone(), ops.into())
