@@ -28,9 +28,9 @@ pub enum Run {
         /// Target column names, same for every row.
         columns: Vec<String>,
         rows: Vec<Vec<Option<String>>>,
-        /// Every row is a snapshot read: they are tried with a plain COPY into the
-        /// table first (see [`copy_reads`]).
-        reads_only: bool,
+        /// Every row is a snapshot read or an insert: they are tried with a plain
+        /// COPY into the table first (see [`copy_inserts`]).
+        inserts_only: bool,
     },
     /// Rows with unchanged TOAST columns (left out of `columns`): update only the
     /// sent columns of the target row matching `match_keys` (the old key when the
@@ -52,12 +52,12 @@ pub enum Run {
 }
 
 impl Run {
-    /// Snapshot reads of a keyed table: [`copy_reads`] may load them.
-    pub fn is_keyed_reads(&self, target: &TargetTable) -> bool {
+    /// Snapshot reads and inserts of a keyed table: [`copy_inserts`] may load them.
+    pub fn is_keyed_inserts(&self, target: &TargetTable) -> bool {
         matches!(
             self,
             Run::Upsert {
-                reads_only: true,
+                inserts_only: true,
                 ..
             }
         ) && !target.key.is_empty()
@@ -196,16 +196,16 @@ pub fn plan(
                         table,
                         columns: c,
                         rows,
-                        reads_only,
+                        inserts_only,
                     }) if *table == mapping.target && same_columns(c) => {
                         rows.push(values);
-                        *reads_only &= event.op == Op::Read;
+                        *inserts_only &= matches!(event.op, Op::Read | Op::Create);
                     }
                     _ => runs.push(Run::Upsert {
                         table: mapping.target.clone(),
                         columns: columns(),
                         rows: vec![values],
-                        reads_only: event.op == Op::Read,
+                        inserts_only: matches!(event.op, Op::Read | Op::Create),
                     }),
                 }
             }
@@ -376,32 +376,59 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
     buf.extend_from_slice(rest);
 }
 
-/// Load a run of snapshot reads ([`Run::is_keyed_reads`]) with a plain COPY into the
-/// table, no staging and no upsert: what an initial snapshot into an empty table
-/// amounts to. `Ok(None)`: a row's key is already in the table (a re-sent or
-/// re-copied row, or a table that was not empty), nothing of the run was applied
-/// (its savepoint is rolled back), and the run must be upserted instead. A unique
-/// key violation is the only conflict: an absent key is inserted by COPY exactly as
-/// the upsert would insert it, and each column's input function checks the value as
-/// the upsert's cast does.
-pub async fn copy_reads(tx: &mut Transaction<'_>, run: &Run) -> Result<Option<u64>, ApplyError> {
+/// Load a run of snapshot reads and inserts ([`Run::is_keyed_inserts`]) with a plain
+/// COPY into the table, no staging and no upsert: what an initial snapshot into an
+/// empty table, or a stream of new rows, amounts to. `Ok(None)`: a row's key is
+/// already in the table (a re-copied row, or a table that was not empty): nothing was
+/// written, and the run must be upserted instead. An absent key is inserted by COPY
+/// exactly as the upsert would insert it, and each column's input function checks the
+/// value as the upsert's cast does. (Earlier runs of the batch, a delete of the same
+/// key included, ran before in the same transaction.)
+///
+/// The keys are looked up first rather than the COPY tried inside a savepoint: rows
+/// written in a savepoint carry the subtransaction's xid, which the ledger does not
+/// name, and the ledger promises that every target row was written by a transaction
+/// it names. (A key another writer inserts between the lookup and the COPY fails the
+/// batch, which is retried, and then upserted.)
+pub async fn copy_inserts(
+    tx: &Transaction<'_>,
+    run: &Run,
+    target: &TargetTable,
+) -> Result<Option<u64>, ApplyError> {
     let Run::Upsert { columns, rows, .. } = run else {
         return Ok(None);
     };
-    let name = run.table().quoted();
-    let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-    let attempt = tx.savepoint("pgferry_copy_reads").await?;
-    match copy_rows(&attempt, &name, &list.join(", "), columns.len(), rows).await {
-        Ok(()) => {
-            attempt.commit().await?;
-            Ok(Some(rows.len() as u64))
-        }
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-            attempt.rollback().await?;
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
+    let key_idx: Vec<usize> = target
+        .key
+        .iter()
+        .filter_map(|k| columns.iter().position(|c| c == k))
+        .collect();
+    if key_idx.is_empty() || key_idx.len() != target.key.len() {
+        return Ok(None);
     }
+    let name = run.table().quoted();
+    let keys: Vec<Vec<Option<&str>>> = key_idx
+        .iter()
+        .map(|&i| rows.iter().map(|r| r[i].as_deref()).collect())
+        .collect();
+    let cond: Vec<String> = target
+        .key
+        .iter()
+        .map(|k| format!("t.{} = {}", quote_ident(k), cast(k, target)))
+        .collect();
+    let sql = format!(
+        "select 1 from {name} t, {} where {} limit 1",
+        unnest(target.key.len(), &target.key),
+        cond.join(" and ")
+    );
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        keys.iter().map(|c| c as _).collect();
+    if tx.query_opt(&sql, &params).await?.is_some() {
+        return Ok(None);
+    }
+    let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    copy_rows(tx, &name, &list.join(", "), columns.len(), rows).await?;
+    Ok(Some(rows.len() as u64))
 }
 
 /// Why a run did not apply.
@@ -642,8 +669,13 @@ mod tests {
                     table,
                     columns,
                     rows,
-                    reads_only,
-                } => (table.to_string(), columns.clone(), rows.len(), *reads_only),
+                    inserts_only,
+                } => (
+                    table.to_string(),
+                    columns.clone(),
+                    rows.len(),
+                    *inserts_only,
+                ),
                 other => panic!("unexpected run {other:?}"),
             })
             .collect();
@@ -652,9 +684,10 @@ mod tests {
             shapes,
             vec![
                 // Key 1 twice: only its last image stays, after key 2.
-                ("public.a".into(), cols(&["id", "renamed"]), 2, false),
+                // Reads and inserts only: tried with a plain COPY first.
+                ("public.a".into(), cols(&["id", "renamed"]), 2, true),
                 ("public.a".into(), cols(&["id"]), 1, false),
-                ("public.b".into(), cols(&["id", "renamed"]), 1, false),
+                ("public.b".into(), cols(&["id", "renamed"]), 1, true),
                 ("public.a".into(), cols(&["id", "renamed"]), 1, true),
             ]
         );

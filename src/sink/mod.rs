@@ -155,9 +155,9 @@ struct Applier {
     client: Option<Client>,
     checkpoints: checkpoint::Applied,
     tables: HashMap<TableName, (Mapping, TargetTable)>,
-    /// Target tables whose snapshot reads met keys already there: upserted, not
-    /// copied in (see [`apply::copy_reads`]).
-    upsert_reads: HashSet<TableName>,
+    /// Target tables whose copied reads or inserts met keys already there: upserted,
+    /// not copied in (see [`apply::copy_inserts`]).
+    upsert_inserts: HashSet<TableName>,
     dlq: Option<FutureProducer>,
     health: Arc<Health>,
     /// Every configured table's topic exists and its partitions are assigned (or, in
@@ -212,7 +212,7 @@ impl SinkStage {
                 client: client.take(),
                 checkpoints: applied.clone(),
                 tables: HashMap::new(),
-                upsert_reads: HashSet::new(),
+                upsert_inserts: HashSet::new(),
                 dlq: None,
                 health: health.clone(),
                 all_topics_consumed: false,
@@ -1139,7 +1139,7 @@ impl Applier {
             ),
         }
         };
-        let mut tx = client.transaction().await.map_err(classify)?;
+        let tx = client.transaction().await.map_err(classify)?;
         if self_group {
             // Several sinks may own a partition in turn: the target's checkpoint, locked
             // for this transaction, is the truth about what is applied.
@@ -1185,11 +1185,11 @@ impl Applier {
                 .find(|(m, _)| &m.target == run.table())
                 .map(|(_, t)| t)
                 .expect("planned runs only name prepared tables");
-            if run.is_keyed_reads(target) && !self.upsert_reads.contains(run.table()) {
-                match apply::copy_reads(&mut tx, run).await {
+            if run.is_keyed_inserts(target) && !self.upsert_inserts.contains(run.table()) {
+                match apply::copy_inserts(&tx, run, target).await {
                     Ok(Some(_)) => continue,
-                    // Keys already there: this table's snapshot reads are upserted
-                    // from now on (this run too).
+                    // Keys already there: this table's reads and inserts are
+                    // upserted from now on (this run too).
                     Ok(None) => conflicted.push(run.table().clone()),
                     Err(e) => return Err(classify_apply(e)),
                 }
@@ -1215,8 +1215,8 @@ impl Applier {
         let commit_started = Instant::now();
         tx.commit().await.map_err(classify)?;
         if !conflicted.is_empty() {
-            tracing::debug!(tables = ?conflicted, "snapshot reads met keys already in the target; upserting them from now on");
-            self.upsert_reads.extend(conflicted);
+            tracing::debug!(tables = ?conflicted, "copied rows met keys already in the target; upserting them from now on");
+            self.upsert_inserts.extend(conflicted);
         }
         tracing::debug!(
             worker = self.worker,
