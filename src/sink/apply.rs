@@ -335,7 +335,14 @@ async fn copy_rows(
     rows: &[Vec<Option<String>>],
 ) -> Result<(), tokio_postgres::Error> {
     use futures_util::SinkExt;
-    let mut buf = bytes::BytesMut::with_capacity(rows.len() * 128);
+    // Sent in pieces as they are written: the server parses and inserts the first
+    // rows while the rest are formatted, and no whole-batch buffer is held.
+    const PIECE: usize = 128 << 10;
+    let sink = tx
+        .copy_in(&format!("copy {table} ({columns}) from stdin"))
+        .await?;
+    futures_util::pin_mut!(sink);
+    let mut buf = bytes::BytesMut::with_capacity(PIECE + 4096);
     for row in rows {
         for (i, v) in row.iter().enumerate().take(width) {
             if i > 0 {
@@ -347,12 +354,13 @@ async fn copy_rows(
             }
         }
         buf.extend_from_slice(b"\n");
+        if buf.len() >= PIECE {
+            sink.send(buf.split().freeze()).await?;
+        }
     }
-    let sink = tx
-        .copy_in(&format!("copy {table} ({columns}) from stdin"))
-        .await?;
-    futures_util::pin_mut!(sink);
-    sink.send(buf.freeze()).await?;
+    if !buf.is_empty() {
+        sink.send(buf.freeze()).await?;
+    }
     sink.finish().await.map(|_| ())
 }
 
