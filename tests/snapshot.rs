@@ -231,6 +231,20 @@ fn initial_snapshot_under_load_is_exact_for_every_type_and_toast() {
         "independent comparison of patients"
     );
     assert_eq!(digest(&src, "types", "id"), digest(&tgt, "types", "id"));
+    // The audit trail holds for copied rows too: each was written by a target
+    // transaction the ledger names (rows written in a savepoint would carry a
+    // subtransaction's xid instead).
+    for t in ["patients", "types"] {
+        assert_eq!(
+            tgt.value(&format!(
+                "select count(*) from {t} where xmin::text::bigint not in \
+                 (select target_xid % 4294967296 from pgferry.ledger)"
+            ))
+            .as_deref(),
+            Some("0"),
+            "rows of {t} written by a transaction the ledger does not name"
+        );
+    }
     let s = status(&cfg);
     assert!(
         s.contains("snapshot public.types: done (initial), 4 rows"),
