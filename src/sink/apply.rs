@@ -20,14 +20,17 @@ use super::decode::{SinkEvent, SinkValue};
 use super::target::{Mapping, TargetTable};
 use crate::event::{quote_ident, Op, TableName};
 
-/// One statement's worth of events.
+/// One value of a row: PostgreSQL text (borrowed from the decoded event), or null.
+pub type Cell<'a> = Option<&'a str>;
+
+/// One statement's worth of events; its values borrow from the events.
 #[derive(Debug)]
-pub enum Run {
+pub enum Run<'a> {
     Upsert {
         table: TableName,
         /// Target column names, same for every row.
         columns: Vec<String>,
-        rows: Vec<Vec<Option<String>>>,
+        rows: Vec<Vec<Cell<'a>>>,
         /// Every row is a snapshot read or an insert: they are tried with a plain
         /// COPY into the table first (see [`copy_inserts`]).
         inserts_only: bool,
@@ -38,20 +41,20 @@ pub enum Run {
     Update {
         table: TableName,
         columns: Vec<String>,
-        rows: Vec<Vec<Option<String>>>,
-        match_keys: Vec<Vec<Option<String>>>,
+        rows: Vec<Vec<Cell<'a>>>,
+        match_keys: Vec<Vec<Cell<'a>>>,
     },
     Delete {
         table: TableName,
         key: Vec<String>,
-        keys: Vec<Vec<Option<String>>>,
+        keys: Vec<Vec<Cell<'a>>>,
     },
     Truncate {
         table: TableName,
     },
 }
 
-impl Run {
+impl Run<'_> {
     /// Snapshot reads and inserts of a keyed table: [`copy_inserts`] may load them.
     pub fn is_keyed_inserts(&self, target: &TargetTable) -> bool {
         matches!(
@@ -78,12 +81,12 @@ pub type Counts = HashMap<(String, &'static str), u64>;
 
 /// Turn events into runs (in order). `tables` maps source tables to their mapping and
 /// target description.
-pub fn plan(
-    events: &[&SinkEvent],
+pub fn plan<'a>(
+    events: &[&'a SinkEvent],
     tables: &HashMap<TableName, (Mapping, TargetTable)>,
     counts: &mut Counts,
-) -> Vec<Run> {
-    let mut runs: Vec<Run> = Vec::new();
+) -> Vec<Run<'a>> {
+    let mut runs: Vec<Run<'a>> = Vec::new();
     let mut stretch: Option<(&TableName, &'static str, u64)> = None;
     for event in events {
         let Some((mapping, target)) = tables.get(&event.table) else {
@@ -107,13 +110,13 @@ pub fn plan(
             }
         }
         let key = &target.key;
-        let key_of = |row: &[(std::sync::Arc<str>, SinkValue)]| -> Vec<Option<String>> {
+        let key_of = |row: &'a [(std::sync::Arc<str>, SinkValue)]| -> Vec<Cell<'a>> {
             key.iter()
                 .map(|k| {
                     row.iter()
                         .find(|(c, _)| mapping.column(c) == k)
                         .and_then(|(_, v)| match v {
-                            SinkValue::Text(t) => Some(t.clone()),
+                            SinkValue::Text(t) => Some(t.as_str()),
                             _ => None,
                         })
                 })
@@ -142,7 +145,7 @@ pub fn plan(
                     match v {
                         SinkValue::Unchanged => {}
                         SinkValue::Null => values.push(None),
-                        SinkValue::Text(t) => values.push(Some(t.clone())),
+                        SinkValue::Text(t) => values.push(Some(t.as_str())),
                     }
                 }
                 // The target names of the sent columns, compared with the last run's
@@ -238,11 +241,11 @@ pub fn plan(
                 }
                 let keys: Vec<Vec<Option<&str>>> = rows
                     .iter()
-                    .map(|row| key_idx.iter().map(|&k| row[k].as_deref()).collect())
+                    .map(|row| key_idx.iter().map(|&k| row[k]).collect())
                     .collect();
                 let keep = last_of_each(&keys);
                 if keep.len() < rows.len() {
-                    let mut old: Vec<Option<Vec<Option<String>>>> =
+                    let mut old: Vec<Option<Vec<Cell<'_>>>> =
                         std::mem::take(rows).into_iter().map(Some).collect();
                     *rows = keep.iter().filter_map(|&i| old[i].take()).collect();
                 }
@@ -274,11 +277,11 @@ fn last_of_each<K: std::hash::Hash + Eq>(keys: &[K]) -> Vec<usize> {
     keep
 }
 
-fn push_delete(
-    runs: &mut Vec<Run>,
+fn push_delete<'a>(
+    runs: &mut Vec<Run<'a>>,
     table: &TableName,
     key: &[String],
-    values: Vec<Option<String>>,
+    values: Vec<Cell<'a>>,
 ) {
     match runs.last_mut() {
         Some(Run::Delete { table: t, keys, .. }) if t == table => {
@@ -295,11 +298,11 @@ fn push_delete(
 }
 
 /// Transpose rows into one text array per column (the unnest parameters).
-fn columns_of(rows: &[Vec<Option<String>>], n: usize) -> Vec<Vec<Option<String>>> {
+fn columns_of<'a>(rows: &[Vec<Cell<'a>>], n: usize) -> Vec<Vec<Cell<'a>>> {
     let mut cols = vec![Vec::with_capacity(rows.len()); n];
     for row in rows {
         for (i, v) in row.iter().enumerate().take(n) {
-            cols[i].push(v.clone());
+            cols[i].push(*v);
         }
     }
     cols
@@ -332,7 +335,7 @@ async fn copy_rows(
     table: &str,
     columns: &str,
     width: usize,
-    rows: &[Vec<Option<String>>],
+    rows: &[Vec<Cell<'_>>],
 ) -> Result<(), tokio_postgres::Error> {
     use futures_util::SinkExt;
     // Sent in pieces as they are written: the server parses and inserts the first
@@ -400,7 +403,7 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
 /// batch, which is retried, and then upserted.)
 pub async fn copy_inserts(
     tx: &Transaction<'_>,
-    run: &Run,
+    run: &Run<'_>,
     target: &TargetTable,
 ) -> Result<Option<u64>, ApplyError> {
     let Run::Upsert { columns, rows, .. } = run else {
@@ -417,7 +420,7 @@ pub async fn copy_inserts(
     let name = run.table().quoted();
     let keys: Vec<Vec<Option<&str>>> = key_idx
         .iter()
-        .map(|&i| rows.iter().map(|r| r[i].as_deref()).collect())
+        .map(|&i| rows.iter().map(|r| r[i]).collect())
         .collect();
     let cond: Vec<String> = target
         .key
@@ -462,7 +465,7 @@ impl From<tokio_postgres::Error> for ApplyError {
 /// Execute one run inside the batch transaction.
 pub async fn execute(
     tx: &Transaction<'_>,
-    run: &Run,
+    run: &Run<'_>,
     target: &TargetTable,
 ) -> Result<u64, ApplyError> {
     let name = run.table().quoted();
@@ -704,10 +707,7 @@ mod tests {
         };
         assert_eq!(
             rows,
-            &vec![
-                vec![Some("2".to_string()), Some("y".to_string())],
-                vec![Some("1".to_string()), Some("z".to_string())],
-            ]
+            &vec![vec![Some("2"), Some("y")], vec![Some("1"), Some("z")]]
         );
         let count = |t: &str, op: &'static str| counts.get(&(t.to_string(), op)).copied();
         assert_eq!(count("public.a", "r"), Some(3));
