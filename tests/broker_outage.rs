@@ -9,7 +9,6 @@
 mod common;
 mod kafka_support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,15 +17,6 @@ use kafka_support::*;
 const DOWN: Duration = Duration::from_secs(60);
 const ROWS: u64 = 600;
 const ROUNDS: u64 = 90;
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let status = Command::new(script)
-        .args(args)
-        .status()
-        .expect("running scripts/services.sh");
-    assert!(status.success(), "scripts/services.sh {args:?} failed");
-}
 
 /// Starts the broker again if the test stops halfway, so later tests find it.
 struct BrokerBack;

@@ -5,20 +5,10 @@
 mod common;
 mod kafka_support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use kafka_support::*;
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let status = Command::new(script)
-        .args(args)
-        .status()
-        .expect("running scripts/services.sh");
-    assert!(status.success(), "scripts/services.sh {args:?} failed");
-}
 
 #[test]
 fn target_outage_of_20s_is_caught_up_without_loss() {

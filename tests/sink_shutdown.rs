@@ -17,15 +17,6 @@ use rdkafka::ClientConfig;
 
 const T: Duration = Duration::from_secs(120);
 
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let status = std::process::Command::new(script)
-        .args(args)
-        .status()
-        .expect("running scripts/services.sh");
-    assert!(status.success(), "scripts/services.sh {args:?} failed");
-}
-
 /// Starts the target again however the test ends.
 struct TargetBack;
 

@@ -432,3 +432,14 @@ pub fn wait_streaming(db: &TestDb, tag: &str) {
         || (db.value(&query).as_deref() == Some("1")).then_some(()),
     );
 }
+
+/// Run `scripts/services.sh` (stop/start a shared cluster or the broker); panics if it
+/// fails.
+pub fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let status = std::process::Command::new(script)
+        .args(args)
+        .status()
+        .expect("running scripts/services.sh");
+    assert!(status.success(), "scripts/services.sh {args:?} failed");
+}
