@@ -27,7 +27,8 @@
 //! ```
 //!
 //! `SINK_EXTRA` and `KAFKA_EXTRA` add keys to the `[sink]` and `[kafka]` sections of
-//! the plain pipeline run (`e2e`), to try settings.
+//! the plain pipeline run (`e2e`), to try settings. `SHOW_STDERR=1` prints each pgferry
+//! run's log after it (with e.g. `MALLOC_CONF`-style allocator statistics).
 //!
 //! Results: a table on stdout and one JSON line per side in `target/bench-results.jsonl`.
 
@@ -261,6 +262,9 @@ fn pgferry(
     let (cpu_s, peak_rss_mb) = support::usage(p.pid());
     let status = p.terminate();
     assert!(status.success(), "pgferry failed:\n{}", p.stderr_text());
+    if std::env::var_os("SHOW_STDERR").is_some() {
+        eprintln!("--- pgferry ({tag}) stderr:\n{}", p.stderr_text());
+    }
     if target.is_some() {
         let (code, out, err) = run(&["verify", "--config", path.to_str().unwrap()]);
         assert_eq!(code, 0, "verify after {tag}: {out}{err}");

@@ -323,7 +323,10 @@ fn default_sink_workers() -> usize {
     1
 }
 fn default_batch_events() -> usize {
-    5000
+    // Two batches are in memory at once (one applied, the next decoded): 5000 small
+    // rows measured about 3% faster in the drain but took its peak RSS from about 57
+    // to about 72 MB.
+    2500
 }
 fn default_batch_bytes() -> usize {
     4 << 20
