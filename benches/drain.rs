@@ -27,7 +27,7 @@
 //! ```
 //!
 //! `SINK_EXTRA` and `KAFKA_EXTRA` add keys to the `[sink]` and `[kafka]` sections of
-//! the plain pipeline run (`e2e`), to try settings. `SHOW_STDERR=1` prints each pgferry
+//! the pipeline runs (`e2e`, `e2e2p`), to try settings. `SHOW_STDERR=1` prints each pgferry
 //! run's log after it (with e.g. `MALLOC_CONF`-style allocator statistics).
 //!
 //! Results: a table on stdout and one JSON line per side in `target/bench-results.jsonl`.
@@ -305,11 +305,11 @@ fn main() {
     if anchored {
         sides.push(subscription(&b));
     }
+    // Knobs to try settings on the pipeline runs: SINK_EXTRA (keys of [sink]) and
+    // KAFKA_EXTRA (keys of [kafka], e.g. a [kafka.properties] table).
+    let sink_extra = std::env::var("SINK_EXTRA").unwrap_or_default();
+    let kafka_extra = std::env::var("KAFKA_EXTRA").unwrap_or_default();
     if anchored || want("e2e") {
-        // Knobs to try settings on the plain run: SINK_EXTRA (keys of [sink]) and
-        // KAFKA_EXTRA (keys of [kafka], e.g. a [kafka.properties] table).
-        let sink_extra = std::env::var("SINK_EXTRA").unwrap_or_default();
-        let kafka_extra = std::env::var("KAFKA_EXTRA").unwrap_or_default();
         sides.push(pgferry(
             &b,
             "pipeline",
@@ -321,13 +321,13 @@ fn main() {
     }
     if want("pipeline") {
         // Two partitions: the sink's two workers apply one each.
-        let two = ("partitions = 2", "");
+        let kafka = format!("partitions = 2\n{kafka_extra}");
         sides.push(pgferry(
             &b,
             "pipeline",
             "e2e2p",
-            Some("workers = 2"),
-            two,
+            Some(&format!("workers = 2\n{sink_extra}")),
+            (&kafka, ""),
             "",
         ));
     }

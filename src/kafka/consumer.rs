@@ -83,18 +83,19 @@ fn base_config(config: &Config, purpose: &str) -> ClientConfig {
         .set("enable.partition.eof", "false")
         // Notice topics created after a group subscription soon, not after 5 minutes.
         .set("topic.metadata.refresh.interval.ms", "5000")
-        // Bounded prefetch while the target is slow or down. 2 MiB still holds
-        // several of the sink's batches of small rows, and fetches come back within
-        // milliseconds; 8 MiB (and fetches as large) measured no faster and kept
-        // about 20 MB more of decompressed message sets resident.
-        .set("queued.max.messages.kbytes", "2048")
+        // Bounded prefetch while the target is slow or down. 1 MiB still holds a
+        // sink batch of small rows, and fetches come back within milliseconds; 8 MiB
+        // (and fetches as large) measured no faster, and every queued message pins
+        // its whole decompressed message set (up to a producer batch, 1 MB):
+        // heaptrack found 23 MB of those at the two-partition drain's peak.
+        .set("queued.max.messages.kbytes", "1024")
         // When that queue is full, fetch again soon after it drains: the default
         // (1 s) starved a sink that had just emptied it.
         .set("fetch.queue.backoff.ms", "20")
         // Fetches are small (memory stays bounded); both limits are soft: a message
         // larger than them still comes, alone.
         .set("fetch.message.max.bytes", (1 << 20).to_string())
-        .set("fetch.max.bytes", (2 << 20).to_string())
+        .set("fetch.max.bytes", (1 << 20).to_string())
         .set(
             "receive.message.max.bytes",
             (config.kafka.max_message_bytes.max(50 << 20) + (1 << 20)).to_string(),
