@@ -16,6 +16,10 @@
 //! - `phi`: the pipeline again with `hmac` on three columns, and with the ledger off,
 //!   next to the plain run: what the PHI controls cost.
 //!
+//! With both `pipeline` and `kafka`, the report ends with the walsender's ceiling: the
+//! subscription's time over `pg_recvlogical`'s, the most any client of the slot can
+//! reach against the subscription on this host.
+//!
 //! Every pgferry run ends with `pgferry verify` (exit 0 required). Peak RSS (VmHWM) and
 //! CPU seconds of the pgferry process are read from /proc before it stops.
 //!
@@ -28,7 +32,7 @@
 //!
 //! `SINK_EXTRA` and `KAFKA_EXTRA` add keys to the `[sink]` and `[kafka]` sections of
 //! the pipeline runs (`e2e`, `e2e2p`), to try settings. `SHOW_STDERR=1` prints each pgferry
-//! run's log after it (with e.g. `MALLOC_CONF`-style allocator statistics).
+//! run's log after it; `BENCH_LOG` sets its `PGFERRY_LOG` (default `info`).
 //!
 //! Results: a table on stdout and one JSON line per side in `target/bench-results.jsonl`.
 
@@ -225,10 +229,12 @@ fn pgferry(
     if sink.is_none() {
         args.extend(["--only", "source"]);
     }
+    // BENCH_LOG=debug shows the sink's per-batch timings (with SHOW_STDERR=1).
+    let log = std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into());
     let mut p = Pgferry::spawn_env(
         &args,
         b.src.dir.join(format!("{tag}.stderr")),
-        &[("PGFERRY_LOG", "info")],
+        &[("PGFERRY_LOG", &log)],
     );
     let running = |p: &mut Pgferry| {
         if let Some(status) = p.child.try_wait().unwrap() {
@@ -412,4 +418,20 @@ fn report(b: &Backlog, sides: &[Side]) {
     println!(
         "(ratio: changes/s against the anchor of its scenario; for phi, against the plain pgferry run)"
     );
+    // What the slot itself allows: pg_recvlogical does nothing with what it reads,
+    // so no client of a slot drains it faster than the walsender feeds it.
+    let seconds = |name: &str| sides.iter().find(|s| s.side == name).map(|s| s.seconds);
+    if let (Some(sub), Some(recv)) = (seconds("subscription"), seconds("pg_recvlogical")) {
+        println!(
+            "ceiling: the walsender fed pg_recvlogical in {recv:.2} s and the subscription took \
+             {sub:.2} s end to end, so no client of the slot can pass {:.2}x the subscription here",
+            sub / recv
+        );
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"bench": "drain", "scenario": "ceiling", "ratio": sub / recv})
+        )
+        .unwrap();
+    }
 }

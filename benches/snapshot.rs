@@ -34,8 +34,10 @@
 //! Knobs: ROWS (default 1000000); SNAPSHOT_WORKERS (`[source] snapshot_workers`,
 //! default pgferry's: the cores); CHUNK_ROWS (`[source] snapshot_chunk_rows`, default
 //! pgferry's); SINK_EXTRA and KAFKA_EXTRA (keys added to `[sink]` and `[kafka]`, the
-//! last section, so a `[kafka.properties]` table may follow). Results: a table on stdout and one JSON line per side (`"bench":
-//! "snapshot"`) in `target/bench-results.jsonl`.
+//! last section, so a `[kafka.properties]` table may follow); BENCH_LOG (pgferry's
+//! `PGFERRY_LOG`, e.g. `info,pgferry=debug`; its log is then kept in
+//! `target/snapshot-pgferry.log`). Results: a table on stdout and one JSON line per
+//! side (`"bench": "snapshot"`) in `target/bench-results.jsonl`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -328,10 +330,12 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
     let config = path.to_str().expect("a UTF-8 temp path");
     println!("snapshot: pgferry run --config {config}");
     let started = Instant::now();
+    // BENCH_LOG=debug: the sink's per-batch timings, kept in target/snapshot-pgferry.log.
+    let log = std::env::var("BENCH_LOG").ok();
     let mut p = Pgferry::spawn_env(
         &["run", "--config", config],
         s.src.dir.join("ferry.stderr"),
-        &[("PGFERRY_LOG", "info")],
+        &[("PGFERRY_LOG", log.as_deref().unwrap_or("info"))],
     );
     let mut kafka_s = None;
     // When the source first logged that every row is durable on Kafka.
@@ -370,6 +374,11 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
     }
     let status = p.terminate();
     assert!(status.success(), "pgferry failed:\n{}", p.stderr_text());
+    if log.is_some() {
+        let kept = concat!(env!("CARGO_MANIFEST_DIR"), "/target/snapshot-pgferry.log");
+        std::fs::write(kept, p.stderr_text()).expect("keeping pgferry's log");
+        println!("snapshot: pgferry's log is in {kept}");
+    }
     s.check(&target, "pgferry");
     let (code, out, err) = run(&["verify", "--config", config]);
     assert_eq!(code, 0, "pgferry verify failed: {out}{err}");
