@@ -5,7 +5,7 @@
 # `pgferry verify` once the lag has drained.
 #
 #   scripts/demo.sh                 # 60 s of activity; pgferry keeps running afterwards
-#   DEMO_DURATION=10s scripts/demo.sh --ci    # short mode: stops pgferry at the end
+#   DEMO_DURATION=10s scripts/demo.sh --ci    # short mode: stops pgferry, drops its slot
 #
 # It recreates the `ehr` and `hospital` databases of scripts/services.sh (the tests
 # use databases of their own) and uses a fresh topic prefix, so every run starts clean.
@@ -96,6 +96,14 @@ if [[ $ci == 1 ]]; then
     kill -TERM "$pid"
     wait "$pid"
     echo "pgferry stopped (exit code $?)"
+    # Nothing reads the demo's slot any more: left behind, it would keep the EHR's WAL
+    # (gigabytes on a dev machine) until the next demo drops it. The walsender lets go
+    # of it a moment after pgferry is gone.
+    for ((i = 0; i < 50; i++)); do
+        left=$(psql "$PGFERRY_SOURCE_URL" -qAtc "select count(*) from pg_replication_slots where slot_name = 'pgferry'")
+        [[ $left == 0 ]] && break
+        psql "$PGFERRY_SOURCE_URL" -qAtc "select pg_drop_replication_slot('pgferry')" >/dev/null 2>&1 || sleep 0.1
+    done
 else
     echo "pgferry keeps running (pid $pid); stop it with: kill $pid"
     trap - EXIT
