@@ -342,3 +342,64 @@ fn sigkill_mid_stream_loses_nothing_and_keeps_key_order() {
         events.len()
     );
 }
+
+/// The topics that exist on the broker now.
+fn topic_names(brokers: &str) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap()
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect()
+}
+
+/// A test database's topics are deleted when it is dropped (left behind, thousands of
+/// them slowed the shared broker's restarts), and only its own: `…_1` is not `…_10`.
+#[test]
+fn a_test_databases_topics_are_deleted_with_it() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    assert!(topic_of("tpgft_x_1_1.public.p", "pgft_x_1_1"));
+    assert!(topic_of("dpgft_x_1_1e2e._state", "pgft_x_1_1"));
+    assert!(!topic_of("tpgft_x_1_10.public.p", "pgft_x_1_1"));
+
+    let brokers = brokers();
+    let db = TestDb::new("topics");
+    let mine = format!("t{}.public.p", db.name);
+    // Another database's name that continues this one's with a digit.
+    let other = format!("t{}0.public.p", db.name);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let topics = [&mine, &other].map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)));
+    for r in rt
+        .block_on(admin.create_topics(&topics, &AdminOptions::new()))
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let names = topic_names(&brokers);
+    assert!(names.contains(&mine) && names.contains(&other));
+
+    drop(db);
+    wait_for("the dropped database's topic to go", T, || {
+        (!topic_names(&brokers).contains(&mine)).then_some(())
+    });
+    assert!(
+        topic_names(&brokers).contains(&other),
+        "a topic of another database was deleted"
+    );
+    rt.block_on(admin.delete_topics(&[other.as_str()], &AdminOptions::new()))
+        .unwrap();
+}

@@ -199,8 +199,65 @@ impl Drop for TestDb {
                 &format!("drop database if exists {} with (force)", self.name),
             );
         });
+        delete_topics_of(&self.name);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether `topic` was made for the database `name`: the tests' and benches' topic
+/// prefixes hold the source database's name (`t<name>`, `d<name><tag>`), and the name
+/// must not continue with a digit (`…_1` is not `…_10`).
+pub fn topic_of(topic: &str, name: &str) -> bool {
+    topic.match_indices(name).any(|(i, _)| {
+        !topic[i + name.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
+/// Delete the local broker's topics of a test database once its test is over. Left
+/// behind, thousands of them (a few per test, every run) made the shared broker take
+/// over 40 s to restart, which the outage tests do, and slowed every later benchmark.
+/// Best effort: a broker that is down or slow to answer leaves them (5 s at most).
+fn delete_topics_of(name: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::ClientConfig;
+    let Ok(brokers) = std::env::var("PGFERRY_BROKERS") else {
+        return;
+    };
+    let name = name.to_string();
+    // A thread of its own: the admin call needs a runtime, and this may run on one.
+    let _ = std::thread::spawn(move || {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &brokers)
+            .set("log_level", "0");
+        let consumer: BaseConsumer = config.create().ok()?;
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(5)).ok()?;
+        let topics: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|t| topic_of(t, &name))
+            .collect();
+        if topics.is_empty() {
+            return Some(());
+        }
+        let admin: AdminClient<DefaultClientContext> = config.create().ok()?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?
+            .block_on(admin.delete_topics(&names, &options))
+            .ok()?;
+        Some(())
+    })
+    .join();
 }
 
 /// A running `pgferry` with its stdout lines collected on a thread.
