@@ -31,7 +31,7 @@
 //! ```
 //!
 //! `SINK_EXTRA` and `KAFKA_EXTRA` add keys to the `[sink]` and `[kafka]` sections of
-//! the pipeline runs (`e2e`, `e2e2p`), to try settings. `SHOW_STDERR=1` prints each pgferry
+//! the pipeline runs (`e2e`, `e2e2p`; `KAFKA_EXTRA` also to `kafka`), to try settings. `SHOW_STDERR=1` prints each pgferry
 //! run's log after it; `BENCH_LOG` sets its `PGFERRY_LOG` (default `info`).
 //!
 //! Results: a table on stdout and one JSON line per side in `target/bench-results.jsonl`.
@@ -339,7 +339,7 @@ fn main() {
     }
     if want("kafka") {
         sides.push(recvlogical(&b));
-        sides.push(pgferry(&b, "kafka", "kafka", None, ("", ""), ""));
+        sides.push(pgferry(&b, "kafka", "kafka", None, (&kafka_extra, ""), ""));
     }
     if want("phi") {
         let key = "[phi]\nkey = \"a-benchmark-key-of-at-least-sixteen-bytes\"";
