@@ -343,22 +343,6 @@ fn sigkill_mid_stream_loses_nothing_and_keeps_key_order() {
     );
 }
 
-/// The topics that exist on the broker now.
-fn topic_names(brokers: &str) -> Vec<String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    consumer
-        .fetch_metadata(None, Duration::from_secs(10))
-        .unwrap()
-        .topics()
-        .iter()
-        .map(|t| t.name().to_string())
-        .collect()
-}
-
 /// A test database's topics are deleted when it is dropped (left behind, thousands of
 /// them slowed the shared broker's restarts), and only its own: `…_1` is not `…_10`.
 #[test]
@@ -389,17 +373,16 @@ fn a_test_databases_topics_are_deleted_with_it() {
     {
         r.unwrap();
     }
-    let names = topic_names(&brokers);
+    let names = topic_names(&brokers, T).unwrap();
     assert!(names.contains(&mine) && names.contains(&other));
 
     drop(db);
     wait_for("the dropped database's topic to go", T, || {
-        (!topic_names(&brokers).contains(&mine)).then_some(())
+        (!topic_names(&brokers, T).unwrap().contains(&mine)).then_some(())
     });
     assert!(
-        topic_names(&brokers).contains(&other),
+        topic_names(&brokers, T).unwrap().contains(&other),
         "a topic of another database was deleted"
     );
-    rt.block_on(admin.delete_topics(&[other.as_str()], &AdminOptions::new()))
-        .unwrap();
+    delete_topics(&brokers, vec![other], T).unwrap();
 }

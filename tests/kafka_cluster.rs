@@ -293,42 +293,16 @@ struct TopicsOf {
 
 impl Drop for TopicsOf {
     fn drop(&mut self) {
-        let client: BaseConsumer = match ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", "pgferry-tests-cluster")
-            .create()
-        {
-            Ok(c) => c,
-            Err(_) => return,
-        };
-        let Ok(meta) = client.fetch_metadata(None, Duration::from_secs(10)) else {
+        let timeout = Duration::from_secs(10);
+        let Some(names) = topic_names(&self.brokers, timeout) else {
             return;
         };
         let start = format!("{}.", self.prefix);
-        let names: Vec<String> = meta
-            .topics()
-            .iter()
-            .map(|t| t.name().to_string())
+        let mine = names
+            .into_iter()
             .filter(|n| n.starts_with(&start))
             .collect();
-        if names.is_empty() {
-            return;
-        }
-        let Ok(admin) = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create::<AdminClient<DefaultClientContext>>()
-        else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-        if let Err(e) = rt.block_on(admin.delete_topics(&refs, &opts)) {
+        if let Err(e) = delete_topics(&self.brokers, mine, timeout) {
             eprintln!("deleting the topics {start}*: {e}");
         }
     }

@@ -216,48 +216,69 @@ pub fn topic_of(topic: &str, name: &str) -> bool {
     })
 }
 
+/// The names of the topics on `brokers` (every topic's metadata; none is created), or
+/// `None` if the brokers do not answer within `timeout`.
+pub fn topic_names(brokers: &str, timeout: Duration) -> Option<Vec<String>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("log_level", "0")
+        .create()
+        .ok()?;
+    let metadata = consumer.fetch_metadata(None, timeout).ok()?;
+    Some(
+        metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect(),
+    )
+}
+
+/// Delete `topics` on `brokers`, waiting at most `timeout` for the brokers' answer. On a
+/// thread of its own: the admin call needs a runtime, and the caller may run on one.
+pub fn delete_topics(brokers: &str, topics: Vec<String>, timeout: Duration) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let brokers = brokers.to_string();
+    std::thread::spawn(move || {
+        let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("log_level", "0")
+            .create()
+            .map_err(|e| e.to_string())?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout));
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?
+            .block_on(admin.delete_topics(&names, &options))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the deleting thread panicked".into()))
+}
+
 /// Delete the local broker's topics of a test database once its test is over. Left
 /// behind, thousands of them (a few per test, every run) made the shared broker take
 /// over 40 s to restart, which the outage tests do, and slowed every later benchmark.
 /// Best effort: a broker that is down or slow to answer leaves them (5 s at most).
 fn delete_topics_of(name: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::ClientConfig;
     let Ok(brokers) = std::env::var("PGFERRY_BROKERS") else {
         return;
     };
-    let name = name.to_string();
-    // A thread of its own: the admin call needs a runtime, and this may run on one.
-    let _ = std::thread::spawn(move || {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &brokers)
-            .set("log_level", "0");
-        let consumer: BaseConsumer = config.create().ok()?;
-        let metadata = consumer.fetch_metadata(None, Duration::from_secs(5)).ok()?;
-        let topics: Vec<String> = metadata
-            .topics()
-            .iter()
-            .map(|t| t.name().to_string())
-            .filter(|t| topic_of(t, &name))
-            .collect();
-        if topics.is_empty() {
-            return Some(());
-        }
-        let admin: AdminClient<DefaultClientContext> = config.create().ok()?;
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .ok()?
-            .block_on(admin.delete_topics(&names, &options))
-            .ok()?;
-        Some(())
-    })
-    .join();
+    let timeout = Duration::from_secs(5);
+    if let Some(names) = topic_names(&brokers, timeout) {
+        let mine = names.into_iter().filter(|t| topic_of(t, name)).collect();
+        let _ = delete_topics(&brokers, mine, timeout);
+    }
 }
 
 /// A running `pgferry` with its stdout lines collected on a thread.
