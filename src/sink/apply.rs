@@ -55,15 +55,17 @@ pub enum Run<'a> {
 }
 
 impl Run<'_> {
-    /// Snapshot reads and inserts of a keyed table: [`copy_inserts`] may load them.
+    /// Snapshot reads and inserts of a keyed table, every key column sent: [`copy_inserts`]
+    /// may load them (a key conflict then shows as a unique violation).
     pub fn is_keyed_inserts(&self, target: &TargetTable) -> bool {
-        matches!(
-            self,
+        match self {
             Run::Upsert {
                 inserts_only: true,
+                columns,
                 ..
-            }
-        ) && !target.key.is_empty()
+            } => !target.key.is_empty() && target.key.iter().all(|k| columns.contains(k)),
+            _ => false,
+        }
     }
 
     pub fn table(&self) -> &TableName {
@@ -389,57 +391,33 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
 
 /// Load a run of snapshot reads and inserts ([`Run::is_keyed_inserts`]) with a plain
 /// COPY into the table, no staging and no upsert: what an initial snapshot into an
-/// empty table, or a stream of new rows, amounts to. `Ok(None)`: a row's key is
-/// already in the table (a re-copied row, or a table that was not empty): nothing was
-/// written, and the run must be upserted instead. An absent key is inserted by COPY
+/// empty table, or a stream of new rows, amounts to. An absent key is inserted by COPY
 /// exactly as the upsert would insert it, and each column's input function checks the
 /// value as the upsert's cast does. (Earlier runs of the batch, a delete of the same
 /// key included, ran before in the same transaction.)
 ///
-/// The keys are looked up first rather than the COPY tried inside a savepoint: rows
-/// written in a savepoint carry the subtransaction's xid, which the ledger does not
-/// name, and the ledger promises that every target row was written by a transaction
-/// it names. (A key another writer inserts between the lookup and the COPY fails the
-/// batch, which is retried, and then upserted.)
+/// A key already in the table (a re-copied row, or a table that was not empty) fails
+/// the COPY with a unique violation ([`is_key_conflict`]); the caller then rolls the
+/// whole transaction back and applies the batch again with upserts. Not a savepoint:
+/// rows written in one carry the subtransaction's xid, which the ledger does not name,
+/// and the ledger promises that every target row was written by a transaction it
+/// names. Not a lookup of the keys first either: probing the index for every key of
+/// every batch cost the target as much as a third of the COPY itself.
 pub async fn copy_inserts(
     tx: &Transaction<'_>,
     run: &Run<'_>,
-    target: &TargetTable,
-) -> Result<Option<u64>, ApplyError> {
+) -> Result<u64, tokio_postgres::Error> {
     let Run::Upsert { columns, rows, .. } = run else {
-        return Ok(None);
+        return Ok(0);
     };
-    let key_idx: Vec<usize> = target
-        .key
-        .iter()
-        .filter_map(|k| columns.iter().position(|c| c == k))
-        .collect();
-    if key_idx.is_empty() || key_idx.len() != target.key.len() {
-        return Ok(None);
-    }
-    let name = run.table().quoted();
-    let keys: Vec<Vec<Option<&str>>> = key_idx
-        .iter()
-        .map(|&i| rows.iter().map(|r| r[i]).collect())
-        .collect();
-    let cond: Vec<String> = target
-        .key
-        .iter()
-        .map(|k| format!("t.{} = {}", quote_ident(k), cast(k, target)))
-        .collect();
-    let sql = format!(
-        "select 1 from {name} t, {} where {} limit 1",
-        unnest(target.key.len(), &target.key),
-        cond.join(" and ")
-    );
-    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        keys.iter().map(|c| c as _).collect();
-    if tx.query_opt(&sql, &params).await?.is_some() {
-        return Ok(None);
-    }
     let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-    copy_rows(tx, &name, &list.join(", "), columns.len(), rows).await?;
-    Ok(Some(rows.len() as u64))
+    copy_rows(tx, &run.table().quoted(), &list.join(", "), columns.len(), rows).await?;
+    Ok(rows.len() as u64)
+}
+
+/// A COPY of [`copy_inserts`] met a key (or another unique value) already in the table.
+pub fn is_key_conflict(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
 }
 
 /// Why a run did not apply.

@@ -87,6 +87,15 @@ enum Failure {
     Rejected(usize, String),
 }
 
+/// How one attempt at a batch transaction ended, when the target did not fail it.
+enum Attempt {
+    Committed,
+    /// A plain COPY of new rows met a key already in this target table, and the
+    /// transaction was rolled back: apply the batch again with that table's inserts
+    /// upserted.
+    KeysExist(TableName),
+}
+
 impl Failure {
     /// The policy for an error from preparing or applying a batch.
     fn of(e: Error) -> Failure {
@@ -1026,6 +1035,23 @@ impl Applier {
         items: &[(&Item, Option<&SinkEvent>)],
         dead_lettered: bool,
     ) -> Result<(), Failure> {
+        loop {
+            match self.apply_once(items, dead_lettered).await? {
+                Attempt::Committed => return Ok(()),
+                // Only tables not yet upserted report this, so the loop ends.
+                Attempt::KeysExist(table) => {
+                    tracing::debug!(%table, "copied rows met keys already in the target; upserting them from now on");
+                    self.upsert_inserts.insert(table);
+                }
+            }
+        }
+    }
+
+    async fn apply_once(
+        &mut self,
+        items: &[(&Item, Option<&SinkEvent>)],
+        dead_lettered: bool,
+    ) -> Result<Attempt, Failure> {
         // Target tables first (DDL runs outside the batch transaction). Events written
         // with one Avro schema carry the same columns: one look per schema and batch.
         let mut seen: Vec<(usize, &TableName)> = Vec::new();
@@ -1178,7 +1204,6 @@ impl Applier {
             }
         }
         let rows_started = Instant::now();
-        let mut conflicted = Vec::new();
         for run in &runs {
             let target = tables
                 .values()
@@ -1186,12 +1211,13 @@ impl Applier {
                 .map(|(_, t)| t)
                 .expect("planned runs only name prepared tables");
             if run.is_keyed_inserts(target) && !self.upsert_inserts.contains(run.table()) {
-                match apply::copy_inserts(&tx, run, target).await {
-                    Ok(Some(_)) => continue,
-                    // Keys already there: this table's reads and inserts are
-                    // upserted from now on (this run too).
-                    Ok(None) => conflicted.push(run.table().clone()),
-                    Err(e) => return Err(classify_apply(e)),
+                match apply::copy_inserts(&tx, run).await {
+                    Ok(_) => continue,
+                    // Dropping `tx` rolls the whole batch back.
+                    Err(e) if apply::is_key_conflict(&e) => {
+                        return Ok(Attempt::KeysExist(run.table().clone()))
+                    }
+                    Err(e) => return Err(classify(e)),
                 }
             }
             apply::execute(&tx, run, target)
@@ -1214,10 +1240,6 @@ impl Applier {
         let ledger_us = ledger_started.elapsed().as_micros() as u64;
         let commit_started = Instant::now();
         tx.commit().await.map_err(classify)?;
-        if !conflicted.is_empty() {
-            tracing::debug!(tables = ?conflicted, "copied rows met keys already in the target; upserting them from now on");
-            self.upsert_inserts.extend(conflicted);
-        }
         tracing::debug!(
             worker = self.worker,
             runs = runs.len(),
@@ -1252,7 +1274,7 @@ impl Applier {
             m.replication_lag_seconds
                 .set((now - last).max(0) as f64 / 1e6);
         }
-        Ok(())
+        Ok(Attempt::Committed)
     }
 
     /// The configured source table whose topic is `topic` (`schema.table`), or the
