@@ -479,8 +479,7 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
         "{}",
         p.stderr_text()
     );
-    let (code, out, err) =
-        common::run(&["verify", "--config", cfg.to_str().unwrap(), "--ledger"]);
+    let (code, out, err) = common::run(&["verify", "--config", cfg.to_str().unwrap(), "--ledger"]);
     assert_eq!(code, 0, "{out}{err}");
 }
 

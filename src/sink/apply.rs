@@ -411,7 +411,14 @@ pub async fn copy_inserts(
         return Ok(0);
     };
     let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-    copy_rows(tx, &run.table().quoted(), &list.join(", "), columns.len(), rows).await?;
+    copy_rows(
+        tx,
+        &run.table().quoted(),
+        &list.join(", "),
+        columns.len(),
+        rows,
+    )
+    .await?;
     Ok(rows.len() as u64)
 }
 
