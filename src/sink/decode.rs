@@ -55,12 +55,16 @@ pub(super) fn bad(m: impl Into<String>) -> DecodeError {
     DecodeError(m.into())
 }
 
+/// One Kafka header of a consumed message: its key (shared, see the sink's reader)
+/// and value.
+pub type Header = (Arc<str>, Vec<u8>);
+
 /// Order position from the `pgferry.commit_lsn` / `pgferry.ordinal` headers.
-pub fn position(headers: &[(String, Vec<u8>)]) -> Result<(Lsn, u32), DecodeError> {
+pub fn position(headers: &[Header]) -> Result<(Lsn, u32), DecodeError> {
     let get = |k: &str| {
         headers
             .iter()
-            .find(|(hk, _)| hk == k)
+            .find(|(hk, _)| **hk == *k)
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
             .ok_or_else(|| bad(format!("header {k} is missing: not a pgferry change event")))
     };
@@ -416,8 +420,8 @@ pub(super) fn quote_array_element(out: &mut String, text: &str) {
 /// The `pgferry.schema` header of a JSON message: the fingerprint of the Avro value
 /// schema that describes its columns. `None` for messages of pgferry versions before
 /// the Debezium JSON shapes (values as in `tail` lines, see [`json_envelope`]).
-pub fn json_schema_header(headers: &[(String, Vec<u8>)]) -> Option<Result<[u8; 8], DecodeError>> {
-    let (_, v) = headers.iter().find(|(k, _)| k == "pgferry.schema")?;
+pub fn json_schema_header(headers: &[Header]) -> Option<Result<[u8; 8], DecodeError>> {
+    let (_, v) = headers.iter().find(|(k, _)| &**k == "pgferry.schema")?;
     Some(
         std::str::from_utf8(v)
             .ok()
@@ -747,9 +751,9 @@ mod tests {
 
     #[test]
     fn position_comes_from_headers() {
-        let h = vec![
-            ("pgferry.commit_lsn".to_string(), b"0/10".to_vec()),
-            ("pgferry.ordinal".to_string(), b"3".to_vec()),
+        let h: Vec<Header> = vec![
+            ("pgferry.commit_lsn".into(), b"0/10".to_vec()),
+            ("pgferry.ordinal".into(), b"3".to_vec()),
         ];
         assert_eq!(position(&h).unwrap(), (Lsn(16), 3));
         assert!(position(&h[..1]).is_err());

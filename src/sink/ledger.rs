@@ -103,16 +103,16 @@ pub struct Entry {
 }
 
 /// The `pgferry.xid` header (absent from events of earlier pgferry versions).
-fn xid(headers: &[(String, Vec<u8>)]) -> Option<u32> {
+fn xid(headers: &[super::decode::Header]) -> Option<u32> {
     headers
         .iter()
-        .find(|(k, _)| k == "pgferry.xid")
+        .find(|(k, _)| &**k == "pgferry.xid")
         .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
 }
 
 impl Entry {
     /// An event applied to the target.
-    pub fn applied(&mut self, headers: &[(String, Vec<u8>)], event: &SinkEvent) {
+    pub fn applied(&mut self, headers: &[super::decode::Header], event: &SinkEvent) {
         let op = match event.op {
             Op::Create => 0,
             Op::Update => 1,
@@ -141,7 +141,7 @@ impl Entry {
 
     /// An event sent to the dead-letter topic (its table named by the caller; it may
     /// not have decoded).
-    pub fn dead_lettered(&mut self, table: &str, headers: &[(String, Vec<u8>)]) {
+    pub fn dead_lettered(&mut self, table: &str, headers: &[super::decode::Header]) {
         self.counts
             .entry(table.to_string())
             .or_insert_with(|| (TableName::new("", ""), [0; OPS.len()]))
@@ -502,10 +502,10 @@ mod tests {
     fn entry_json_is_per_transaction_and_per_table_op() {
         let mut e = Entry::default();
         assert!(e.is_empty());
-        let headers = vec![
-            ("pgferry.commit_lsn".to_string(), b"0/10".to_vec()),
-            ("pgferry.ordinal".to_string(), b"0".to_vec()),
-            ("pgferry.xid".to_string(), b"771".to_vec()),
+        let headers: Vec<crate::sink::decode::Header> = vec![
+            ("pgferry.commit_lsn".into(), b"0/10".to_vec()),
+            ("pgferry.ordinal".into(), b"0".to_vec()),
+            ("pgferry.xid".into(), b"771".to_vec()),
         ];
         e.dead_lettered("public.p", &headers);
         e.skipped();

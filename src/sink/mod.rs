@@ -63,12 +63,12 @@ const SCHEMA_ATTEMPTS: usize = 6;
 /// One consumed message, owned.
 #[derive(Debug, Clone)]
 struct Item {
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
-    headers: Vec<(String, Vec<u8>)>,
+    headers: Vec<decode::Header>,
     /// The message's Kafka timestamp (ms since the epoch; when pgferry produced it).
     timestamp_ms: Option<i64>,
 }
@@ -153,6 +153,23 @@ struct Reader {
     by_id: HashMap<u32, SchemaEntry>,
     registry: Option<Registry>,
     health: Arc<Health>,
+    /// Topic names and header keys seen so far, shared by every message that carries
+    /// them instead of copied into each (see [`intern`]).
+    names: Vec<Arc<str>>,
+}
+
+/// The shared copy of `name` from `names`, added when new. The list stays short: the
+/// configured topics and pgferry's few header keys.
+fn intern(names: &mut Vec<Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(n) = names.iter().find(|n| ***n == *name) {
+        return n.clone();
+    }
+    let n: Arc<str> = Arc::from(name);
+    // Bounded: a producer writing ever new header keys must not grow it forever.
+    if names.len() < 256 {
+        names.push(n.clone());
+    }
+    n
 }
 
 /// The applying half: owns one target connection; [`checkpoint::Applied`] is shared
@@ -235,6 +252,7 @@ impl SinkStage {
                 by_id: HashMap::new(),
                 registry,
                 health: health.clone(),
+                names: Vec::new(),
             },
             appliers,
             owners: HashMap::new(),
@@ -308,7 +326,7 @@ impl SinkStage {
                     // it keeps go on where they are: their events must not be dropped,
                     // the consumer is already past them.
                     let assigned = &self.assigned;
-                    ready.retain(|(i, _)| assigned.contains(&(i.topic.clone(), i.partition)));
+                    ready.retain(|(i, _)| assigned.contains(&(i.topic.to_string(), i.partition)));
                 }
             } else if last_refresh.elapsed() >= ASSIGNMENT_REFRESH {
                 // Always: topics appear and gain partitions at any time.
@@ -739,13 +757,14 @@ impl Reader {
                     continue;
                 }
             };
+            let names = &mut self.names;
             let headers = m
                 .headers()
                 .map(|h| {
                     h.iter()
                         .map(|x| {
                             (
-                                x.key.to_string(),
+                                intern(names, x.key),
                                 x.value.map(<[u8]>::to_vec).unwrap_or_default(),
                             )
                         })
@@ -753,7 +772,7 @@ impl Reader {
                 })
                 .unwrap_or_default();
             let item = Item {
-                topic: m.topic().to_string(),
+                topic: intern(names, m.topic()),
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
@@ -1091,22 +1110,32 @@ impl Applier {
             self.tables.insert(event.table.clone(), (mapping, table));
         }
         // Skip what was already applied: Kafka may hold re-sent events.
-        let mut next: HashMap<(String, i32), Checkpoint> = HashMap::new();
+        // A batch spans few partitions: a short list, searched without allocating.
+        let mut next: Vec<((String, i32), Checkpoint)> = Vec::new();
         let mut fresh = Vec::new();
         let mut entry = ledger::Entry::default();
         for (item, event) in items {
             if dead_lettered && event.is_none() {
                 entry.dead_lettered(&self.table_of_topic(&item.topic), &item.headers);
             }
-            let k = (item.topic.clone(), item.partition);
-            let cp = next.entry(k).or_insert_with(|| {
-                self.checkpoints
-                    .get(&item.topic, item.partition)
-                    .unwrap_or(Checkpoint {
-                        next_offset: 0,
-                        position: (crate::lsn::Lsn::ZERO, 0),
-                    })
-            });
+            let at = match next
+                .iter()
+                .position(|((t, p), _)| *p == item.partition && *t == *item.topic)
+            {
+                Some(at) => at,
+                None => {
+                    let start =
+                        self.checkpoints
+                            .get(&item.topic, item.partition)
+                            .unwrap_or(Checkpoint {
+                                next_offset: 0,
+                                position: (crate::lsn::Lsn::ZERO, 0),
+                            });
+                    next.push(((item.topic.to_string(), item.partition), start));
+                    next.len() - 1
+                }
+            };
+            let cp = &mut next[at].1;
             cp.next_offset = cp.next_offset.max(item.offset + 1);
             // Positions grow along a partition; one that does not is a re-send of
             // something already applied.
@@ -1171,8 +1200,8 @@ impl Applier {
             // for this transaction, is the truth about what is applied.
             // Only this batch's own partitions: locking a whole topic's rows made two
             // sinks that share a topic wait on (and re-plan against) each other.
-            let topics: Vec<String> = next.keys().map(|(t, _)| t.clone()).collect();
-            let partitions: Vec<i32> = next.keys().map(|(_, p)| *p).collect();
+            let topics: Vec<String> = next.iter().map(|((t, _), _)| t.clone()).collect();
+            let partitions: Vec<i32> = next.iter().map(|((_, p), _)| *p).collect();
             let rows = tx
                 .query(
                     "select topic, partition, next_offset, commit_lsn::text, ordinal from pgferry.checkpoints \
@@ -1326,7 +1355,7 @@ impl Applier {
             })
             .insert(Header {
                 key: "pgferry.source_topic",
-                value: Some(item.topic.as_str()),
+                value: Some(&*item.topic),
             })
             .insert(Header {
                 key: "pgferry.source_partition",
