@@ -450,7 +450,7 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
     let tgt = TestDb::on(&target_url(), "preexist_t");
     src.sql("create table p (id int primary key, v text)");
     tgt.sql("create table p (id int primary key, v text)");
-    tgt.sql("insert into p values (7, 'stale'), (60, 'stale')");
+    tgt.sql("insert into p values (7, 'stale'), (3050, 'stale')");
     let (cfg, _) = pipeline_config(
         &src,
         &tgt,
@@ -460,18 +460,22 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
     );
     let p = run(&cfg);
     wait_streaming(&src, "s_preexist");
-    // One transaction, so one batch: rows 1..6 come before the conflicting key.
-    src.sql("insert into p select g, 'first ' || g from generate_series(1, 50) g");
-    src.sql("insert into p select g, 'second ' || g from generate_series(51, 100) g");
+    // One transaction, the first batch holding rows 1..2500: rows 1..6 come before
+    // the conflicting key, and the batch's COPY (over 128 KiB) goes in several pieces,
+    // so the server refuses it while more are still being sent.
+    src.sql(
+        "insert into p select g, 'first ' || g || repeat('x', 100) from generate_series(1, 3000) g",
+    );
+    src.sql("insert into p select g, 'second ' || g from generate_series(3001, 3100) g");
     wait_equal(&cfg, &p);
     assert_eq!(
-        rows(&tgt, "select v from p where id in (7, 60) order by id"),
+        rows(&tgt, "select v from p where id in (7, 3050) order by id"),
         vec![
-            vec![Some("first 7".to_string())],
-            vec![Some("second 60".to_string())]
+            vec![Some(format!("first 7{}", "x".repeat(100)))],
+            vec![Some("second 3050".to_string())]
         ]
     );
-    assert_eq!(tgt.value("select count(*) from p").as_deref(), Some("100"));
+    assert_eq!(tgt.value("select count(*) from p").as_deref(), Some("3100"));
     // The path under test was taken (the tests run pgferry at debug level).
     assert!(
         p.stderr_text()
