@@ -108,6 +108,7 @@ async fn fingerprint_streamed(
     transforms: &[Option<crate::event::Transform>],
     key: &[u8],
 ) -> Result<(i64, String), Error> {
+    let key = crate::source::transform::HmacKey::new(key);
     use futures_util::StreamExt;
     use std::hash::{Hash, Hasher};
     let sql = format!(
@@ -137,7 +138,7 @@ async fn fingerprint_streamed(
             };
             let transformed = match (transforms.get(i).copied().flatten(), text) {
                 (Some(t), Some(b)) => {
-                    crate::source::transform::apply(t, key, &String::from_utf8_lossy(b))
+                    crate::source::transform::apply(t, &key, &String::from_utf8_lossy(b))
                         .map(String::into_bytes)
                 }
                 (_, b) => b.map(<[u8]>::to_vec),

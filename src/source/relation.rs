@@ -29,7 +29,7 @@ pub struct RelationState {
     /// `pgferry_source_changes_total{table,op}` for this table, by [`op_index`].
     counters: [IntCounter; 4],
     /// The key of `hmac` transforms.
-    phi_key: Option<Arc<[u8]>>,
+    phi_key: Option<super::transform::HmacKey>,
 }
 
 /// The type of a transformed (`hmac`, `redact`) column's values.
@@ -247,7 +247,10 @@ impl RelationCache {
             wire_columns: rel.columns.len(),
             selected,
             counters,
-            phi_key: config.phi_key.as_ref().map(|k| Arc::from(k.0.as_slice())),
+            phi_key: config
+                .phi_key
+                .as_ref()
+                .map(|k| super::transform::HmacKey::new(&k.0)),
         };
         self.relations.insert(rel.oid, state);
         Ok(&self.relations[&rel.oid])
@@ -363,7 +366,14 @@ impl RelationState {
         };
         Ok(match (self.schema.columns[i].transform, datum) {
             (Some(t), Datum::Text(text)) => {
-                let key = self.phi_key.as_deref().unwrap_or_default();
+                let unkeyed;
+                let key = match &self.phi_key {
+                    Some(k) => k,
+                    None => {
+                        unkeyed = super::transform::HmacKey::new(&[]);
+                        &unkeyed
+                    }
+                };
                 match super::transform::apply(t, key, text.as_str()) {
                     Some(v) => Datum::Text(Text::from_string(v)),
                     None => Datum::Null,

@@ -37,13 +37,36 @@ pub fn check(transform: Transform, ty: &PgType) -> Result<(), String> {
     }
 }
 
+/// The `[phi]` key of `hmac`, prepared once: HMAC's padded key states are computed
+/// here, not again for every value (with a hex digit per `format!`, that cost more
+/// than a whole change's encoding: 7.1 against 4.4 CPU-s in the drain benchmark).
+#[derive(Clone)]
+pub struct HmacKey(ring::hmac::Key);
+
+impl HmacKey {
+    pub fn new(key: &[u8]) -> Self {
+        HmacKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key))
+    }
+}
+
+impl std::fmt::Debug for HmacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HmacKey(..)")
+    }
+}
+
 /// The transformed text of `text`; `None` means NULL.
-pub fn apply(transform: Transform, key: &[u8], text: &str) -> Option<String> {
+pub fn apply(transform: Transform, key: &HmacKey, text: &str) -> Option<String> {
     match transform {
         Transform::Hmac => {
-            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-            let tag = ring::hmac::sign(&key, text.as_bytes());
-            Some(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let tag = ring::hmac::sign(&key.0, text.as_bytes());
+            let mut out = String::with_capacity(2 * tag.as_ref().len());
+            for b in tag.as_ref() {
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xF)]));
+            }
+            Some(out)
         }
         Transform::Redact => Some("REDACTED".to_string()),
         Transform::Null => None,
@@ -85,7 +108,12 @@ mod tests {
     fn hmac_is_rfc_4231_hmac_sha256_in_hex() {
         // RFC 4231 test case 2.
         assert_eq!(
-            apply(Transform::Hmac, b"Jefe", "what do ya want for nothing?").unwrap(),
+            apply(
+                Transform::Hmac,
+                &HmacKey::new(b"Jefe"),
+                "what do ya want for nothing?"
+            )
+            .unwrap(),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
@@ -101,7 +129,11 @@ mod tests {
             ("infinity", "infinity"),
             ("-infinity", "-infinity"),
         ] {
-            assert_eq!(apply(Transform::Year, b"", from).unwrap(), to, "{from}");
+            assert_eq!(
+                apply(Transform::Year, &HmacKey::new(b""), from).unwrap(),
+                to,
+                "{from}"
+            );
         }
     }
 }
