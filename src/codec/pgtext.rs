@@ -330,7 +330,7 @@ fn pg_date_days(year: i64, bc: bool, month: u32, day: u32) -> Option<i64> {
 /// `n` in decimal, zero-padded to at least `width` digits. Dates, times and numerics
 /// are printed with this rather than `write!`: they run for every such value on both
 /// sides of Kafka, and `core::fmt`'s machinery cost several percent of the CPU there.
-fn push_digits(out: &mut impl std::fmt::Write, mut n: u64, width: usize) {
+pub(crate) fn push_digits(out: &mut impl std::fmt::Write, mut n: u64, width: usize) {
     let mut buf = [b'0'; 20];
     let mut i = buf.len();
     loop {

@@ -134,9 +134,13 @@ fn itoa_buf() -> String {
 
 /// `["<a>","<b>"]` into `buf`, without a `format!` allocation per change.
 fn sequence(buf: &mut String, a: u64, b: u64) -> &str {
-    use std::fmt::Write;
+    use crate::codec::pgtext::push_digits;
     buf.clear();
-    let _ = write!(buf, "[\"{a}\",\"{b}\"]");
+    buf.push_str("[\"");
+    push_digits(buf, a, 1);
+    buf.push_str("\",\"");
+    push_digits(buf, b, 1);
+    buf.push_str("\"]");
     buf
 }
 
@@ -366,6 +370,14 @@ pub fn decode_bytea(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_is_debeziums_json_array_of_decimal_lsns() {
+        let mut buf = String::new();
+        for (a, b) in [(0, 0), (1, 10), (0x1_6B37_4800, u64::MAX)] {
+            assert_eq!(sequence(&mut buf, a, b), format!("[\"{a}\",\"{b}\"]"));
+        }
+    }
 
     #[test]
     fn zigzag_varints_match_the_spec() {
