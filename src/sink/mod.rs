@@ -155,19 +155,19 @@ struct Reader {
     health: Arc<Health>,
     /// Topic names and header keys seen so far, shared by every message that carries
     /// them instead of copied into each (see [`intern`]).
-    names: Vec<Arc<str>>,
+    names: HashSet<Arc<str>>,
 }
 
-/// The shared copy of `name` from `names`, added when new. The list stays short: the
-/// configured topics and pgferry's few header keys.
-fn intern(names: &mut Vec<Arc<str>>, name: &str) -> Arc<str> {
-    if let Some(n) = names.iter().find(|n| ***n == *name) {
+/// The shared copy of `name` from `names`, added when new: the configured topics and
+/// pgferry's few header keys.
+fn intern(names: &mut HashSet<Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(n) = names.get(name) {
         return n.clone();
     }
     let n: Arc<str> = Arc::from(name);
     // Bounded: a producer writing ever new header keys must not grow it forever.
-    if names.len() < 256 {
-        names.push(n.clone());
+    if names.len() < 4096 {
+        names.insert(n.clone());
     }
     n
 }
@@ -252,7 +252,7 @@ impl SinkStage {
                 by_id: HashMap::new(),
                 registry,
                 health: health.clone(),
-                names: Vec::new(),
+                names: HashSet::new(),
             },
             appliers,
             owners: HashMap::new(),
@@ -1110,32 +1110,23 @@ impl Applier {
             self.tables.insert(event.table.clone(), (mapping, table));
         }
         // Skip what was already applied: Kafka may hold re-sent events.
-        // A batch spans few partitions: a short list, searched without allocating.
-        let mut next: Vec<((String, i32), Checkpoint)> = Vec::new();
+        // Keyed by the shared topic name: no allocation per event.
+        let mut next: HashMap<(Arc<str>, i32), Checkpoint> = HashMap::new();
         let mut fresh = Vec::new();
         let mut entry = ledger::Entry::default();
         for (item, event) in items {
             if dead_lettered && event.is_none() {
                 entry.dead_lettered(&self.table_of_topic(&item.topic), &item.headers);
             }
-            let at = match next
-                .iter()
-                .position(|((t, p), _)| *p == item.partition && *t == *item.topic)
-            {
-                Some(at) => at,
-                None => {
-                    let start =
-                        self.checkpoints
-                            .get(&item.topic, item.partition)
-                            .unwrap_or(Checkpoint {
-                                next_offset: 0,
-                                position: (crate::lsn::Lsn::ZERO, 0),
-                            });
-                    next.push(((item.topic.to_string(), item.partition), start));
-                    next.len() - 1
-                }
-            };
-            let cp = &mut next[at].1;
+            let k = (item.topic.clone(), item.partition);
+            let cp = next.entry(k).or_insert_with(|| {
+                self.checkpoints
+                    .get(&item.topic, item.partition)
+                    .unwrap_or(Checkpoint {
+                        next_offset: 0,
+                        position: (crate::lsn::Lsn::ZERO, 0),
+                    })
+            });
             cp.next_offset = cp.next_offset.max(item.offset + 1);
             // Positions grow along a partition; one that does not is a re-send of
             // something already applied.
@@ -1200,8 +1191,8 @@ impl Applier {
             // for this transaction, is the truth about what is applied.
             // Only this batch's own partitions: locking a whole topic's rows made two
             // sinks that share a topic wait on (and re-plan against) each other.
-            let topics: Vec<String> = next.iter().map(|((t, _), _)| t.clone()).collect();
-            let partitions: Vec<i32> = next.iter().map(|((_, p), _)| *p).collect();
+            let topics: Vec<String> = next.keys().map(|(t, _)| t.to_string()).collect();
+            let partitions: Vec<i32> = next.keys().map(|(_, p)| *p).collect();
             let rows = tx
                 .query(
                     "select topic, partition, next_offset, commit_lsn::text, ordinal from pgferry.checkpoints \
@@ -1290,7 +1281,7 @@ impl Applier {
             m.sink_checkpoint_offset
                 .with_label_values(&[&topic, &partition.to_string()])
                 .set(cp.next_offset);
-            self.checkpoints.insert(topic, partition, cp);
+            self.checkpoints.insert(topic.to_string(), partition, cp);
         }
         let now = crate::timestamp::PgTimestamp::now().unix_micros();
         let streamed = || {
