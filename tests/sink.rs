@@ -476,10 +476,10 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
         ]
     );
     assert_eq!(tgt.value("select count(*) from p").as_deref(), Some("3100"));
-    // The path under test was taken (the tests run pgferry at debug level).
+    // The path under test was taken.
     assert!(
         p.stderr_text()
-            .contains("copied rows met keys already in the target"),
+            .contains("copied rows met keys already in the target table"),
         "{}",
         p.stderr_text()
     );

@@ -1059,7 +1059,8 @@ impl Applier {
                 Attempt::Committed => return Ok(()),
                 // Only tables not yet upserted report this, so the loop ends.
                 Attempt::KeysExist(table) => {
-                    tracing::debug!(%table, "copied rows met keys already in the target; upserting them from now on");
+                    // Worth an operator's notice: loading this table gets slower.
+                    tracing::info!(worker = self.worker, %table, "copied rows met keys already in the target table; the batch was rolled back and is upserted, as this table's inserts are from now on");
                     self.upsert_inserts.insert(table);
                 }
             }
