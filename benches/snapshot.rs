@@ -392,6 +392,7 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
 }
 
 fn main() {
+    support::warn_of_idle_services();
     let rows = env_opt("ROWS").unwrap_or(1_000_000);
     let workers = env_opt("SNAPSHOT_WORKERS");
     let chunk_rows = env_opt("CHUNK_ROWS");
