@@ -29,7 +29,7 @@ pub struct RelationState {
     /// `pgferry_source_changes_total{table,op}` for this table, by [`op_index`].
     counters: [IntCounter; 4],
     /// The key of `hmac` transforms.
-    phi_key: Option<super::transform::HmacKey>,
+    phi_key: super::transform::HmacKey,
 }
 
 /// The type of a transformed (`hmac`, `redact`) column's values.
@@ -161,7 +161,7 @@ impl RelationCache {
                     wire_columns: rel.columns.len(),
                     selected,
                     counters,
-                    phi_key: None,
+                    phi_key: super::transform::HmacKey::new(&[]),
                 },
             );
             return Ok(&self.relations[&rel.oid]);
@@ -247,10 +247,10 @@ impl RelationCache {
             wire_columns: rel.columns.len(),
             selected,
             counters,
-            phi_key: config
-                .phi_key
-                .as_ref()
-                .map(|k| super::transform::HmacKey::new(&k.0)),
+            // Present whenever a table uses hmac (checked with the config).
+            phi_key: super::transform::HmacKey::new(
+                config.phi_key.as_ref().map_or(&[][..], |k| &k.0[..]),
+            ),
         };
         self.relations.insert(rel.oid, state);
         Ok(&self.relations[&rel.oid])
@@ -366,15 +366,7 @@ impl RelationState {
         };
         Ok(match (self.schema.columns[i].transform, datum) {
             (Some(t), Datum::Text(text)) => {
-                let unkeyed;
-                let key = match &self.phi_key {
-                    Some(k) => k,
-                    None => {
-                        unkeyed = super::transform::HmacKey::new(&[]);
-                        &unkeyed
-                    }
-                };
-                match super::transform::apply(t, key, text.as_str()) {
+                match super::transform::apply(t, &self.phi_key, text.as_str()) {
                     Some(v) => Datum::Text(Text::from_string(v)),
                     None => Datum::Null,
                 }
