@@ -348,23 +348,29 @@ fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or_else(|e| panic!("{series}: {e}"))
 }
 
-#[test]
-fn a_poison_event_stops_the_sink_naming_its_offset() {
-    let src = TestDb::new("poison");
-    let tgt = TestDb::on(&target_url(), "poison_t");
-    src.sql("create table p (id int primary key, v int)");
-    tgt.sql("create table p (id int primary key, v int check (v < 100))");
-    let (cfg, prefix) = pipeline_config(
-        &src,
-        &tgt,
-        "s_poison",
-        "",
-        "[[tables]]\nsource = \"public.p\"\n",
-    );
+/// Stream table `p` (`source_ddl` on the EHR, `target_ddl` on the hospital) while
+/// `inserts` run on the EHR, until pgferry stops on a poison event: it must exit with
+/// 1 and name the event's offset and `reason` in its log. Returns the target and the
+/// topic prefix.
+fn stops_on_poison(
+    name: &str,
+    (source_ddl, target_ddl): (&str, &str),
+    inserts: &[&str],
+    offset: i64,
+    reason: &str,
+) -> (TestDb, String) {
+    let src = TestDb::new(name);
+    let tgt = TestDb::on(&target_url(), &format!("{name}_t"));
+    src.sql(source_ddl);
+    tgt.sql(target_ddl);
+    let slot = format!("s_{name}");
+    let (cfg, prefix) =
+        pipeline_config(&src, &tgt, &slot, "", "[[tables]]\nsource = \"public.p\"\n");
     let mut p = run(&cfg);
-    wait_streaming(&src, "s_poison");
-    src.sql("insert into p values (1, 5)");
-    src.sql("insert into p values (2, 500)");
+    wait_streaming(&src, &slot);
+    for sql in inserts {
+        src.sql(sql);
+    }
     let status = wait_for("pgferry to stop", Duration::from_secs(60), || {
         p.child.try_wait().unwrap()
     });
@@ -372,11 +378,29 @@ fn a_poison_event_stops_the_sink_naming_its_offset() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
-            "poison event at topic {prefix}.public.p partition 0 offset 1"
+            "poison event at topic {prefix}.public.p partition 0 offset {offset}"
         )),
         "{stderr}"
     );
-    assert!(stderr.contains("check constraint"), "{stderr}");
+    assert!(stderr.contains(reason), "{stderr}");
+    (tgt, prefix)
+}
+
+#[test]
+fn a_poison_event_stops_the_sink_naming_its_offset() {
+    let (tgt, prefix) = stops_on_poison(
+        "poison",
+        (
+            "create table p (id int primary key, v int)",
+            "create table p (id int primary key, v int check (v < 100))",
+        ),
+        &[
+            "insert into p values (1, 5)",
+            "insert into p values (2, 500)",
+        ],
+        1,
+        "check constraint",
+    );
     assert_eq!(
         tgt.value("select string_agg(id::text, ',') from p")
             .as_deref(),
@@ -491,32 +515,16 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
 /// event is poison, named as such, and the sink does not loop on it.
 #[test]
 fn a_unique_violation_outside_the_key_is_poison() {
-    let src = TestDb::new("uniqv");
-    let tgt = TestDb::on(&target_url(), "uniqv_t");
-    src.sql("create table p (id int primary key, v text)");
-    tgt.sql("create table p (id int primary key, v text unique)");
-    let (cfg, prefix) = pipeline_config(
-        &src,
-        &tgt,
-        "s_uniqv",
-        "",
-        "[[tables]]\nsource = \"public.p\"\n",
+    let (tgt, _) = stops_on_poison(
+        "uniqv",
+        (
+            "create table p (id int primary key, v text)",
+            "create table p (id int primary key, v text unique)",
+        ),
+        &["insert into p values (1, 'a'), (2, 'b'), (3, 'a')"],
+        2,
+        "unique constraint",
     );
-    let mut p = run(&cfg);
-    wait_streaming(&src, "s_uniqv");
-    src.sql("insert into p values (1, 'a'), (2, 'b'), (3, 'a')");
-    let status = wait_for("pgferry to stop", Duration::from_secs(60), || {
-        p.child.try_wait().unwrap()
-    });
-    let stderr = p.stderr_text();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "poison event at topic {prefix}.public.p partition 0 offset 2"
-        )),
-        "{stderr}"
-    );
-    assert!(stderr.contains("unique constraint"), "{stderr}");
     assert_eq!(
         tgt.value("select string_agg(id::text, ',' order by id) from p")
             .as_deref(),
