@@ -30,6 +30,8 @@
 //! SINK_EXTRA='batch_max_events = 1000' SCENARIOS=pipeline cargo bench --bench drain
 //! ```
 //!
+//! `DECODING_WORK_MEM=512MB` sets `logical_decoding_work_mem` for every side's
+//! walsender alike (see [`decoding_work_mem`]).
 //! `SINK_EXTRA` and `KAFKA_EXTRA` add keys to the `[sink]` and `[kafka]` sections of
 //! the pipeline runs (`e2e`, `e2e2p`; `KAFKA_EXTRA` also to `kafka`), to try settings. `SHOW_STDERR=1` prints each pgferry
 //! run's log after it; `BENCH_LOG` sets its `PGFERRY_LOG` (default `info`).
@@ -126,15 +128,33 @@ fn wait(what: &str, mut done: impl FnMut() -> bool) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// `DECODING_WORK_MEM` (e.g. `512MB`): `logical_decoding_work_mem` of every side's
+/// walsender (the subscription's by its connection's `options`, pg_recvlogical's by
+/// `PGOPTIONS`, pgferry's by `[source] logical_decoding_work_mem`); unset: the
+/// server's (PostgreSQL's default is 64MB, which the backlog's transactions exceed, so
+/// the walsender spills them to disk and reads them back).
+fn decoding_work_mem() -> Option<String> {
+    std::env::var("DECODING_WORK_MEM")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 fn subscription(b: &Backlog) -> Side {
     let target = TestDb::on(&service_env("PGFERRY_TARGET_URL"), "drain_sub");
     target.sql(TABLE);
     let slot = b.src.slot("sub");
+    let conninfo = match decoding_work_mem() {
+        Some(mem) => format!(
+            "{}{}options=-c%20logical_decoding_work_mem%3D{mem}",
+            b.src.url,
+            if b.src.url.contains('?') { '&' } else { '?' }
+        ),
+        None => b.src.url.clone(),
+    };
     let started = Instant::now();
     target.sql(&format!(
-        "create subscription {slot} connection '{}' publication bench
-           with (create_slot = false, slot_name = '{slot}', copy_data = false)",
-        b.src.url
+        "create subscription {slot} connection '{conninfo}' publication bench
+           with (create_slot = false, slot_name = '{slot}', copy_data = false)"
     ));
     wait("the subscription", || b.slot_done("sub"));
     let seconds = started.elapsed().as_secs_f64();
@@ -155,8 +175,12 @@ fn subscription(b: &Backlog) -> Side {
 }
 
 fn recvlogical(b: &Backlog) -> Side {
+    let mut recv = Command::new("pg_recvlogical");
+    if let Some(mem) = decoding_work_mem() {
+        recv.env("PGOPTIONS", format!("-c logical_decoding_work_mem={mem}"));
+    }
     let started = Instant::now();
-    let status = Command::new("pg_recvlogical")
+    let status = recv
         .args([
             "-d",
             &b.src.url,
@@ -213,7 +237,7 @@ fn pgferry(
     std::fs::write(
         &path,
         format!(
-            "[source]\nurl = \"{}\"\nslot = \"{}\"\npublication = \"bench\"\nheartbeat_interval = \"10s\"\n\
+            "[source]\nurl = \"{}\"\nslot = \"{}\"\npublication = \"bench\"\nheartbeat_interval = \"10s\"\n{work_mem}\
              # The slot exists before pgferry first starts: no copy, as for the anchors.\nsnapshot = \"never\"\n\
              [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"d{}{tag}\"\n{kafka_extra}\n[http]\nlisten = \"\"\n{extra}\n{sink_section}\
              [[tables]]\nsource = \"public.patients\"\n{table_extra}\n",
@@ -221,6 +245,9 @@ fn pgferry(
             b.src.slot(tag),
             service_env("PGFERRY_BROKERS"),
             b.src.name,
+            work_mem = decoding_work_mem()
+                .map(|m| format!("logical_decoding_work_mem = \"{m}\"\n"))
+                .unwrap_or_default(),
         ),
     )
     .unwrap();

@@ -438,6 +438,65 @@ fn a_100k_row_transaction_streams_with_bounded_memory() {
     );
 }
 
+/// `[source] logical_decoding_work_mem` reaches pgferry's walsender: a transaction of
+/// about 400 kB is spilled to the EHR's disk under "64kB", and not under the server's
+/// own setting (64MB); its rows arrive whole either way.
+#[test]
+fn decoding_work_mem_reaches_the_walsender() {
+    let db = TestDb::new("workmem");
+    db.sql("create table w (id int primary key, payload text)");
+    for (round, (tag, setting, spills)) in [
+        ("s_wm_small", "logical_decoding_work_mem = \"64kB\"\n", true),
+        ("s_wm_server", "", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = db.config("p.toml", tag, &tables(&["public.w"]));
+        let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+            "heartbeat_interval = \"1s\"\n",
+            &format!("heartbeat_interval = \"1s\"\n{setting}"),
+            1,
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let mut tail = Pgferry::tail(&cfg, &[]);
+        wait_streaming(&db, tag);
+        let first = round * 2000 + 1;
+        db.sql(&format!(
+            "insert into w select g, repeat(md5(g::text), 6) from generate_series({first}, {}) g",
+            first + 1999
+        ));
+        let lines = tail.json(2000, T);
+        let ids: BTreeSet<i64> = lines
+            .iter()
+            .map(|v| v["after"]["id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 2000, "{tag}: every row once");
+        let spill = |db: &TestDb| {
+            db.value(&format!(
+                "select spill_txns from pg_stat_replication_slots where slot_name = '{}'",
+                db.slot(tag)
+            ))
+            .and_then(|v| v.parse::<i64>().ok())
+        };
+        if spills {
+            let n = wait_for("the walsender to report its spill", T, || {
+                spill(&db).filter(|&n| n > 0)
+            });
+            assert!(n >= 1);
+        } else {
+            // The stats are written when the transaction is decoded, before its rows
+            // reach pgferry: read now, they would show a spill had there been one.
+            assert_eq!(
+                spill(&db),
+                Some(0),
+                "{tag}: spilled under the server's 64MB"
+            );
+        }
+        tail.terminate();
+    }
+}
+
 #[test]
 fn slot_flag_reads_another_slot_and_restart_resumes() {
     let db = TestDb::new("slotflag");

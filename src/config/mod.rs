@@ -76,6 +76,9 @@ pub struct Source {
     pub snapshot: SnapshotMode,
     pub snapshot_workers: usize,
     pub snapshot_chunk_rows: u64,
+    /// `logical_decoding_work_mem` for the streaming session, in kB; `None`: the
+    /// server's setting.
+    pub decoding_work_mem_kb: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -140,6 +143,13 @@ impl Config {
                     ))
                 }
                 n => n,
+            },
+            decoding_work_mem_kb: match &raw.source.logical_decoding_work_mem {
+                None => None,
+                Some(text) => Some(
+                    parse_work_mem(text)
+                        .map_err(|m| err(path, "source.logical_decoding_work_mem", m))?,
+                ),
             },
         };
         if source.heartbeat_interval < Duration::from_millis(100) {
@@ -410,6 +420,37 @@ fn non_empty(file: &Path, key: &str, v: String) -> Result<String, ConfigError> {
     Ok(v)
 }
 
+/// A PostgreSQL memory setting (`"256MB"`, `"65536kB"`, `"1GB"`; a bare number is kB,
+/// as the server reads it) in kB, within `logical_decoding_work_mem`'s range.
+fn parse_work_mem(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = (&t[..split], t[split..].trim());
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("{text:?} is not a memory size: write a whole number with a unit, e.g. \"256MB\"")
+    })?;
+    // The server's own units for memory settings, case as it requires.
+    let kb = match unit {
+        "" | "kB" => Some(n),
+        "B" => Some(n / 1024),
+        "MB" => n.checked_mul(1 << 10),
+        "GB" => n.checked_mul(1 << 20),
+        "TB" => n.checked_mul(1 << 30),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; PostgreSQL's are B, kB, MB, GB and TB"
+            ))
+        }
+    };
+    // PostgreSQL's bounds for the setting: 64kB to MAX_KILOBYTES (INT_MAX kB).
+    match kb {
+        Some(kb) if (64..=i32::MAX as u64).contains(&kb) => Ok(kb),
+        _ => Err(format!(
+            "{text:?} is outside PostgreSQL's range for logical_decoding_work_mem (64kB to 2147483647kB)"
+        )),
+    }
+}
+
 fn validate_slot(file: &Path, slot: &str) -> Result<String, ConfigError> {
     let ok = !slot.is_empty()
         && slot.len() <= 63
@@ -649,6 +690,49 @@ source = "public.visits"
         assert_eq!(names, ["public.visits", "public.patients"]);
         assert_eq!(c.tables[1].target.to_string(), "hosp.patients");
         assert_eq!(c.tables[1].rename["name"], "full_name");
+    }
+
+    #[test]
+    fn decoding_work_mem_reads_postgresql_memory_units() {
+        assert_eq!(parse_work_mem("256MB"), Ok(256 << 10));
+        assert_eq!(parse_work_mem(" 1 GB "), Ok(1 << 20));
+        assert_eq!(parse_work_mem("65536"), Ok(65536));
+        assert_eq!(parse_work_mem("64kB"), Ok(64));
+        for bad in [
+            "",
+            "MB",
+            "256mb",
+            "-1MB",
+            "1.5GB",
+            "63kB",
+            "2TB",
+            "99999999999999999999",
+        ] {
+            let e = parse_work_mem(bad).expect_err(bad);
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        let d = tempdir("workmem");
+        let main = write(
+            &d,
+            "main.toml",
+            "[source]\nurl = \"postgres://u@h/d\"\nlogical_decoding_work_mem = \"256 megabytes\"\n",
+        );
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(
+            e.contains("main.toml")
+                && e.contains("source.logical_decoding_work_mem")
+                && e.contains("unknown unit"),
+            "{e}"
+        );
+        let ok = write(
+            &d,
+            "ok.toml",
+            "[source]\nurl = \"postgres://u@h/d\"\nlogical_decoding_work_mem = \"512MB\"\n",
+        );
+        assert_eq!(
+            Config::load(&ok).unwrap().source.decoding_work_mem_kb,
+            Some(512 << 10)
+        );
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct SourceConfig {
     /// Rows per snapshot chunk (a ctid range, or a key range while streaming).
     #[serde(default = "default_chunk_rows")]
     pub snapshot_chunk_rows: u64,
+    /// `logical_decoding_work_mem` of pgferry's own walsender session (PostgreSQL's
+    /// memory syntax, e.g. `"256MB"`); default: the server's setting.
+    #[serde(default)]
+    pub logical_decoding_work_mem: Option<String>,
 }
 
 /// Whether a first start copies the existing rows (`[source] snapshot`).

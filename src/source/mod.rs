@@ -380,7 +380,11 @@ impl Session<'_> {
     ) -> Result<(), Error> {
         let src = self.source;
         let config = &src.config;
-        let mut conn = ReplicationConn::connect(&config.source.url).await?;
+        let mut conn = ReplicationConn::connect_decoding(
+            &config.source.url,
+            config.source.decoding_work_mem_kb,
+        )
+        .await?;
         let start = self.progress.resume_point();
         let info = {
             let mut catalog = src.catalog.lock().await;

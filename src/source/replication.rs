@@ -84,6 +84,14 @@ enum Incoming {
 impl ReplicationConn {
     /// Connect, negotiate TLS as `sslmode` says, and authenticate.
     pub async fn connect(url: &PgUrl) -> Result<Self, Error> {
+        Self::connect_decoding(url, None).await
+    }
+
+    /// [`connect`](Self::connect), for the session that decodes the slot: with
+    /// `logical_decoding_work_mem` set to `work_mem_kb` when given, so a transaction
+    /// larger than the server's setting is decoded in memory up to that size instead of
+    /// being spilled to the EHR's disk and read back.
+    pub async fn connect_decoding(url: &PgUrl, work_mem_kb: Option<u64>) -> Result<Self, Error> {
         let addr = format!("{}:{}", url.host, url.port);
         let timeout = url.connect_timeout.unwrap_or(Duration::from_secs(10));
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
@@ -112,22 +120,26 @@ impl ReplicationConn {
             url: url.clone(),
             server_version: 0,
         };
-        conn.startup().await?;
+        conn.startup(work_mem_kb).await?;
         Ok(conn)
     }
 
-    async fn startup(&mut self) -> Result<(), Error> {
+    async fn startup(&mut self, work_mem_kb: Option<u64>) -> Result<(), Error> {
         let app = self
             .url
             .application_name
             .clone()
             .unwrap_or_else(|| "pgferry".into());
+        let options = match work_mem_kb {
+            Some(kb) => format!("{SESSION_OPTIONS} -c logical_decoding_work_mem={kb}kB"),
+            None => SESSION_OPTIONS.to_string(),
+        };
         let params = [
             ("user", self.url.user.as_str()),
             ("database", self.url.dbname.as_str()),
             ("replication", "database"),
             ("application_name", app.as_str()),
-            ("options", SESSION_OPTIONS),
+            ("options", options.as_str()),
         ];
         frontend::startup_message(params.iter().copied(), &mut self.write)
             .map_err(|e| self.io_error(e))?;
