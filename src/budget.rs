@@ -42,6 +42,17 @@ impl ByteBudget {
         }
     }
 
+    /// Take `event`'s share if it fits now, without waiting.
+    pub fn try_take(&self, event: &Event) -> bool {
+        match self.permits.try_acquire_many(self.units(event)) {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Give back `event`'s share once it is handled.
     pub fn give(&self, event: &Event) {
         self.permits.add_permits(self.units(event) as usize);

@@ -18,6 +18,9 @@ pub struct Metrics {
     /// `pgferry_source_slot_lag_bytes`: WAL between the server's insert position and
     /// the slot's `confirmed_flush_lsn` (what the slot pins).
     pub source_slot_lag_bytes: IntGauge,
+    /// `pgferry_source_slot_spill_bytes`: bytes the slot's walsender spilled to the
+    /// EHR's disk, as `pg_stat_replication_slots` counts them (PostgreSQL 14+).
+    pub source_slot_spill_bytes: IntGauge,
     /// `pgferry_kafka_produced_total{topic}`: messages acknowledged by Kafka.
     pub kafka_produced: IntCounterVec,
     /// `pgferry_kafka_delivery_errors_total`: messages Kafka finally refused.
@@ -84,6 +87,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         source_slot_lag_bytes: gauge(
             "pgferry_source_slot_lag_bytes",
             "Bytes of WAL between the server's current position and the slot's confirmed_flush_lsn.",
+        ),
+        source_slot_spill_bytes: gauge(
+            "pgferry_source_slot_spill_bytes",
+            "Bytes of decoded transactions larger than logical_decoding_work_mem that the slot's walsender spilled to disk (pg_stat_replication_slots.spill_bytes).",
         ),
         kafka_produced: counter_vec(
             "pgferry_kafka_produced_total",
@@ -157,6 +164,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.source_changes.clone()),
         Box::new(m.source_confirmed_lsn.clone()),
         Box::new(m.source_slot_lag_bytes.clone()),
+        Box::new(m.source_slot_spill_bytes.clone()),
         Box::new(m.kafka_produced.clone()),
         Box::new(m.kafka_delivery_errors.clone()),
         Box::new(m.kafka_in_flight.clone()),

@@ -440,7 +440,8 @@ fn a_100k_row_transaction_streams_with_bounded_memory() {
 
 /// `[source] logical_decoding_work_mem` reaches pgferry's walsender: a transaction of
 /// about 400 kB is spilled to the EHR's disk under "64kB", and not under the server's
-/// own setting (64MB); its rows arrive whole either way.
+/// own setting (64MB); its rows arrive whole either way. pgferry exports the spill
+/// (`pgferry_source_slot_spill_bytes`) and says once, at info, what would avoid it.
 #[test]
 fn decoding_work_mem_reaches_the_walsender() {
     let db = TestDb::new("workmem");
@@ -453,11 +454,15 @@ fn decoding_work_mem_reaches_the_walsender() {
     .enumerate()
     {
         let cfg = db.config("p.toml", tag, &tables(&["public.w"]));
-        let text = std::fs::read_to_string(&cfg).unwrap().replacen(
-            "heartbeat_interval = \"1s\"\n",
-            &format!("heartbeat_interval = \"1s\"\n{setting}"),
-            1,
-        );
+        let port = free_port();
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replacen(
+                "heartbeat_interval = \"1s\"\n",
+                &format!("heartbeat_interval = \"1s\"\n{setting}"),
+                1,
+            )
+            .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{port}\""));
         std::fs::write(&cfg, text).unwrap();
         let mut tail = Pgferry::tail(&cfg, &[]);
         wait_streaming(&db, tag);
@@ -479,11 +484,28 @@ fn decoding_work_mem_reaches_the_walsender() {
             ))
             .and_then(|v| v.parse::<i64>().ok())
         };
+        // What pgferry's slot monitor (every heartbeat_interval, 1s here) exports.
+        let exported = || {
+            let (_, body) = http_get(port, "/metrics");
+            body.lines()
+                .find_map(|l| l.strip_prefix("pgferry_source_slot_spill_bytes "))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        };
         if spills {
             let n = wait_for("the walsender to report its spill", T, || {
                 spill(&db).filter(|&n| n > 0)
             });
             assert!(n >= 1);
+            let bytes = wait_for("pgferry to export the spill", T, || {
+                exported().filter(|&b| b > 0)
+            });
+            assert!(bytes > 64 * 1024, "{bytes} bytes spilled");
+            let log = wait_for("pgferry to tell of the spill", T, || {
+                let text = tail.stderr_text();
+                text.contains("[source] logical_decoding_work_mem raises that limit")
+                    .then_some(text)
+            });
+            assert!(log.contains("spill_bytes="), "{log}");
         } else {
             // The stats are written when the transaction is decoded, before its rows
             // reach pgferry: read now, they would show a spill had there been one.
@@ -492,6 +514,11 @@ fn decoding_work_mem_reaches_the_walsender() {
                 Some(0),
                 "{tag}: spilled under the server's 64MB"
             );
+            std::thread::sleep(Duration::from_millis(1500));
+            assert_eq!(exported(), Some(0), "{tag}: the exported spill");
+            assert!(!tail
+                .stderr_text()
+                .contains("logical_decoding_work_mem raises"));
         }
         tail.terminate();
     }

@@ -757,7 +757,9 @@ impl Session<'_> {
         down: &mut Downstream,
     ) -> Result<(), Error> {
         // Room by bytes first (status updates go on while waiting), then by count.
-        {
+        // Mostly there is room: no timer is armed for the wait then (two per change,
+        // each reading the clock, showed in the source's profile).
+        if !down.budget.try_take(&event) {
             let budget = down.budget.clone();
             let taken = budget.take(&event);
             tokio::pin!(taken);
@@ -770,6 +772,17 @@ impl Session<'_> {
                     }
                 }
             }
+        }
+        match down.events.try_reserve() {
+            Ok(permit) => {
+                permit.send(event);
+                return Ok(());
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                self.downstream_gone = true;
+                return Ok(());
+            }
+            Err(mpsc::error::TrySendError::Full(())) => {}
         }
         loop {
             tokio::select! {
@@ -865,6 +878,9 @@ async fn monitor(
     let mut client: Option<Client> = None;
     let mut interval = tokio::time::interval(config.source.heartbeat_interval);
     let mut heartbeat_warned = false;
+    // Spill statistics exist from PostgreSQL 14; a server without them is asked once.
+    let mut spill_stats = true;
+    let mut spill_told = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -904,6 +920,26 @@ async fn monitor(
                 return;
             }
             Err(e) => tracing::debug!(error = %e, "slot monitor query failed; will retry"),
+        }
+        if spill_stats {
+            match slot::spill_bytes(c, &slot_name).await {
+                Ok(Some(bytes)) => {
+                    metrics().source_slot_spill_bytes.set(bytes);
+                    if bytes > 0 && !spill_told {
+                        spill_told = true;
+                        tracing::info!(
+                            slot = %slot_name,
+                            spill_bytes = bytes,
+                            "the slot's walsender spills transactions larger than logical_decoding_work_mem to the EHR's disk and reads them back; [source] logical_decoding_work_mem raises that limit for pgferry's session (see pgferry_source_slot_spill_bytes)"
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "no spill statistics on this server (PostgreSQL 14+); not asking again");
+                    spill_stats = false;
+                }
+            }
         }
     }
 }

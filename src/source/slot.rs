@@ -44,6 +44,19 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
     }))
 }
 
+/// Bytes the slot's walsender has spilled to disk (`pg_stat_replication_slots`,
+/// PostgreSQL 14+; `None` for a slot the view does not show).
+pub async fn spill_bytes(client: &Client, slot: &str) -> Result<Option<i64>, Error> {
+    let row = client
+        .query_opt(
+            "select spill_bytes from pg_stat_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading the statistics of slot {slot}"), e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 /// Fail unless the source is configured for logical decoding.
 pub async fn require_logical_wal(client: &Client) -> Result<(), Error> {
     let level = show(client, "wal_level").await?;
