@@ -511,6 +511,47 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// Two upserts of one table (same width, one staging table) in one target
+/// transaction, a delete between them: the second must not apply the first's rows
+/// again, which would bring the deleted row back.
+#[test]
+fn a_staging_table_reused_in_one_batch_holds_only_its_own_run() {
+    let src = TestDb::new("restage");
+    let tgt = TestDb::on(&target_url(), "restage_t");
+    src.sql("create table r (id int primary key, v text)");
+    tgt.sql("create table r (id int primary key, v text)");
+    let (cfg, _) = pipeline_config(
+        &src,
+        &tgt,
+        "s_restage",
+        "",
+        "[[tables]]\nsource = \"public.r\"\n",
+    );
+    let p = Pgferry::spawn_env(
+        &["run", "--config", cfg.to_str().unwrap()],
+        cfg.with_extension("run.stderr"),
+        &[("PGFERRY_LOG", "info,pgferry::sink=debug")],
+    );
+    wait_streaming(&src, "s_restage");
+    src.sql("insert into r values (1, 'a'), (2, 'a')");
+    wait_equal(&cfg, &p);
+    src.sql(
+        "begin;
+         update r set v = 'b' where id = 1;
+         delete from r where id = 1;
+         update r set v = 'c' where id = 2;
+         commit;",
+    );
+    wait_equal(&cfg, &p);
+    assert_eq!(
+        rows(&tgt, "select id, v from r order by id"),
+        vec![vec![Some("2".to_string()), Some("c".to_string())]]
+    );
+    // The three changes were one batch of three runs: upsert, delete, upsert.
+    let log = p.stderr_text();
+    assert!(log.contains("batch committed worker=0 runs=3"), "{log}");
+}
+
 /// A unique value other than the key is no key conflict to upsert around: the
 /// event is poison, named as such, and the sink does not loop on it.
 #[test]

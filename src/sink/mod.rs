@@ -1225,6 +1225,7 @@ impl Applier {
             }
         }
         let rows_started = Instant::now();
+        let mut staged = HashSet::new();
         for run in &runs {
             let target = tables
                 .values()
@@ -1241,7 +1242,7 @@ impl Applier {
                     Err(e) => return Err(classify(e)),
                 }
             }
-            apply::execute(&tx, run, target)
+            apply::execute(&tx, run, target, &mut staged)
                 .await
                 .map_err(classify_apply)?;
         }
