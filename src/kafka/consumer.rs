@@ -242,3 +242,29 @@ pub fn read_to_end(config: &Config, topic: &str) -> Result<Vec<TopicRecord>, Err
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each fetch has room for several partitions: with a partition's limit as large
+    /// as the whole fetch, one partition's backlog filled every fetch and the sink
+    /// workers of the others idled until it was drained.
+    #[test]
+    fn every_partition_gets_a_share_of_each_fetch() {
+        let dir = std::env::temp_dir().join(format!("pgferry-consumer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[source]\nurl = \"postgres://u@h/d\"\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        let c = base_config(&config, "sink");
+        let limit = |key: &str| -> usize { c.get(key).unwrap().parse().unwrap() };
+        assert!(
+            limit("fetch.message.max.bytes") * 4 <= limit("fetch.max.bytes"),
+            "a partition may take {} of a {}-byte fetch",
+            limit("fetch.message.max.bytes"),
+            limit("fetch.max.bytes")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
