@@ -1,9 +1,11 @@
 //! Batch apply: consecutive events of one table become multi-row statements, run in
 //! one target transaction together with the checkpoint rows.
 //!
-//! - inserts and updates: `INSERT … SELECT … FROM unnest($1::text[], …) ON CONFLICT (key)
-//!   DO UPDATE`; every value travels as PostgreSQL text and is cast by the target
-//!   column's own type, so nothing is lost on the way;
+//! - snapshot reads and inserts of a keyed table: a plain `COPY` into the table
+//!   ([`copy_inserts`]; upserted instead once a key conflict shows the rows may exist);
+//! - inserts and updates: `COPY` into the session's staging table of that width, then
+//!   `INSERT … SELECT … ON CONFLICT (key) DO UPDATE`; every value travels as PostgreSQL
+//!   text and is cast by the target column's own type, so nothing is lost on the way;
 //! - updates with unchanged TOAST columns: `UPDATE … FROM unnest(…)` of the other
 //!   columns only, leaving those columns untouched;
 //! - an update that changes the key: delete the old key, upsert the new row;
