@@ -17,6 +17,13 @@ fn target_url() -> String {
     service_env("PGFERRY_TARGET_URL")
 }
 
+/// A source database (`tag`) and a target database (`<tag>_t`) of their own.
+fn databases(tag: &str) -> (TestDb, TestDb) {
+    let src = TestDb::new(tag);
+    let tgt = TestDb::on(&target_url(), &format!("{tag}_t"));
+    (src, tgt)
+}
+
 /// A full config: source `src`, Kafka with a unique prefix, sink into `tgt`.
 fn pipeline_config(
     src: &TestDb,
@@ -92,8 +99,7 @@ fn end_to_end_every_type_in_json_format() {
 }
 
 fn every_type_end_to_end(format: &str) {
-    let src = TestDb::new(&format!("e2e{format}"));
-    let tgt = TestDb::on(&target_url(), &format!("e2e{format}_t"));
+    let (src, tgt) = databases(&format!("e2e{format}"));
     let types_ddl = "create extension if not exists citext;
          create type mood as enum ('calm', 'tense');
          create domain posint as int check (value > 0);";
@@ -264,8 +270,7 @@ fn next(seed: &mut u64) -> u64 {
 /// killed five times mid-stream.
 #[test]
 fn repeated_kill9_during_100k_changes_is_exactly_once() {
-    let src = TestDb::new("crash");
-    let tgt = TestDb::on(&target_url(), "crash_t");
+    let (src, tgt) = databases("crash");
     src.sql("create table c (id int primary key, counter int not null, pad text)");
     let (cfg, prefix) = pipeline_config(
         &src,
@@ -359,8 +364,7 @@ fn stops_on_poison(
     offset: i64,
     reason: &str,
 ) -> (TestDb, String) {
-    let src = TestDb::new(name);
-    let tgt = TestDb::on(&target_url(), &format!("{name}_t"));
+    let (src, tgt) = databases(name);
     src.sql(source_ddl);
     tgt.sql(target_ddl);
     let slot = format!("s_{name}");
@@ -418,8 +422,7 @@ fn a_poison_event_stops_the_sink_naming_its_offset() {
 
 #[test]
 fn dlq_mode_sets_a_poison_event_aside_and_goes_on() {
-    let src = TestDb::new("dlq");
-    let tgt = TestDb::on(&target_url(), "dlq_t");
+    let (src, tgt) = databases("dlq");
     src.sql("create table p (id int primary key, v int)");
     tgt.sql("create table p (id int primary key, v int check (v < 100))");
     let (cfg, prefix) = pipeline_config(
@@ -470,8 +473,7 @@ fn dlq_mode_sets_a_poison_event_aside_and_goes_on() {
 /// writer.
 #[test]
 fn inserts_meeting_rows_already_in_the_target_are_upserted() {
-    let src = TestDb::new("preexist");
-    let tgt = TestDb::on(&target_url(), "preexist_t");
+    let (src, tgt) = databases("preexist");
     src.sql("create table p (id int primary key, v text)");
     tgt.sql("create table p (id int primary key, v text)");
     tgt.sql("insert into p values (7, 'stale'), (3050, 'stale')");
@@ -516,8 +518,7 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
 /// again, which would bring the deleted row back.
 #[test]
 fn a_staging_table_reused_in_one_batch_holds_only_its_own_run() {
-    let src = TestDb::new("restage");
-    let tgt = TestDb::on(&target_url(), "restage_t");
+    let (src, tgt) = databases("restage");
     src.sql("create table r (id int primary key, v text)");
     tgt.sql("create table r (id int primary key, v text)");
     let (cfg, _) = pipeline_config(
@@ -575,8 +576,7 @@ fn a_unique_violation_outside_the_key_is_poison() {
 
 #[test]
 fn two_sinks_in_a_group_split_the_partitions_exactly_once() {
-    let src = TestDb::new("group");
-    let tgt = TestDb::on(&target_url(), "group_t");
+    let (src, tgt) = databases("group");
     src.sql("create table g (id int primary key, counter int not null)");
     let prefix = format!("t{}", src.name);
     let group = format!("g{}", src.name);
@@ -634,8 +634,7 @@ fn two_sinks_in_a_group_split_the_partitions_exactly_once() {
 /// zone`) are created in the target with it, and their values arrive.
 #[test]
 fn create_tables_keeps_the_precision_of_time_types() {
-    let src = TestDb::new("prec");
-    let tgt = TestDb::on(&target_url(), "prec_t");
+    let (src, tgt) = databases("prec");
     let columns = "id int primary key, t3 time(3), ts0 timestamp(0), tz3 timestamptz(3), \
                    tt2 timetz(2), n numeric(5,2), v varchar(7), a time(1)[]";
     src.sql(&format!("create table prec ({columns})"));
