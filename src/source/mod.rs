@@ -878,7 +878,8 @@ async fn monitor(
     let mut client: Option<Client> = None;
     let mut interval = tokio::time::interval(config.source.heartbeat_interval);
     let mut heartbeat_warned = false;
-    // Spill statistics exist from PostgreSQL 14; a server without them is asked once.
+    // Spill statistics exist from PostgreSQL 14; a server without the view is asked
+    // once (a failed query would be an ERROR in the EHR's log every interval).
     let mut spill_stats = true;
     let mut spill_told = false;
     loop {
@@ -923,7 +924,7 @@ async fn monitor(
         }
         if spill_stats {
             match slot::spill_bytes(c, &slot_name).await {
-                Ok(Some(bytes)) => {
+                Ok(slot::Spill::Bytes(bytes)) => {
                     metrics().source_slot_spill_bytes.set(bytes);
                     if bytes > 0 && !spill_told {
                         spill_told = true;
@@ -934,10 +935,15 @@ async fn monitor(
                         );
                     }
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "no spill statistics on this server (PostgreSQL 14+); not asking again");
+                Ok(slot::Spill::NoSlot) => {}
+                Ok(slot::Spill::Unsupported) => {
+                    tracing::debug!(
+                        "no spill statistics on this server (PostgreSQL 14+); not asking again"
+                    );
                     spill_stats = false;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "slot spill statistics query failed; will retry")
                 }
             }
         }

@@ -44,17 +44,34 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
     }))
 }
 
-/// Bytes the slot's walsender has spilled to disk (`pg_stat_replication_slots`,
-/// PostgreSQL 14+; `None` for a slot the view does not show).
-pub async fn spill_bytes(client: &Client, slot: &str) -> Result<Option<i64>, Error> {
-    let row = client
+/// What `pg_stat_replication_slots` says of a slot's spilling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spill {
+    /// Bytes the slot's walsender has spilled to disk.
+    Bytes(i64),
+    /// The view does not show the slot.
+    NoSlot,
+    /// The server has no such view (before PostgreSQL 14).
+    Unsupported,
+}
+
+pub async fn spill_bytes(client: &Client, slot: &str) -> Result<Spill, Error> {
+    match client
         .query_opt(
             "select spill_bytes from pg_stat_replication_slots where slot_name = $1",
             &[&slot],
         )
         .await
-        .map_err(|e| Error::postgres(format!("reading the statistics of slot {slot}"), e))?;
-    Ok(row.map(|r| r.get(0)))
+    {
+        Ok(row) => Ok(row.map_or(Spill::NoSlot, |r| Spill::Bytes(r.get(0)))),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            Ok(Spill::Unsupported)
+        }
+        Err(e) => Err(Error::postgres(
+            format!("reading the statistics of slot {slot}"),
+            e,
+        )),
+    }
 }
 
 /// Fail unless the source is configured for logical decoding.
