@@ -47,7 +47,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use support::{backlog_sql, env_u64, TABLE};
+use support::{backlog_sql, env_u64, Probe, TABLE};
 
 /// The source database with its backlog, and what the target must hold after it.
 struct Backlog {
@@ -89,8 +89,8 @@ impl Backlog {
         2 * self.rows
     }
 
-    fn slot_done(&self, tag: &str) -> bool {
-        self.src
+    fn slot_done(&self, probe: &Probe, tag: &str) -> bool {
+        probe
             .value(&format!(
                 "select confirmed_flush_lsn >= '{}'::pg_lsn from pg_replication_slots where slot_name = '{}'",
                 self.end_lsn,
@@ -100,7 +100,7 @@ impl Backlog {
             == Some("t")
     }
 
-    fn target_done(&self, target: &TestDb) -> bool {
+    fn target_done(&self, target: &Probe) -> bool {
         target
             .value("select count(*) || '/' || coalesce(sum(weight)::text, '') from public.patients")
             .as_deref()
@@ -151,15 +151,16 @@ fn subscription(b: &Backlog) -> Side {
         ),
         None => b.src.url.clone(),
     };
+    let probe = Probe::new(&b.src.url);
     let started = Instant::now();
     target.sql(&format!(
         "create subscription {slot} connection '{conninfo}' publication bench
            with (create_slot = false, slot_name = '{slot}', copy_data = false)"
     ));
-    wait("the subscription", || b.slot_done("sub"));
+    wait("the subscription", || b.slot_done(&probe, "sub"));
     let seconds = started.elapsed().as_secs_f64();
     assert!(
-        b.target_done(&target),
+        b.target_done(&Probe::new(&target.url)),
         "the subscription's target is not complete"
     );
     target.sql(&format!(
@@ -251,6 +252,8 @@ fn pgferry(
         ),
     )
     .unwrap();
+    // The kafka scenario polls the source's slot, the others the target.
+    let probe = Probe::new(target.as_ref().map_or(&b.src.url, |t| &t.url));
     let started = Instant::now();
     let mut args = vec!["run", "--config", path.to_str().unwrap()];
     if sink.is_none() {
@@ -269,26 +272,26 @@ fn pgferry(
         }
     };
     match &target {
-        Some(t) => {
+        Some(_) => {
             // Cheap polls of the checkpoint first; the full count only at the end.
             let messages = b.changes();
             wait("pgferry", || {
                 running(&mut p);
                 // The sink creates its checkpoint table as it starts.
-                let exists = t.value("select to_regclass('pgferry.checkpoints') is not null");
+                let exists = probe.value("select to_regclass('pgferry.checkpoints') is not null");
                 if exists.as_deref() != Some("t") {
                     return false;
                 }
-                let consumed: u64 = t
+                let consumed: u64 = probe
                     .value("select coalesce(sum(next_offset), 0)::text from pgferry.checkpoints")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                consumed >= messages && b.target_done(t)
+                consumed >= messages && b.target_done(&probe)
             })
         }
         None => wait("pgferry", || {
             running(&mut p);
-            b.slot_done(tag)
+            b.slot_done(&probe, tag)
         }),
     };
     let seconds = started.elapsed().as_secs_f64();

@@ -48,7 +48,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use support::{ROWS_SQL, TABLE};
+use support::{Probe, ROWS_SQL, TABLE};
 
 /// The longest any side may take.
 const LIMIT: Duration = Duration::from_secs(1800);
@@ -114,7 +114,7 @@ impl Source {
     }
 
     /// Cheap enough to poll: every row there, with the source's sum(weight).
-    fn target_done(&self, target: &TestDb) -> bool {
+    fn target_done(&self, target: &Probe) -> bool {
         target
             .value("select count(*) || '/' || coalesce(sum(weight)::text, '') from public.patients")
             .as_deref()
@@ -237,6 +237,7 @@ fn native(s: &Source) -> Side {
         live: true,
     };
     let name = sub.name.clone();
+    let probe = Probe::new(&target.url);
     let started = Instant::now();
     target.sql(&format!(
         "create subscription {name} connection '{}' publication bench with (copy_data = true)",
@@ -244,7 +245,7 @@ fn native(s: &Source) -> Side {
     ));
     wait("the native table sync", || {
         // A failing sync retries forever; its errors are counted (and in the server log).
-        let errors = target.value(&format!(
+        let errors = probe.value(&format!(
             "select sync_error_count from pg_stat_subscription_stats where subname = '{name}'"
         ));
         assert!(
@@ -252,7 +253,7 @@ fn native(s: &Source) -> Side {
             "the native table sync failed {} times: see the target server's log",
             errors.unwrap_or_default()
         );
-        target
+        probe
             .value(
                 "select srsubstate from pg_subscription_rel where srrelid = 'public.patients'::regclass",
             )
@@ -329,6 +330,7 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
     .expect("writing the pgferry config");
     let config = path.to_str().expect("a UTF-8 temp path");
     println!("snapshot: pgferry run --config {config}");
+    let probe = Probe::new(&target.url);
     let started = Instant::now();
     // BENCH_LOG=debug: the sink's per-batch timings, kept in target/snapshot-pgferry.log.
     let log = std::env::var("BENCH_LOG").ok();
@@ -351,15 +353,15 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
         durable(&p, &mut kafka_s);
         // Cheap polls of the checkpoints first (the sink creates their table as it
         // starts); the count and sum only once it consumed a message per row.
-        let exists = target.value("select to_regclass('pgferry.checkpoints') is not null");
+        let exists = probe.value("select to_regclass('pgferry.checkpoints') is not null");
         if exists.as_deref() != Some("t") {
             return false;
         }
-        let consumed: u64 = target
+        let consumed: u64 = probe
             .value("select coalesce(sum(next_offset), 0)::text from pgferry.checkpoints")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        consumed >= s.rows && s.target_done(&target)
+        consumed >= s.rows && s.target_done(&probe)
     });
     let seconds = started.elapsed().as_secs_f64();
     let (cpu_s, peak_rss_mb) = support::usage(p.pid());

@@ -6,6 +6,50 @@ use std::fs::File;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// One kept connection for a benchmark's polls. A poll that connects anew (what the
+/// tests' `TestDb::value` does) costs the server a backend fork and a catalog warm-up;
+/// at 20-40 polls a second that took CPU from the side being timed, and most from
+/// pgferry's, which keeps both cores busy.
+pub struct Probe {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+    url: String,
+}
+
+impl Probe {
+    pub fn new(url: &str) -> Probe {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("building the probe's runtime");
+        let client = rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("probe: connecting to {url}: {e}"));
+            // Driven whenever a query is: the runtime is current-thread.
+            tokio::spawn(conn);
+            client
+        });
+        Probe {
+            rt,
+            client,
+            url: url.to_string(),
+        }
+    }
+
+    /// The single value of a one-row, one-column query (simple protocol, as text).
+    pub fn value(&self, query: &str) -> Option<String> {
+        let msgs = self
+            .rt
+            .block_on(self.client.simple_query(query))
+            .unwrap_or_else(|e| panic!("probe: running SQL on {}: {e}\n{query}", self.url));
+        msgs.into_iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+            _ => None,
+        })?
+    }
+}
+
 /// `target/bench-results.jsonl`, opened for appending one JSON line per result.
 pub fn results_file() -> File {
     std::fs::OpenOptions::new()
