@@ -47,7 +47,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use support::{backlog_sql, env_u64, Probe, TABLE};
+use support::{backlog_sql, env_u64, CpuSampler, Probe, TABLE};
 
 /// The source database with its backlog, and what the target must hold after it.
 struct Backlog {
@@ -114,6 +114,8 @@ struct Side {
     seconds: f64,
     cpu_s: Option<f64>,
     peak_rss_mb: Option<f64>,
+    /// CPU seconds of each of [`support::GROUPS`] while the side ran.
+    cpu_by: [f64; 6],
 }
 
 fn wait(what: &str, mut done: impl FnMut() -> bool) -> f64 {
@@ -152,6 +154,7 @@ fn subscription(b: &Backlog) -> Side {
         None => b.src.url.clone(),
     };
     let probe = Probe::new(&b.src.url);
+    let cpu = CpuSampler::start();
     let started = Instant::now();
     target.sql(&format!(
         "create subscription {slot} connection '{conninfo}' publication bench
@@ -159,6 +162,7 @@ fn subscription(b: &Backlog) -> Side {
     ));
     wait("the subscription", || b.slot_done(&probe, "sub"));
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_by = cpu.stop();
     assert!(
         b.target_done(&Probe::new(&target.url)),
         "the subscription's target is not complete"
@@ -172,6 +176,7 @@ fn subscription(b: &Backlog) -> Side {
         seconds,
         cpu_s: None,
         peak_rss_mb: None,
+        cpu_by,
     }
 }
 
@@ -180,6 +185,7 @@ fn recvlogical(b: &Backlog) -> Side {
     if let Some(mem) = decoding_work_mem() {
         recv.env("PGOPTIONS", format!("-c logical_decoding_work_mem={mem}"));
     }
+    let cpu = CpuSampler::start();
     let started = Instant::now();
     let status = recv
         .args([
@@ -201,13 +207,16 @@ fn recvlogical(b: &Backlog) -> Side {
         ])
         .status()
         .expect("running pg_recvlogical (on PATH after `eval \"$(scripts/services.sh env)\"`)");
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_by = cpu.stop();
     assert!(status.success(), "pg_recvlogical failed: {status}");
     Side {
         scenario: "kafka",
         side: "pg_recvlogical".into(),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         cpu_s: None,
         peak_rss_mb: None,
+        cpu_by,
     }
 }
 
@@ -254,6 +263,7 @@ fn pgferry(
     .unwrap();
     // The kafka scenario polls the source's slot, the others the target.
     let probe = Probe::new(target.as_ref().map_or(&b.src.url, |t| &t.url));
+    let cpu = CpuSampler::start();
     let started = Instant::now();
     let mut args = vec!["run", "--config", path.to_str().unwrap()];
     if sink.is_none() {
@@ -295,6 +305,7 @@ fn pgferry(
         }),
     };
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_by = cpu.stop();
     let (cpu_s, peak_rss_mb) = support::usage(p.pid());
     let status = p.terminate();
     assert!(status.success(), "pgferry failed:\n{}", p.stderr_text());
@@ -311,6 +322,7 @@ fn pgferry(
         seconds,
         cpu_s,
         peak_rss_mb,
+        cpu_by,
     }
 }
 
@@ -443,12 +455,17 @@ fn report(b: &Backlog, sides: &[Side]) {
             "bench": "drain", "scenario": s.scenario, "side": s.side, "changes": b.changes(),
             "seconds": s.seconds, "changes_per_s": rate, "cpu_s": s.cpu_s,
             "peak_rss_mb": s.peak_rss_mb, "ratio": ratio,
+            "cpu_s_by_group": support::cpu_json(&s.cpu_by),
         });
         writeln!(out, "{line}").unwrap();
     }
     println!(
         "(ratio: changes/s against the anchor of its scenario; for phi, against the plain pgferry run)"
     );
+    println!("\nCPU seconds by process group while each side ran (sampled from /proc):");
+    for s in sides {
+        println!("  {:<26} {}", s.side, support::cpu_line(&s.cpu_by));
+    }
     // What the slot itself allows: pg_recvlogical does nothing with what it reads,
     // so no client of a slot drains it faster than the walsender feeds it.
     let seconds = |name: &str| sides.iter().find(|s| s.side == name).map(|s| s.seconds);

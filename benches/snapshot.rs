@@ -48,7 +48,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use support::{Probe, ROWS_SQL, TABLE};
+use support::{CpuSampler, Probe, ROWS_SQL, TABLE};
 
 /// The longest any side may take.
 const LIMIT: Duration = Duration::from_secs(1800);
@@ -139,16 +139,19 @@ struct Side {
     peak_rss_mb: Option<f64>,
     /// pgferry: when every row was durable on Kafka, from its start.
     kafka_s: Option<f64>,
+    /// CPU seconds of each of [`support::GROUPS`] while the side ran.
+    cpu_by: [f64; 6],
 }
 
 impl Side {
-    fn new(side: &'static str, seconds: f64) -> Side {
+    fn new(side: &'static str, seconds: f64, cpu_by: [f64; 6]) -> Side {
         Side {
             side,
             seconds,
             cpu_s: None,
             peak_rss_mb: None,
             kafka_s: None,
+            cpu_by,
         }
     }
 }
@@ -238,6 +241,7 @@ fn native(s: &Source) -> Side {
     };
     let name = sub.name.clone();
     let probe = Probe::new(&target.url);
+    let cpu = CpuSampler::start();
     let started = Instant::now();
     target.sql(&format!(
         "create subscription {name} connection '{}' publication bench with (copy_data = true)",
@@ -261,9 +265,10 @@ fn native(s: &Source) -> Side {
             == Some("r")
     });
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_by = cpu.stop();
     sub.drop_now();
     s.check(&target, "native");
-    Side::new("native", seconds)
+    Side::new("native", seconds, cpu_by)
 }
 
 fn pg_dump(s: &Source) -> Side {
@@ -273,6 +278,7 @@ fn pg_dump(s: &Source) -> Side {
         std::fs::File::create(s.src.dir.join(name))
             .unwrap_or_else(|e| panic!("creating {name} in the temp dir: {e}"))
     };
+    let cpu = CpuSampler::start();
     let started = Instant::now();
     let mut dump = Command::new("pg_dump")
         .args(["--data-only", "-t", "public.patients", "-d", &s.src.url])
@@ -290,6 +296,7 @@ fn pg_dump(s: &Source) -> Side {
         .expect("running psql (PostgreSQL's client tools must be on PATH)");
     let dumped = dump.wait().expect("waiting for pg_dump");
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_by = cpu.stop();
     let text = |name: &str| std::fs::read_to_string(s.src.dir.join(name)).unwrap_or_default();
     assert!(
         dumped.success(),
@@ -302,7 +309,7 @@ fn pg_dump(s: &Source) -> Side {
         text("psql.stderr")
     );
     s.check(&target, "pg_dump");
-    Side::new("pg_dump", seconds)
+    Side::new("pg_dump", seconds, cpu_by)
 }
 
 fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
@@ -331,6 +338,7 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
     let config = path.to_str().expect("a UTF-8 temp path");
     println!("snapshot: pgferry run --config {config}");
     let probe = Probe::new(&target.url);
+    let cpu = CpuSampler::start();
     let started = Instant::now();
     // BENCH_LOG=debug: the sink's per-batch timings, kept in target/snapshot-pgferry.log.
     let log = std::env::var("BENCH_LOG").ok();
@@ -364,6 +372,7 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
         consumed >= s.rows && s.target_done(&probe)
     });
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_by = cpu.stop();
     let (cpu_s, peak_rss_mb) = support::usage(p.pid());
     // The sink may apply the last rows a moment before the source hears Kafka's ack.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -390,6 +399,7 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
         cpu_s,
         peak_rss_mb,
         kafka_s,
+        cpu_by,
     }
 }
 
@@ -458,10 +468,15 @@ fn report(s: &Source, sides: &[Side], workers: Option<u64>, chunk_rows: Option<u
             "peak_rss_mb": x.peak_rss_mb, "kafka_durable_s": x.kafka_s,
             "ratio_native": vs_native, "ratio_pg_dump": vs_dump,
             "snapshot_workers": workers, "snapshot_chunk_rows": chunk_rows,
+            "cpu_s_by_group": support::cpu_json(&x.cpu_by),
         });
         writeln!(out, "{line}").expect("appending to target/bench-results.jsonl");
     }
     println!(
         "(x native, x pg_dump: rows/s against that side's, >1 means faster; CPU s and RSS: the pgferry process only)"
     );
+    println!("\nCPU seconds by process group while each side ran (sampled from /proc):");
+    for x in sides {
+        println!("  {:<8} {}", x.side, support::cpu_line(&x.cpu_by));
+    }
 }

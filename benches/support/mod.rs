@@ -50,6 +50,153 @@ impl Probe {
     }
 }
 
+/// The process groups that [`CpuSampler`] tells apart, in the order reports show them.
+pub const GROUPS: [&str; 6] = [
+    "pgferry",
+    "EHR server",
+    "hospital server",
+    "broker",
+    "tools",
+    "other",
+];
+
+/// CPU seconds per process group while one side runs, sampled from /proc every 100 ms
+/// on a thread of its own: who used the host's cores, not only pgferry. A PostgreSQL
+/// process belongs to the server whose postmaster (`$PGFERRY_SERVICES_DIR/pg-*/
+/// postmaster.pid`) is it or its parent; `tools` are pg_dump, psql and pg_recvlogical;
+/// `other` is everything else, this harness included. A process that exits between
+/// two samples loses at most its last 100 ms.
+pub struct CpuSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<[f64; 6]>,
+}
+
+impl CpuSampler {
+    pub fn start() -> CpuSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let ticks = clock_ticks();
+            let dir = std::env::var("PGFERRY_SERVICES_DIR")
+                .unwrap_or_else(|_| "/var/lib/pgferry-services".into());
+            let postmaster = |cluster: &str| -> Option<u32> {
+                std::fs::read_to_string(format!("{dir}/{cluster}/postmaster.pid"))
+                    .ok()?
+                    .lines()
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            let (ehr, hospital) = (postmaster("pg-ehr"), postmaster("pg-hospital"));
+            // pid -> (group, CPU ticks when last seen); processes already running start
+            // from what they had used.
+            let mut seen: std::collections::HashMap<u32, (usize, u64)> = Default::default();
+            let mut total = [0.0; 6];
+            let mut first = true;
+            loop {
+                let done = flag.load(std::sync::atomic::Ordering::Relaxed);
+                let mut alive = std::collections::HashSet::new();
+                for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    let Some(pid) = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<u32>().ok())
+                    else {
+                        continue;
+                    };
+                    let Some(fields) = stat_fields(pid) else {
+                        continue;
+                    };
+                    let (Some(ppid), Some(cpu)) = (
+                        fields.get(1).and_then(|v| v.parse::<u32>().ok()),
+                        fields.get(11).zip(fields.get(12)).and_then(|(u, s)| {
+                            Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?)
+                        }),
+                    ) else {
+                        continue;
+                    };
+                    alive.insert(pid);
+                    match seen.get_mut(&pid) {
+                        Some((group, last)) => {
+                            total[*group] += cpu.saturating_sub(*last) as f64 / ticks;
+                            *last = cpu;
+                        }
+                        None => {
+                            let cmd =
+                                std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                            let server =
+                                |pm: Option<u32>| pm.is_some_and(|pm| pid == pm || ppid == pm);
+                            let group = if cmd.contains("pgferry") && cmd.contains(" run ") {
+                                0
+                            } else if server(ehr) {
+                                1
+                            } else if server(hospital) {
+                                2
+                            } else if cmd.contains("kafka.Kafka") {
+                                3
+                            } else if ["pg_dump", "psql", "pg_recvlogical"].iter().any(|t| {
+                                // Debian's client tools may run under its Perl wrapper.
+                                cmd.split(' ').take(2).any(|c| c.ends_with(t))
+                            }) {
+                                4
+                            } else {
+                                5
+                            };
+                            let base = if first { cpu } else { 0 };
+                            total[group] += cpu.saturating_sub(base) as f64 / ticks;
+                            seen.insert(pid, (group, cpu));
+                        }
+                    }
+                }
+                seen.retain(|pid, _| alive.contains(pid));
+                first = false;
+                if done {
+                    return total;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        CpuSampler { stop, thread }
+    }
+
+    /// CPU seconds of each of [`GROUPS`] since [`CpuSampler::start`].
+    pub fn stop(self) -> [f64; 6] {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the CPU sampler panicked")
+    }
+}
+
+/// A report's line of CPU seconds per process group (and their sum).
+pub fn cpu_line(cpu: &[f64; 6]) -> String {
+    let parts: Vec<String> = GROUPS
+        .iter()
+        .zip(cpu)
+        .map(|(g, s)| format!("{g} {s:.2}"))
+        .collect();
+    format!(
+        "{} (total {:.2})",
+        parts.join(", "),
+        cpu.iter().sum::<f64>()
+    )
+}
+
+/// The same as a JSON object, for the results file.
+pub fn cpu_json(cpu: &[f64; 6]) -> serde_json::Value {
+    GROUPS
+        .iter()
+        .zip(cpu)
+        .map(|(g, s)| {
+            (
+                g.to_string(),
+                serde_json::json!((s * 100.0).round() / 100.0),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 /// `target/bench-results.jsonl`, opened for appending one JSON line per result.
 pub fn results_file() -> File {
     std::fs::OpenOptions::new()
