@@ -76,6 +76,14 @@ fn a_minute_without_the_broker_is_caught_up_exactly_once_by_three_workers() {
         "pgferry exited while the broker was down:\n{}",
         p.stderr_text()
     );
+    // A minute without a delivery report, changes waiting: the source says so (after
+    // 30 s), where before it waited in silence.
+    assert!(
+        p.stderr_text()
+            .contains("no message acknowledged by Kafka for"),
+        "no warning of the stalled deliveries during the outage:\n{}",
+        p.stderr_text()
+    );
     services(&["start-broker"]);
     let back = Instant::now();
     writer.join().unwrap();
@@ -88,6 +96,12 @@ fn a_minute_without_the_broker_is_caught_up_exactly_once_by_three_workers() {
     eprintln!(
         "broker_outage: caught up {:.1}s after the broker was started again",
         back.elapsed().as_secs_f64()
+    );
+    assert!(
+        p.stderr_text()
+            .contains("Kafka acknowledges messages again"),
+        "no word that deliveries resumed after the outage:\n{}",
+        p.stderr_text()
     );
     let (code, out, err) = run(&["verify", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "verify after the outage:\n{out}\n{err}");

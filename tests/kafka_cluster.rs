@@ -951,7 +951,21 @@ fn hex(lsn: u64) -> String {
 fn stderr_tail(p: &Pgferry) -> String {
     let text = p.stderr_text();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    // The sink's and librdkafka's retries fill the tail during an outage; the source
+    // side's own words (a stall of deliveries, a reconnect) are kept apart.
+    let source: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            !l.contains(" DEBUG ")
+                && (l.contains("pgferry::kafka::producer") || l.contains("pgferry::source"))
+        })
+        .collect();
+    format!(
+        "--- the source side's last lines:\n{}\n--- the last lines:\n{}",
+        source[source.len().saturating_sub(20)..].join("\n"),
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
 }
 
 /// Fail if pgferry is no longer running.

@@ -14,6 +14,7 @@
 //! events, so the bounded event channel fills and the source stops reading.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use prometheus::IntCounter;
@@ -44,6 +45,10 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// The producer's last flush at stop; by then the source has stopped confirming, so
 /// what is still undelivered is only sent again after a restart.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long messages may wait without a single delivery report before the stage says
+/// so (and then again at this interval while it lasts). librdkafka waits for brokers
+/// without end (`message.timeout.ms = 0`), so without this an outage is silent here.
+const STALL_WARNING: Duration = Duration::from_secs(30);
 
 /// State shared with librdkafka's delivery callback thread.
 struct Shared {
@@ -57,6 +62,8 @@ struct Shared {
     /// `pgferry_kafka_produced_total` of each topic, by the index that travels in the
     /// message's opaque: the delivery callback does no label lookup.
     produced: RwLock<Vec<(String, IntCounter)>>,
+    /// Delivery reports so far, good or bad: what [`watch_stalls`] watches move.
+    reports: AtomicU64,
 }
 
 /// The low bits of a message's opaque hold its topic's index in `Shared::produced`,
@@ -125,6 +132,7 @@ impl ProducerContext for AckContext {
         let topic = opaque & ((1 << TOPIC_BITS) - 1);
         let m = metrics();
         m.kafka_in_flight.dec();
+        self.0.reports.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(_) => {
                 if let Some((_, c)) = self
@@ -240,6 +248,7 @@ impl KafkaStage {
             failure: Mutex::new(None),
             delivered: Notify::new(),
             produced: RwLock::new(Vec::new()),
+            reports: AtomicU64::new(0),
         });
         let client = client_config(&config);
         let producer: ThreadedProducer<AckContext> = client
@@ -315,6 +324,7 @@ impl KafkaStage {
     ) -> Result<(), Error> {
         let mut open: Option<u64> = None;
         let shared = self.shared.clone();
+        let stalls = tokio::spawn(watch_stalls(shared.clone(), self.producer.clone()));
         let result = loop {
             // Wake on deliveries too: a failed delivery must stop the stage even when
             // no further event arrives.
@@ -372,6 +382,7 @@ impl KafkaStage {
                 break Err(e);
             }
         };
+        stalls.abort();
         let producer = self.producer.clone();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT)).await;
         if let Ok(Err(e)) = flushed {
@@ -805,6 +816,46 @@ impl KafkaStage {
 /// for the sink's ledger), `pgferry.unchanged` (when any) and, for
 /// JSON messages, `pgferry.schema`: the fingerprint (hex, as the schema topic's key)
 /// of the Avro value schema that describes the columns.
+/// Say when messages wait for Kafka and no delivery report comes for
+/// [`STALL_WARNING`] (brokers down, unreachable or refusing), again at that interval
+/// while it lasts, and once when reports come again: the operator learns why the slot
+/// is not confirmed and lag grows, where librdkafka itself only retries.
+async fn watch_stalls(shared: Arc<Shared>, producer: ThreadedProducer<AckContext>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = shared.reports.load(Ordering::Relaxed);
+    let mut quiet_since = tokio::time::Instant::now();
+    let mut warned_at: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let reports = shared.reports.load(Ordering::Relaxed);
+        let waiting = producer.in_flight_count();
+        if reports != seen || waiting == 0 {
+            if warned_at.take().is_some() {
+                tracing::info!(
+                    stalled_s = quiet_since.elapsed().as_secs(),
+                    "Kafka acknowledges messages again"
+                );
+            }
+            seen = reports;
+            quiet_since = tokio::time::Instant::now();
+            continue;
+        }
+        let quiet = quiet_since.elapsed();
+        if quiet >= STALL_WARNING && warned_at.is_none_or(|w| w.elapsed() >= STALL_WARNING) {
+            tracing::warn!(
+                waiting,
+                stalled_s = quiet.as_secs(),
+                "no message acknowledged by Kafka for {} s; waiting for the brokers without \
+                 limit, and the slot is not confirmed past the waiting changes (check the \
+                 brokers and the Kafka client warnings above)",
+                quiet.as_secs()
+            );
+            warned_at = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
 fn headers(change: &Change, schema: Option<&str>) -> OwnedHeaders {
     // Formatted on the stack: these run for every change.
     let commit_lsn = StackText::<24>::of(change.commit_lsn);
