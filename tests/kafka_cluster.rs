@@ -504,6 +504,7 @@ impl Pipeline {
             &format!(
                 "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 3\n\
                  replication_factor = 3\nmin_insync_replicas = 2\n\
+                 [kafka.properties]\ndebug = \"eos\"\n\
                  [sink]\nurl = \"{}\"\nconsumer = \"test\"\nbatch_linger = \"20ms\"\ncreate_tables = true\n\
                  {tables}",
                 cluster.brokers, tgt.url
@@ -553,7 +554,13 @@ impl Pipeline {
 
     fn spawn(&self, attempt: usize) -> Pgferry {
         let stderr = self.cfg.with_extension(format!("run{attempt}.stderr"));
-        Pgferry::spawn(&["run", "--config", self.cfg.to_str().unwrap()], stderr)
+        // librdkafka's idempotent-producer states (debug "eos", above) go to the log:
+        // what it was waiting for shows when confirmation stalls after a fault.
+        Pgferry::spawn_env(
+            &["run", "--config", self.cfg.to_str().unwrap()],
+            stderr,
+            &[("PGFERRY_LOG", "info,pgferry=debug,librdkafka=debug")],
+        )
     }
 
     /// Wait for `done`, starting pgferry again whenever it exits.
@@ -951,19 +958,20 @@ fn hex(lsn: u64) -> String {
 fn stderr_tail(p: &Pgferry) -> String {
     let text = p.stderr_text();
     let lines: Vec<&str> = text.lines().collect();
-    // The sink's and librdkafka's retries fill the tail during an outage; the source
-    // side's own words (a stall of deliveries, a reconnect) are kept apart.
+    // The sink's retries fill the tail during an outage; the source side's own words
+    // (a stall of deliveries, a reconnect) and librdkafka's are kept apart.
     let source: Vec<&str> = lines
         .iter()
         .copied()
         .filter(|l| {
-            !l.contains(" DEBUG ")
-                && (l.contains("pgferry::kafka::producer") || l.contains("pgferry::source"))
+            l.contains("librdkafka")
+                || (!l.contains(" DEBUG ")
+                    && (l.contains("pgferry::kafka::producer") || l.contains("pgferry::source")))
         })
         .collect();
     format!(
-        "--- the source side's last lines:\n{}\n--- the last lines:\n{}",
-        source[source.len().saturating_sub(20)..].join("\n"),
+        "--- the source side's and librdkafka's last lines:\n{}\n--- the last lines:\n{}",
+        source[source.len().saturating_sub(30)..].join("\n"),
         lines[lines.len().saturating_sub(40)..].join("\n")
     )
 }
@@ -1316,6 +1324,7 @@ fn run_starts_on_fresh_topics_right_after_a_broker_rejoined() {
             &format!(
                 "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 3\n\
                  replication_factor = 3\nmin_insync_replicas = 2\n\
+                 [kafka.properties]\ndebug = \"eos\"\n\
                  [sink]\nurl = \"{}\"\nconsumer = \"c{attempt}\"\ncreate_tables = true\n{tables}",
                 cluster.brokers, tgt.url
             ),
