@@ -31,6 +31,10 @@ pub use crate::state::{SnapshotState, SourceState, StateStore};
 /// Least time between two writes of the state: the slot's confirmation trails
 /// durability by at most about this much.
 const RECORD_MIN_GAP: Duration = Duration::from_millis(250);
+/// How long one write of the state may take before it is reported as slow (and again
+/// at this interval while it lasts): Kafka's writes wait for the brokers without limit,
+/// and confirmation waits with them.
+const SLOW_SAVE: Duration = Duration::from_secs(30);
 
 /// What the server shows now.
 #[derive(Debug, Clone)]
@@ -164,12 +168,28 @@ pub async fn keep<S: StateStore>(
             if moved {
                 state.confirmed_lsn = target.to_string();
             }
-            store.save(&state).await.map_err(|e| {
-                e.context(format!(
-                    "recording the source position in {}",
-                    store.describe()
-                ))
-            })?;
+            let where_ = store.describe();
+            let save = store.save(&state);
+            tokio::pin!(save);
+            let started = tokio::time::Instant::now();
+            let saved = loop {
+                match tokio::time::timeout(SLOW_SAVE, &mut save).await {
+                    Ok(saved) => break saved,
+                    Err(_) => tracing::warn!(
+                        waited_s = started.elapsed().as_secs(),
+                        "recording the source position in {where_} has taken {} s; the slot \
+                         is not confirmed past it until it is written",
+                        started.elapsed().as_secs()
+                    ),
+                }
+            };
+            if started.elapsed() >= SLOW_SAVE {
+                tracing::info!(
+                    waited_s = started.elapsed().as_secs(),
+                    "the source position is recorded again in {where_}"
+                );
+            }
+            saved.map_err(|e| e.context(format!("recording the source position in {where_}")))?;
             if moved && recorded.send(target).is_err() {
                 return Ok(());
             }
