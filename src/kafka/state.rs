@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::util::Timeout;
 
 use crate::config::Config;
@@ -16,6 +16,20 @@ use crate::state::{SourceState, StateStore};
 /// The state topic of a configuration.
 pub fn state_topic(config: &Config) -> String {
     format!("{}._state", config.kafka.topic_prefix)
+}
+
+/// How long one write of the state may go unacknowledged before it is written again
+/// through a new producer. After a restart of the whole cluster this producer, idle
+/// between writes, was once seen to wait for minutes while the event producer (same
+/// settings, busy) had long delivered again; a new one got through.
+const WRITE_PATIENCE: Duration = Duration::from_secs(20);
+
+fn state_producer(config: &Config) -> Result<FutureProducer, Error> {
+    super::producer::client_config(config)
+        .create()
+        .map_err(|e| {
+            Error::operator("creating the Kafka producer of the state topic").with_source(e)
+        })
 }
 
 pub struct KafkaStateStore {
@@ -28,12 +42,7 @@ pub struct KafkaStateStore {
 impl KafkaStateStore {
     /// The store of `slot`'s state. The topic must exist (the producer stage creates it).
     pub fn new(config: Arc<Config>, slot: &str) -> Result<Self, Error> {
-        let producer: FutureProducer =
-            super::producer::client_config(&config)
-                .create()
-                .map_err(|e| {
-                    Error::operator("creating the Kafka producer of the state topic").with_source(e)
-                })?;
+        let producer = state_producer(&config)?;
         Ok(KafkaStateStore {
             topic: state_topic(&config),
             key: format!("source/{slot}"),
@@ -93,17 +102,47 @@ impl StateStore for KafkaStateStore {
     async fn save(&mut self, state: &SourceState) -> Result<(), Error> {
         let value = serde_json::to_vec(state)
             .map_err(|e| Error::fatal("serializing the source state").with_source(e))?;
-        let record = FutureRecord::to(&self.topic)
-            .key(&self.key)
-            .payload(&value)
-            .partition(0);
-        // message.timeout.ms = 0: while the brokers are away this waits, and so do confirms.
-        self.producer
-            .send(record, Timeout::After(Duration::from_secs(60)))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| {
-                Error::fatal(format!("writing the source state to {}", self.topic)).with_source(e)
-            })
+        let mut attempt = 1u32;
+        loop {
+            let record = FutureRecord::to(&self.topic)
+                .key(&self.key)
+                .payload(&value)
+                .partition(0);
+            // message.timeout.ms = 0: while the brokers are away this waits, and so do
+            // confirms (a newer position is only ever written after this one is acked).
+            let write = self
+                .producer
+                .send(record, Timeout::After(Duration::from_secs(60)));
+            match tokio::time::timeout(WRITE_PATIENCE, write).await {
+                Ok(written) => {
+                    return written.map(|_| ()).map_err(|(e, _)| {
+                        Error::fatal(format!("writing the source state to {}", self.topic))
+                            .with_source(e)
+                    })
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        topic = %self.topic,
+                        attempt,
+                        "the source state was not acknowledged within {} s; writing it again \
+                         through a new Kafka producer",
+                        WRITE_PATIENCE.as_secs()
+                    );
+                    // The old one's queued and in-flight copy is purged before the new
+                    // write, so it cannot land after it; purging and destroying block.
+                    let stale =
+                        std::mem::replace(&mut self.producer, state_producer(&self.config)?);
+                    if let Ok(stale) = tokio::task::spawn_blocking(move || {
+                        stale.purge(PurgeConfig::default().queue().inflight());
+                        stale
+                    })
+                    .await
+                    {
+                        tokio::task::spawn_blocking(move || drop(stale));
+                    }
+                    attempt += 1;
+                }
+            }
+        }
     }
 }
