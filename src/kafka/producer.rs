@@ -812,10 +812,6 @@ impl KafkaStage {
     }
 }
 
-/// `pgferry.commit_lsn`, `pgferry.ordinal`, `pgferry.xid` (the source transaction id,
-/// for the sink's ledger), `pgferry.unchanged` (when any) and, for
-/// JSON messages, `pgferry.schema`: the fingerprint (hex, as the schema topic's key)
-/// of the Avro value schema that describes the columns.
 /// Say when messages wait for Kafka and no delivery report comes for
 /// [`STALL_WARNING`] (brokers down, unreachable or refusing), again at that interval
 /// while it lasts, and once when reports come again: the operator learns why the slot
@@ -856,6 +852,10 @@ async fn watch_stalls(shared: Arc<Shared>, producer: ThreadedProducer<AckContext
     }
 }
 
+/// `pgferry.commit_lsn`, `pgferry.ordinal`, `pgferry.xid` (the source transaction id,
+/// for the sink's ledger), `pgferry.unchanged` (when any) and, for
+/// JSON messages, `pgferry.schema`: the fingerprint (hex, as the schema topic's key)
+/// of the Avro value schema that describes the columns.
 fn headers(change: &Change, schema: Option<&str>) -> OwnedHeaders {
     // Formatted on the stack: these run for every change.
     let commit_lsn = StackText::<24>::of(change.commit_lsn);

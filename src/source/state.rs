@@ -151,6 +151,7 @@ pub async fn keep<S: StateStore>(
     recorded: watch::Sender<Lsn>,
     snapshot: watch::Receiver<SnapshotState>,
 ) -> Result<(), Error> {
+    let where_ = store.describe();
     let mut snapshot = Some(snapshot);
     // Set when the snapshot progress changed (`changed()` marks it seen).
     let mut progressed = false;
@@ -168,7 +169,6 @@ pub async fn keep<S: StateStore>(
             if moved {
                 state.confirmed_lsn = target.to_string();
             }
-            let where_ = store.describe();
             let save = store.save(&state);
             tokio::pin!(save);
             let started = tokio::time::Instant::now();
