@@ -18,6 +18,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::Transaction;
 
+use super::copy_binary::{self, Wire};
 use super::decode::{SinkEvent, SinkValue};
 use super::target::{Mapping, TargetTable};
 use crate::event::{quote_ident, Op, TableName};
@@ -332,8 +333,12 @@ fn stage_table(width: usize) -> String {
     format!("pg_temp.pgferry_stage_{width}")
 }
 
-/// COPY rows (text format) into `stage`.
-/// COPY `rows` into `table` (`columns`: its column list).
+/// COPY data is sent in pieces of this size as it is written: the server parses and
+/// inserts the first rows while the rest are formatted, and no whole-batch buffer is
+/// held.
+const PIECE: usize = 128 << 10;
+
+/// COPY `rows` into `table` (`columns`: its column list) in text format.
 async fn copy_rows(
     tx: &Transaction<'_>,
     table: &str,
@@ -342,9 +347,6 @@ async fn copy_rows(
     rows: &[Vec<Cell<'_>>],
 ) -> Result<(), tokio_postgres::Error> {
     use futures_util::SinkExt;
-    // Sent in pieces as they are written: the server parses and inserts the first
-    // rows while the rest are formatted, and no whole-batch buffer is held.
-    const PIECE: usize = 128 << 10;
     let sink = tx
         .copy_in(&format!("copy {table} ({columns}) from stdin"))
         .await?;
@@ -398,6 +400,11 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
 /// value as the upsert's cast does. (Earlier runs of the batch, a delete of the same
 /// key included, ran before in the same transaction.)
 ///
+/// With `binary`, and every column of a type [`copy_binary`] knows, the COPY is in
+/// binary format, which the target parses at a fraction of text's cost; a value that
+/// has no certain binary form aborts it with [`CopyError::NotBinary`], and the caller
+/// loads the batch again as text.
+///
 /// A key already in the table (a re-copied row, or a table that was not empty) fails
 /// the COPY with a unique violation ([`is_key_conflict`]); the caller then rolls the
 /// whole transaction back and applies the batch again with upserts. Not a savepoint:
@@ -408,20 +415,82 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
 pub async fn copy_inserts(
     tx: &Transaction<'_>,
     run: &Run<'_>,
-) -> Result<u64, tokio_postgres::Error> {
+    target: &TargetTable,
+    binary: bool,
+) -> Result<u64, CopyError> {
     let Run::Upsert { columns, rows, .. } = run else {
         return Ok(0);
     };
-    let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-    copy_rows(
-        tx,
-        &run.table().quoted(),
-        &list.join(", "),
-        columns.len(),
-        rows,
-    )
-    .await?;
+    let table = run.table().quoted();
+    let wires = columns
+        .iter()
+        .map(|c| target.oids.get(c).copied().and_then(Wire::for_oid))
+        .collect::<Option<Vec<Wire>>>()
+        .filter(|_| binary);
+    let format = match wires {
+        Some(wires) => {
+            copy_binary_rows(tx, &table, columns, &wires, rows).await?;
+            "binary"
+        }
+        None => {
+            let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+            copy_rows(tx, &table, &list.join(", "), columns.len(), rows).await?;
+            "text"
+        }
+    };
+    tracing::debug!(table = %run.table(), rows = rows.len(), format, "copied rows into the table");
     Ok(rows.len() as u64)
+}
+
+/// Why [`copy_inserts`] did not load its run.
+#[derive(Debug)]
+pub enum CopyError {
+    Postgres(tokio_postgres::Error),
+    /// A value of this column has no binary form [`copy_binary`] is certain of; the
+    /// COPY was aborted (its transaction with it).
+    NotBinary {
+        column: String,
+    },
+}
+
+impl From<tokio_postgres::Error> for CopyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CopyError::Postgres(e)
+    }
+}
+
+/// [`copy_rows`] in binary format, `wires` giving each column's encoding.
+async fn copy_binary_rows(
+    tx: &Transaction<'_>,
+    table: &str,
+    columns: &[String],
+    wires: &[Wire],
+    rows: &[Vec<Cell<'_>>],
+) -> Result<(), CopyError> {
+    use futures_util::SinkExt;
+    let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let sink = tx
+        .copy_in(&format!(
+            "copy {table} ({}) from stdin (format binary)",
+            list.join(", ")
+        ))
+        .await?;
+    futures_util::pin_mut!(sink);
+    let mut buf = bytes::BytesMut::with_capacity(PIECE + 4096);
+    copy_binary::header(&mut buf);
+    for row in rows {
+        // Dropping the unfinished sink sends CopyFail: nothing of this COPY stays.
+        copy_binary::row(&mut buf, wires, row).map_err(|e| CopyError::NotBinary {
+            column: columns[e.column].clone(),
+        })?;
+        if buf.len() >= PIECE {
+            sink.send(buf.split().freeze()).await?;
+        }
+    }
+    copy_binary::trailer(&mut buf);
+    sink.send(buf.freeze()).await?;
+    sink.finish().await?;
+    Ok(())
 }
 
 /// A COPY of [`copy_inserts`] met a key (or another unique value) already in the table.
@@ -649,6 +718,7 @@ mod tests {
                     TargetTable {
                         name,
                         types: HashMap::new(),
+                        oids: HashMap::new(),
                         key: vec!["id".into()],
                     },
                 ),

@@ -27,6 +27,7 @@ pub mod apply;
 mod avro_plan;
 pub mod barrier;
 pub mod checkpoint;
+mod copy_binary;
 pub mod decode;
 pub mod latency;
 pub mod ledger;
@@ -94,6 +95,13 @@ enum Attempt {
     /// transaction was rolled back: apply the batch again with that table's inserts
     /// upserted.
     KeysExist(TableName),
+    /// A value had no certain binary form for a binary COPY into this target table
+    /// (see [`apply::copy_inserts`]), and the transaction was rolled back: apply the
+    /// batch again with that table copied as text.
+    NotBinary {
+        table: TableName,
+        column: String,
+    },
 }
 
 impl Failure {
@@ -184,6 +192,8 @@ struct Applier {
     /// Target tables whose copied reads or inserts met keys already there: upserted,
     /// not copied in (see [`apply::copy_inserts`]).
     upsert_inserts: HashSet<TableName>,
+    /// Target tables copied in text format, after a value had no certain binary form.
+    text_copies: HashSet<TableName>,
     dlq: Option<FutureProducer>,
     health: Arc<Health>,
     /// Every configured table's topic exists and its partitions are assigned (or, in
@@ -239,6 +249,7 @@ impl SinkStage {
                 checkpoints: applied.clone(),
                 tables: HashMap::new(),
                 upsert_inserts: HashSet::new(),
+                text_copies: HashSet::new(),
                 dlq: None,
                 health: health.clone(),
                 all_topics_consumed: false,
@@ -1057,11 +1068,16 @@ impl Applier {
         loop {
             match self.apply_once(items, dead_lettered).await? {
                 Attempt::Committed => return Ok(()),
-                // Only tables not yet upserted report this, so the loop ends.
+                // Only tables not yet upserted (or not yet copied as text) report
+                // these, so the loop ends.
                 Attempt::KeysExist(table) => {
                     // Worth an operator's notice: loading this table gets slower.
                     tracing::info!(worker = self.worker, %table, "copied rows met keys already in the target table; the batch was rolled back and is upserted, as this table's inserts are from now on");
                     self.upsert_inserts.insert(table);
+                }
+                Attempt::NotBinary { table, column } => {
+                    tracing::info!(worker = self.worker, %table, column, "a value of this column has no binary form pgferry is certain of; the batch was rolled back and is copied as text, as this table's rows are from now on");
+                    self.text_copies.insert(table);
                 }
             }
         }
@@ -1233,13 +1249,20 @@ impl Applier {
                 .map(|(_, t)| t)
                 .expect("planned runs only name prepared tables");
             if run.is_keyed_inserts(target) && !self.upsert_inserts.contains(run.table()) {
-                match apply::copy_inserts(&tx, run).await {
+                let binary = !self.text_copies.contains(run.table());
+                match apply::copy_inserts(&tx, run, target, binary).await {
                     Ok(_) => continue,
                     // Dropping `tx` rolls the whole batch back.
-                    Err(e) if apply::is_key_conflict(&e) => {
+                    Err(apply::CopyError::Postgres(e)) if apply::is_key_conflict(&e) => {
                         return Ok(Attempt::KeysExist(run.table().clone()))
                     }
-                    Err(e) => return Err(classify(e)),
+                    Err(apply::CopyError::NotBinary { column }) => {
+                        return Ok(Attempt::NotBinary {
+                            table: run.table().clone(),
+                            column,
+                        })
+                    }
+                    Err(apply::CopyError::Postgres(e)) => return Err(classify(e)),
                 }
             }
             apply::execute(&tx, run, target, &mut staged)
