@@ -36,8 +36,11 @@
 //! pgferry's); SINK_EXTRA and KAFKA_EXTRA (keys added to `[sink]` and `[kafka]`, the
 //! last section, so a `[kafka.properties]` table may follow); BENCH_LOG (pgferry's
 //! `PGFERRY_LOG`, e.g. `info,pgferry=debug`; its log is then kept in
-//! `target/snapshot-pgferry.log`). Results: a table on stdout and one JSON line per
-//! side (`"bench": "snapshot"`) in `target/bench-results.jsonl`.
+//! `target/snapshot-pgferry.log`); ROUNDS (default 1: each round runs the three sides
+//! again on the same source table, and the last lines give each round's ratio and the
+//! median, since on a shared host one round's times swing by a fifth or more).
+//! Results: a table on stdout per round and one JSON line per side (`"bench":
+//! "snapshot"`) in `target/bench-results.jsonl`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -312,8 +315,11 @@ fn pg_dump(s: &Source) -> Side {
     Side::new("pg_dump", seconds, cpu_by)
 }
 
-fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
+fn pgferry(s: &Source, round: u64, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
     let target = s.target("ferry");
+    // A slot and topics of its own each round: the last round's are done with the
+    // snapshot.
+    let slot = s.src.slot(&format!("ferry{round}"));
     let path = s.src.dir.join("snapshot.toml");
     let knob = |key: &str, v: Option<u64>| v.map_or(String::new(), |v| format!("{key} = {v}\n"));
     std::fs::write(
@@ -322,9 +328,9 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
             "[source]\nurl = \"{}\"\nslot = \"{}\"\npublication = \"bench\"\n{}{}\
              [sink]\nurl = \"{}\"\nconsumer = \"bench\"\n{}\n[http]\nlisten = \"\"\n\
              [[tables]]\nsource = \"public.patients\"\n\
-             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"s{}\"\n{}\n",
+             [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"s{}r{round}\"\n{}\n",
             s.src.url,
-            s.src.slot("ferry"),
+            slot,
             knob("snapshot_workers", workers),
             knob("snapshot_chunk_rows", chunk_rows),
             target.url,
@@ -385,6 +391,22 @@ fn pgferry(s: &Source, workers: Option<u64>, chunk_rows: Option<u64>) -> Side {
     }
     let status = p.terminate();
     assert!(status.success(), "pgferry failed:\n{}", p.stderr_text());
+    // Its WAL is not to be kept through the next round (the walsender lets go of the
+    // slot a moment after pgferry exits).
+    wait("the slot to be dropped", || {
+        s.src
+            .value(&format!(
+                "select count(*) from (select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+                  where slot_name = '{slot}' and not active) d"
+            ))
+            .is_some()
+            && s.src
+                .value(&format!(
+                    "select count(*) from pg_replication_slots where slot_name = '{slot}'"
+                ))
+                .as_deref()
+                == Some("0")
+    });
     if log.is_some() {
         let kept = concat!(env!("CARGO_MANIFEST_DIR"), "/target/snapshot-pgferry.log");
         std::fs::write(kept, p.stderr_text()).expect("keeping pgferry's log");
@@ -408,9 +430,48 @@ fn main() {
     let rows = env_opt("ROWS").unwrap_or(1_000_000);
     let workers = env_opt("SNAPSHOT_WORKERS");
     let chunk_rows = env_opt("CHUNK_ROWS");
+    let rounds = env_opt("ROUNDS").unwrap_or(1);
     let s = Source::new(rows);
-    let sides = [native(&s), pg_dump(&s), pgferry(&s, workers, chunk_rows)];
-    report(&s, &sides, workers, chunk_rows);
+    // pgferry's rows/s against the native sync's and pg_dump's, per round.
+    let mut ratios: Vec<(f64, f64)> = Vec::new();
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("\nsnapshot: round {round} of {rounds}");
+        }
+        let sides = [
+            native(&s),
+            pg_dump(&s),
+            pgferry(&s, round, workers, chunk_rows),
+        ];
+        report(&s, &sides, workers, chunk_rows);
+        let [native, dump, ferry] = &sides;
+        ratios.push((native.seconds / ferry.seconds, dump.seconds / ferry.seconds));
+    }
+    if rounds > 1 {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            (v[(n - 1) / 2] + v[n / 2]) / 2.0
+        };
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (vs_native, vs_dump): (Vec<f64>, Vec<f64>) = ratios.into_iter().unzip();
+        println!("\nsnapshot: pgferry against each anchor, {rounds} rounds");
+        println!(
+            "  x native:  {} (median {:.2})",
+            list(&vs_native),
+            median(vs_native.clone())
+        );
+        println!(
+            "  x pg_dump: {} (median {:.2})",
+            list(&vs_dump),
+            median(vs_dump.clone())
+        );
+    }
 }
 
 fn report(s: &Source, sides: &[Side], workers: Option<u64>, chunk_rows: Option<u64>) {
