@@ -637,3 +637,47 @@ fn binary_copy_loads_every_type_it_knows_exactly_and_falls_back_to_text() {
     assert!(!copied("late", "binary"), "{log}");
     assert_eq!(p.terminate().code(), Some(0), "{}", p.stderr_text());
 }
+
+/// Binary values carry no type: after the target's columns change type while pgferry
+/// runs (bigint to double precision, integer to bigint), rows are loaded as the new
+/// types, not by what pgferry saw first (that would have read an int8 1 as the float8
+/// 5e-324, and an int4 as half an int8).
+#[test]
+fn binary_copy_follows_target_columns_whose_type_changed() {
+    let src = TestDb::new("snapretype");
+    let tgt = TestDb::on(&target_url(), "snapretype_t");
+    let ddl = "create table retyped (id int primary key, big bigint, small int)";
+    src.sql(&format!(
+        "{ddl}; insert into retyped select g, g, -g from generate_series(1, 100) g"
+    ));
+    tgt.sql(ddl);
+    let cfg = config(
+        &src,
+        &tgt,
+        "sr",
+        "",
+        "[[tables]]\nsource = \"public.retyped\"\n",
+    );
+    let mut p = run(&cfg, "run1");
+    wait_status(&cfg, &p, "snapshot public.retyped: done");
+    wait_equal(&cfg, &p);
+    tgt.sql(
+        "alter table retyped alter column big type double precision, alter column small type bigint",
+    );
+    src.sql("insert into retyped select g, g, -g from generate_series(101, 300) g");
+    wait_equal(&cfg, &p);
+    assert_eq!(
+        digest(&src, "retyped", "id"),
+        digest(&tgt, "retyped", "id"),
+        "independent comparison"
+    );
+    let log = p.stderr_text();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("copied rows into the table") && l.contains("format=\"binary\""))
+            .count()
+            >= 2,
+        "{log}"
+    );
+    assert_eq!(p.terminate().code(), Some(0), "{}", p.stderr_text());
+}

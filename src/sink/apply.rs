@@ -415,18 +415,17 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
 pub async fn copy_inserts(
     tx: &Transaction<'_>,
     run: &Run<'_>,
-    target: &TargetTable,
     binary: bool,
 ) -> Result<u64, CopyError> {
     let Run::Upsert { columns, rows, .. } = run else {
         return Ok(0);
     };
     let table = run.table().quoted();
-    let wires = columns
-        .iter()
-        .map(|c| target.oids.get(c).copied().and_then(Wire::for_oid))
-        .collect::<Option<Vec<Wire>>>()
-        .filter(|_| binary);
+    let wires = if binary {
+        live_wires(tx, &table, columns).await?
+    } else {
+        None
+    };
     let format = match wires {
         Some(wires) => {
             copy_binary_rows(tx, &table, columns, &wires, rows).await?;
@@ -457,6 +456,40 @@ impl From<tokio_postgres::Error> for CopyError {
     fn from(e: tokio_postgres::Error) -> Self {
         CopyError::Postgres(e)
     }
+}
+
+/// The binary encoding of each of `columns`, from the table's column types as they are
+/// now, or `None` when one has no encoder in [`copy_binary`]. Binary values carry no
+/// type: bytes encoded for a type the column no longer has would be read as the new
+/// one (an `int8` 1 as the `float8` 5e-324, an `int4` 5 as the date 2000-01-06), so a
+/// cached description will not do. The COPY's own lock is taken first, so that no
+/// `ALTER … TYPE` can come between this look and the COPY.
+///
+/// Also `None` on a server older than PostgreSQL 12, whose `float4` input rounded
+/// through `double`, which a binary `float4` would not.
+async fn live_wires(
+    tx: &Transaction<'_>,
+    table: &str,
+    columns: &[String],
+) -> Result<Option<Vec<Wire>>, tokio_postgres::Error> {
+    tx.batch_execute(&format!("lock table {table} in row exclusive mode"))
+        .await?;
+    let rows = tx
+        .query(
+            "select a.attname::text, a.atttypid, current_setting('server_version_num')::int \
+             from pg_attribute a \
+             where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped",
+            &[&table],
+        )
+        .await?;
+    if rows.first().is_none_or(|r| r.get::<_, i32>(2) < 120_000) {
+        return Ok(None);
+    }
+    let oids: HashMap<String, u32> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(columns
+        .iter()
+        .map(|c| oids.get(c).copied().and_then(Wire::for_oid))
+        .collect())
 }
 
 /// [`copy_rows`] in binary format, `wires` giving each column's encoding.
@@ -718,7 +751,6 @@ mod tests {
                     TargetTable {
                         name,
                         types: HashMap::new(),
-                        oids: HashMap::new(),
                         key: vec!["id".into()],
                     },
                 ),

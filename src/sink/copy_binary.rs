@@ -90,7 +90,8 @@ pub fn trailer(buf: &mut BytesMut) {
 
 /// One tuple. On error the buffer holds a partial tuple and must not be sent.
 pub fn row(buf: &mut BytesMut, wires: &[Wire], cells: &[Option<&str>]) -> Result<(), NotBinary> {
-    buf.put_i16(wires.len() as i16);
+    // The fields written, which the server checks against the COPY's column list.
+    buf.put_i16(wires.len().min(cells.len()) as i16);
     for (column, (wire, cell)) in wires.iter().zip(cells).enumerate() {
         match cell {
             None => buf.put_i32(-1),
@@ -142,6 +143,9 @@ fn value(buf: &mut BytesMut, wire: Wire, text: &str) -> Option<()> {
             buf.put_u8(1);
             buf.put_slice(text.as_bytes());
         }
+        // Before version 16 PostgreSQL's input refuses "+infinity", which the shared
+        // parsers accept (it reads other spellings of the infinities in any case).
+        Wire::Date | Wire::Timestamp | Wire::Timestamptz if text.starts_with('+') => return None,
         Wire::Date => {
             let days = match pgtext::parse_date(text).ok()? {
                 d @ (i32::MAX | i32::MIN) => d,
@@ -370,6 +374,8 @@ mod tests {
             (Wire::Date, "Jan 8 1999"),
             (Wire::Timestamptz, "2026-11-29 10:00:00"),
             (Wire::Timestamp, "2026-11-29 10:00:00+05"),
+            (Wire::Timestamp, "+infinity"),
+            (Wire::Date, "+infinity"),
             (Wire::Uuid, "a0eebc999c0b4ef8bb6d6bb9bd380a12"),
             (Wire::Uuid, "g0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12"),
             (Wire::Bytea, "\\x0"),

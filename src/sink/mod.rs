@@ -1250,7 +1250,7 @@ impl Applier {
                 .expect("planned runs only name prepared tables");
             if run.is_keyed_inserts(target) && !self.upsert_inserts.contains(run.table()) {
                 let binary = !self.text_copies.contains(run.table());
-                match apply::copy_inserts(&tx, run, target, binary).await {
+                match apply::copy_inserts(&tx, run, binary).await {
                     Ok(_) => continue,
                     // Dropping `tx` rolls the whole batch back.
                     Err(apply::CopyError::Postgres(e)) if apply::is_key_conflict(&e) => {

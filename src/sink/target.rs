@@ -20,9 +20,6 @@ pub struct TargetTable {
     /// assignment coercion then checks length, precision and scale exactly as a plain
     /// INSERT does: an explicit cast to `varchar(5)` would silently truncate.
     pub types: HashMap<String, String>,
-    /// Column -> its type's OID: which columns a binary COPY can load
-    /// ([`super::copy_binary::Wire::for_oid`]).
-    pub oids: HashMap<String, u32>,
     /// The conflict target of upserts and the match of updates and deletes: the
     /// primary key, or the configured key when a unique index backs it.
     pub key: Vec<String>,
@@ -63,8 +60,7 @@ pub async fn describe(client: &Client, name: &TableName) -> Result<Option<Target
                          when e.oid = 'bpchar'::regtype then 'bpchar[]'
                          when e.oid = 'bit'::regtype then 'bit varying[]'
                          else format_type(a.atttypid, null) end,
-                    coalesce(array_position(i.indkey::int2[], a.attnum), -1),
-                    a.atttypid
+                    coalesce(array_position(i.indkey::int2[], a.attnum), -1)
              from pg_class c join pg_namespace n on n.oid = c.relnamespace
              join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
              join pg_type t on t.oid = a.atttypid
@@ -81,21 +77,18 @@ pub async fn describe(client: &Client, name: &TableName) -> Result<Option<Target
     }
     let mut key: Vec<(i32, String)> = Vec::new();
     let mut types = HashMap::new();
-    let mut oids = HashMap::new();
     for r in &rows {
         let col: String = r.get(0);
         let pos: i32 = r.get(2);
         if pos >= 0 {
             key.push((pos, col.clone()));
         }
-        oids.insert(col.clone(), r.get(3));
         types.insert(col, r.get(1));
     }
     key.sort();
     Ok(Some(TargetTable {
         name: name.clone(),
         types,
-        oids,
         key: key.into_iter().map(|(_, c)| c).collect(),
     }))
 }
