@@ -327,7 +327,7 @@ fn pgferry(
 }
 
 fn main() {
-    support::warn_of_idle_services();
+    support::warn_of_distortions();
     let rows = env_u64("ROWS", 200_000);
     let scenarios = std::env::var("SCENARIOS").unwrap_or_else(|_| "pipeline,kafka,phi".into());
     let want = |s: &str| scenarios.split(',').any(|x| x.trim() == s);

@@ -291,7 +291,7 @@ fn pgferry(src: &TestDb, load: &Load) -> Result {
 }
 
 fn main() {
-    support::warn_of_idle_services();
+    support::warn_of_distortions();
     // `cargo bench` passes --bench; any other argument filters nothing here.
     let load = Load {
         rate: env_u64("RATE", 5000),

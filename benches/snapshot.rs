@@ -426,7 +426,7 @@ fn pgferry(s: &Source, round: u64, workers: Option<u64>, chunk_rows: Option<u64>
 }
 
 fn main() {
-    support::warn_of_idle_services();
+    support::warn_of_distortions();
     let rows = env_opt("ROWS").unwrap_or(1_000_000);
     let workers = env_opt("SNAPSHOT_WORKERS");
     let chunk_rows = env_opt("CHUNK_ROWS");

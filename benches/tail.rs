@@ -244,7 +244,7 @@ fn pgferry_tail(b: &Backlog) -> Side {
 }
 
 fn main() {
-    support::warn_of_idle_services();
+    support::warn_of_distortions();
     let rows = env_u64("ROWS", 200_000);
     let b = Backlog::new(rows);
     let sides = [recvlogical(&b), pgferry_tail(&b)];

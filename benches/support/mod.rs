@@ -342,10 +342,11 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
     })
 }
 
-/// Say so when the on-demand services of the fault tests run beside the benchmark: the
-/// three-node cluster and the schema registry are four JVMs that take CPU from every
-/// side (after a test run they slowed even the native sync from 3.7 to 4.4–5.8 s).
-pub fn warn_of_idle_services() {
+/// Say so when something would distort the run: the on-demand services of the fault
+/// tests beside it (the three-node cluster and the schema registry are four JVMs that
+/// take CPU from every side; after a test run they slowed even the native sync from 3.7
+/// to 4.4–5.8 s), or a broker that has only just started.
+pub fn warn_of_distortions() {
     let extra = [
         (
             "127.0.0.1:19092",
@@ -361,6 +362,33 @@ pub fn warn_of_idle_services() {
                 "bench: warning: {what} is running and takes CPU from this run; \
                  stop it with `scripts/services.sh {stop}`"
             );
+        }
+    }
+    // A broker's JVM compiles its hot paths during its first heavy minutes: the first
+    // two snapshot runs after a start measured 4.0 and 8.8 broker CPU-s against 1.6-2.3
+    // later (its C2 compiler thread alone 7% of the host's samples).
+    let uptime = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split(' ').next()?.parse::<f64>().ok());
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmd).contains("kafka.Kafka") {
+            continue;
+        }
+        let started = stat_fields(pid)
+            .and_then(|f| f.get(19)?.parse::<f64>().ok())
+            .map(|ticks| ticks / clock_ticks());
+        if let Some(age) = uptime.zip(started).map(|(u, s)| u - s) {
+            if age < 300.0 {
+                eprintln!(
+                    "bench: warning: a Kafka broker (pid {pid}) started {age:.0} s ago and is \
+                     still compiling its hot paths; the first runs after a start cost it 2-4 \
+                     times the CPU: run once to warm it, and count the runs after"
+                );
+            }
         }
     }
 }

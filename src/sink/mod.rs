@@ -57,6 +57,9 @@ use target::{Mapping, TargetTable};
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const ASSIGNMENT_REFRESH: Duration = Duration::from_secs(5);
+/// How long the sink's consumer may read nothing while events wait before that is
+/// reported, and again before the consumer is replaced.
+const CONSUMER_STALL: Duration = Duration::from_secs(30);
 /// Reads of the schema topic, half a second apart, before an unknown fingerprint is
 /// reported (and waited for with backoff).
 const SCHEMA_ATTEMPTS: usize = 6;
@@ -164,6 +167,16 @@ struct Reader {
     /// Topic names and header keys seen so far, shared by every message that carries
     /// them instead of copied into each (see [`intern`]).
     names: HashSet<Arc<str>>,
+    /// How long the reader has waited for a message since the last one came (time spent
+    /// applying is not counted), and where each partition's next message is: what
+    /// [`SinkStage::watch_consumer`] needs to tell a stalled consumer from an idle
+    /// topic, and to replace it without skipping or re-reading anything.
+    idle: Duration,
+    next_offsets: HashMap<(Arc<str>, i32), i64>,
+    /// When the watermarks were last compared; since when events have waited unread,
+    /// once warned.
+    checked: Option<Instant>,
+    stalled_since: Option<Instant>,
 }
 
 /// The shared copy of `name` from `names`, added when new: the configured topics and
@@ -264,6 +277,10 @@ impl SinkStage {
                 registry,
                 health: health.clone(),
                 names: HashSet::new(),
+                idle: Duration::ZERO,
+                next_offsets: HashMap::new(),
+                checked: None,
+                stalled_since: None,
             },
             appliers,
             owners: HashMap::new(),
@@ -353,6 +370,7 @@ impl SinkStage {
                     }
                     Err(e) => return Err(e),
                 }
+                self.watch_consumer().await?;
                 last_refresh = Instant::now();
             }
             // The barrier sees events in order, after everything before them applied,
@@ -417,6 +435,90 @@ impl SinkStage {
                 None => return Ok(()),
             }
         }
+    }
+
+    /// A consumer that reads nothing while its partitions hold events is stalled, not
+    /// idle: after a restart of the whole Kafka cluster, the sink's consumer was seen
+    /// reading nothing for minutes while the brokers (and pgferry's own producer) were
+    /// long back (tests/kafka_cluster.rs, `whole_cluster_restart_under_load`). After
+    /// [`CONSUMER_STALL`] without a message, the high watermarks are compared with
+    /// where the reader is; if events wait, say so, and after another
+    /// [`CONSUMER_STALL`] replace the consumer with a new one assigned where the old
+    /// one stood. Nothing is skipped or read twice: the reader's next offsets are
+    /// exactly what the old consumer would have fetched next.
+    async fn watch_consumer(&mut self) -> Result<(), Error> {
+        let reader = &mut self.reader;
+        if reader.idle < CONSUMER_STALL || self.assigned.is_empty() {
+            reader.stalled_since = None;
+            return Ok(());
+        }
+        // A sink idle for hours asks the brokers twice a minute, not every refresh.
+        if reader
+            .checked
+            .is_some_and(|c| c.elapsed() < CONSUMER_STALL / 2)
+        {
+            return Ok(());
+        }
+        reader.checked = Some(Instant::now());
+        let at: HashMap<(String, i32), Option<i64>> = self
+            .assigned
+            .iter()
+            .map(|(t, p)| {
+                let read = reader
+                    .next_offsets
+                    .iter()
+                    .find(|((topic, partition), _)| &**topic == t && partition == p)
+                    .map(|(_, o)| *o);
+                let offset = read.or_else(|| self.applied.get(t, *p).map(|c| c.next_offset));
+                ((t.clone(), *p), offset)
+            })
+            .collect();
+        let consumer = &reader.consumer;
+        let waiting: i64 = tokio::task::block_in_place(|| {
+            let mut waiting = 0;
+            for ((t, p), offset) in &at {
+                match consumer.fetch_watermarks(t, *p, Duration::from_secs(5)) {
+                    Ok((low, high)) => waiting += (high - offset.unwrap_or(low)).max(0),
+                    // Brokers that cannot answer are not a stalled consumer: nothing
+                    // can be read that waits there, and asking on would only block.
+                    Err(_) => return 0,
+                }
+            }
+            waiting
+        });
+        if waiting == 0 {
+            reader.stalled_since = None;
+            return Ok(());
+        }
+        let idle_s = reader.idle.as_secs();
+        let Some(since) = reader.stalled_since else {
+            record_error("sink", &Error::transient(""));
+            tracing::warn!(
+                idle_s,
+                waiting,
+                "the sink's Kafka consumer has read nothing while events wait in its partitions; \
+                 it is replaced if this goes on"
+            );
+            reader.stalled_since = Some(Instant::now());
+            return Ok(());
+        };
+        if since.elapsed() < CONSUMER_STALL {
+            return Ok(());
+        }
+        let fresh = consumer::stream_consumer(&self.config, None)?;
+        consumer::assign(&fresh, &at)?;
+        let old = std::mem::replace(&mut reader.consumer, fresh);
+        // Closing a client whose connections hang may take a while: not on this task.
+        tokio::task::spawn_blocking(move || drop(old));
+        tracing::warn!(
+            idle_s,
+            waiting,
+            "replaced the sink's Kafka consumer, which read nothing while events waited; \
+             the new one goes on where it stood"
+        );
+        reader.stalled_since = None;
+        reader.idle = Duration::ZERO;
+        Ok(())
     }
 
     /// Assign every partition of the topics that exist, at its checkpoint offset,
@@ -731,6 +833,7 @@ impl Reader {
         );
         let mut batch = Vec::new();
         let mut bytes = 0;
+        let started = Instant::now();
         let mut deadline = tokio::time::Instant::now() + ASSIGNMENT_REFRESH;
         while batch.len() < max_events && bytes < max_bytes {
             if let Some(text) = self.consumer.context().failure() {
@@ -782,6 +885,9 @@ impl Reader {
                         .collect()
                 })
                 .unwrap_or_default();
+            self.idle = Duration::ZERO;
+            self.next_offsets
+                .insert((intern(names, m.topic()), m.partition()), m.offset() + 1);
             let item = Item {
                 topic: intern(names, m.topic()),
                 partition: m.partition(),
@@ -797,6 +903,9 @@ impl Reader {
                 deadline = tokio::time::Instant::now() + linger;
             }
             batch.push(item);
+        }
+        if batch.is_empty() {
+            self.idle += started.elapsed();
         }
         Ok(batch)
     }
