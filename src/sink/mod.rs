@@ -214,6 +214,23 @@ struct Applier {
     all_topics_consumed: bool,
 }
 
+/// Events in the partitions of `at` beyond the offsets given (`None`: from the start),
+/// by their high watermarks; `None` when a broker does not answer (asking on would only
+/// block).
+fn waiting_events(
+    consumer: &consumer::SinkConsumer,
+    at: &HashMap<(String, i32), Option<i64>>,
+) -> Option<i64> {
+    let mut waiting = 0;
+    for ((topic, partition), offset) in at {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *partition, Duration::from_secs(5))
+            .ok()?;
+        waiting += (high - offset.unwrap_or(low)).max(0);
+    }
+    Some(waiting)
+}
+
 /// What decoding one message gave: `Ok(None)` for a tombstone.
 type Decoded = Result<Option<SinkEvent>, DecodeError>;
 
@@ -473,19 +490,18 @@ impl SinkStage {
                 ((t.clone(), *p), offset)
             })
             .collect();
-        let consumer = &reader.consumer;
-        let waiting: i64 = tokio::task::block_in_place(|| {
-            let mut waiting = 0;
-            for ((t, p), offset) in &at {
-                match consumer.fetch_watermarks(t, *p, Duration::from_secs(5)) {
-                    Ok((low, high)) => waiting += (high - offset.unwrap_or(low)).max(0),
-                    // Brokers that cannot answer are not a stalled consumer: nothing
-                    // can be read that waits there, and asking on would only block.
-                    Err(_) => return 0,
-                }
+        // The consumer's own client may be the stuck part: if it cannot get an answer,
+        // a new client asks. Brokers that answer neither are an outage, not a stalled
+        // consumer: nothing that waits there can be read.
+        let waiting = match tokio::task::block_in_place(|| waiting_events(&reader.consumer, &at)) {
+            Some(n) => n,
+            None => {
+                let probe = consumer::stream_consumer(&self.config, None)?;
+                let n = tokio::task::block_in_place(|| waiting_events(&probe, &at));
+                tokio::task::spawn_blocking(move || drop(probe));
+                n.unwrap_or(0)
             }
-            waiting
-        });
+        };
         if waiting == 0 {
             reader.stalled_since = None;
             return Ok(());
