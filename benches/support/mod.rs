@@ -94,6 +94,11 @@ impl CpuSampler {
             let mut seen: std::collections::HashMap<u32, (usize, u64)> = Default::default();
             let mut total = [0.0; 6];
             let mut first = true;
+            // A child of this harness between fork and exec still shows the harness's
+            // command line: it is grouped once it shows its own (one round of the
+            // snapshot counted pgferry's 19 CPU-s as "other" when caught so).
+            let me = std::process::id();
+            let own_cmd = std::fs::read(format!("/proc/{me}/cmdline")).unwrap_or_default();
             loop {
                 let done = flag.load(std::sync::atomic::Ordering::Relaxed);
                 let mut alive = std::collections::HashSet::new();
@@ -125,6 +130,9 @@ impl CpuSampler {
                         None => {
                             let cmd =
                                 std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                            if pid != me && cmd == own_cmd {
+                                continue;
+                            }
                             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
                             let server =
                                 |pm: Option<u32>| pm.is_some_and(|pm| pid == pm || ppid == pm);
