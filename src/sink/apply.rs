@@ -346,31 +346,58 @@ async fn copy_rows(
     width: usize,
     rows: &[Vec<Cell<'_>>],
 ) -> Result<(), tokio_postgres::Error> {
-    use futures_util::SinkExt;
-    let sink = tx
-        .copy_in(&format!("copy {table} ({columns}) from stdin"))
-        .await?;
-    futures_util::pin_mut!(sink);
-    let mut buf = bytes::BytesMut::with_capacity(PIECE + 4096);
-    for row in rows {
+    let text_row = |buf: &mut bytes::BytesMut, row: &[Cell<'_>]| {
         for (i, v) in row.iter().enumerate().take(width) {
             if i > 0 {
                 buf.extend_from_slice(b"\t");
             }
             match v {
                 None => buf.extend_from_slice(b"\\N"),
-                Some(text) => copy_escape(&mut buf, text),
+                Some(text) => copy_escape(buf, text),
             }
         }
         buf.extend_from_slice(b"\n");
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    copy_in_pieces(
+        tx,
+        &format!("copy {table} ({columns}) from stdin"),
+        rows,
+        |_| {},
+        text_row,
+        |_| {},
+    )
+    .await
+}
+
+/// Run the COPY `statement` with `rows` written by `row` between `start` and `end`,
+/// sent in pieces of [`PIECE`] as they are written. An error from `row` drops the
+/// unfinished COPY, which sends CopyFail: nothing of it stays.
+async fn copy_in_pieces<'a, E: From<tokio_postgres::Error>>(
+    tx: &Transaction<'_>,
+    statement: &str,
+    rows: &[Vec<Cell<'a>>],
+    start: impl FnOnce(&mut bytes::BytesMut),
+    mut row: impl FnMut(&mut bytes::BytesMut, &[Cell<'a>]) -> Result<(), E>,
+    end: impl FnOnce(&mut bytes::BytesMut),
+) -> Result<(), E> {
+    use futures_util::SinkExt;
+    let sink = tx.copy_in(statement).await?;
+    futures_util::pin_mut!(sink);
+    let mut buf = bytes::BytesMut::with_capacity(PIECE + 4096);
+    start(&mut buf);
+    for r in rows {
+        row(&mut buf, r)?;
         if buf.len() >= PIECE {
             sink.send(buf.split().freeze()).await?;
         }
     }
+    end(&mut buf);
     if !buf.is_empty() {
         sink.send(buf.freeze()).await?;
     }
-    sink.finish().await.map(|_| ())
+    sink.finish().await?;
+    Ok(())
 }
 
 /// COPY text format: backslash, tab, newline and carriage return are escaped.
@@ -500,30 +527,23 @@ async fn copy_binary_rows(
     wires: &[Wire],
     rows: &[Vec<Cell<'_>>],
 ) -> Result<(), CopyError> {
-    use futures_util::SinkExt;
     let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-    let sink = tx
-        .copy_in(&format!(
+    copy_in_pieces(
+        tx,
+        &format!(
             "copy {table} ({}) from stdin (format binary)",
             list.join(", ")
-        ))
-        .await?;
-    futures_util::pin_mut!(sink);
-    let mut buf = bytes::BytesMut::with_capacity(PIECE + 4096);
-    copy_binary::header(&mut buf);
-    for row in rows {
-        // Dropping the unfinished sink sends CopyFail: nothing of this COPY stays.
-        copy_binary::row(&mut buf, wires, row).map_err(|e| CopyError::NotBinary {
-            column: columns[e.column].clone(),
-        })?;
-        if buf.len() >= PIECE {
-            sink.send(buf.split().freeze()).await?;
-        }
-    }
-    copy_binary::trailer(&mut buf);
-    sink.send(buf.freeze()).await?;
-    sink.finish().await?;
-    Ok(())
+        ),
+        rows,
+        copy_binary::header,
+        |buf, row| {
+            copy_binary::row(buf, wires, row).map_err(|e| CopyError::NotBinary {
+                column: columns[e.column].clone(),
+            })
+        },
+        copy_binary::trailer,
+    )
+    .await
 }
 
 /// A COPY of [`copy_inserts`] met a key (or another unique value) already in the table.
