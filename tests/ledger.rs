@@ -349,7 +349,8 @@ fn kill9_twice_leaves_every_transaction_in_the_ledger_exactly_once() {
     );
     let mut p = run(&cfg);
     wait_streaming(&src, "s_lcrash");
-    let rounds = 20;
+    // Long enough that both kills land before the last row, even in a release build.
+    let rounds = 40;
     let per_round = 150;
     let n = (rounds * per_round) as i64;
     let url = src.url.clone();
