@@ -341,6 +341,20 @@ fn a_value_too_long_for_its_target_column_stops_the_sink_instead_of_truncating()
         "{stderr}"
     );
     assert!(stderr.contains("SQLSTATE 22001"), "{stderr}");
+    // Every column of `p` has a binary encoding: the binary COPY was refused first, and
+    // the text form judged the value (the same refusal), naming no value on the way.
+    let fallback = stderr
+        .lines()
+        .find(|l| l.contains("the target refused a binary COPY"))
+        .unwrap_or_else(|| panic!("no binary-to-text fallback was logged: {stderr}"));
+    assert!(
+        fallback.contains("WARN") && fallback.contains("public.p") && fallback.contains("22001"),
+        "{fallback}"
+    );
+    assert!(
+        !stderr.contains("Jonathan"),
+        "a row value reached the log: {stderr}"
+    );
     assert_eq!(
         tgt.value("select count(*) from p where id = 2").as_deref(),
         Some("0"),

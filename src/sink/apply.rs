@@ -430,7 +430,9 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
 /// With `binary`, and every column of a type [`copy_binary`] knows, the COPY is in
 /// binary format, which the target parses at a fraction of text's cost; a value that
 /// has no certain binary form aborts it with [`CopyError::NotBinary`], and the caller
-/// loads the batch again as text.
+/// loads the batch again as text; so does the target refusing the binary data in a
+/// way its text form might not be refused ([`CopyError::Refused`]): the text form, not
+/// pgferry's encoding, decides whether a value is poison.
 ///
 /// A key already in the table (a re-copied row, or a table that was not empty) fails
 /// the COPY with a unique violation ([`is_key_conflict`]); the caller then rolls the
@@ -455,7 +457,12 @@ pub async fn copy_inserts(
     };
     let format = match wires {
         Some(wires) => {
-            copy_binary_rows(tx, &table, columns, &wires, rows).await?;
+            copy_binary_rows(tx, &table, columns, &wires, rows)
+                .await
+                .map_err(|e| match e {
+                    CopyError::Postgres(e) if binary_may_be_at_fault(&e) => CopyError::Refused(e),
+                    other => other,
+                })?;
             "binary"
         }
         None => {
@@ -477,6 +484,21 @@ pub enum CopyError {
     NotBinary {
         column: String,
     },
+    /// The target refused the binary COPY with an error that its text form might not
+    /// meet: a data exception (class 22: a value, or the binary format itself, as
+    /// `22P03`) or a protocol violation (`08P01`). The COPY was aborted (its
+    /// transaction with it).
+    Refused(tokio_postgres::Error),
+}
+
+/// Whether an error from a binary COPY may be the binary format's own doing. Binary
+/// values are pgferry's encoding, not the target's input functions: before a value is
+/// judged poison, or a batch retried forever, the text form decides. A unique
+/// violation (class 23) and transient errors (a lost connection, a serialization
+/// failure) mean the same in both forms and keep their own handling.
+pub fn binary_may_be_at_fault(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| c.code().starts_with("22") || c.code() == "08P01")
 }
 
 impl From<tokio_postgres::Error> for CopyError {

@@ -103,8 +103,17 @@ enum Attempt {
     /// batch again with that table copied as text.
     NotBinary {
         table: TableName,
-        column: String,
+        why: NotBinaryWhy,
     },
+}
+
+/// Why a table's rows go as text from now on.
+enum NotBinaryWhy {
+    /// A value of this column has no binary form pgferry is certain of.
+    Column(String),
+    /// The target refused the binary data; the summary names SQLSTATE and objects,
+    /// never a value.
+    Refused(String),
 }
 
 impl Failure {
@@ -1200,8 +1209,17 @@ impl Applier {
                     tracing::info!(worker = self.worker, %table, "copied rows met keys already in the target table; the batch was rolled back and is upserted, as this table's inserts are from now on");
                     self.upsert_inserts.insert(table);
                 }
-                Attempt::NotBinary { table, column } => {
-                    tracing::info!(worker = self.worker, %table, column, "a value of this column has no binary form pgferry is certain of; the batch was rolled back and is copied as text, as this table's rows are from now on");
+                Attempt::NotBinary { table, why } => {
+                    match why {
+                        NotBinaryWhy::Column(column) => {
+                            tracing::info!(worker = self.worker, %table, column, "a value of this column has no binary form pgferry is certain of; the batch was rolled back and is copied as text, as this table's rows are from now on")
+                        }
+                        // Worth a warning: a value the text form also refuses is then
+                        // judged as always; one it takes points at pgferry's encoder.
+                        NotBinaryWhy::Refused(error) => {
+                            tracing::warn!(worker = self.worker, %table, error, "the target refused a binary COPY; the batch was rolled back and is copied as text, as this table's rows are from now on")
+                        }
+                    }
                     self.text_copies.insert(table);
                 }
             }
@@ -1384,7 +1402,13 @@ impl Applier {
                     Err(apply::CopyError::NotBinary { column }) => {
                         return Ok(Attempt::NotBinary {
                             table: run.table().clone(),
-                            column,
+                            why: NotBinaryWhy::Column(column),
+                        })
+                    }
+                    Err(apply::CopyError::Refused(e)) => {
+                        return Ok(Attempt::NotBinary {
+                            table: run.table().clone(),
+                            why: NotBinaryWhy::Refused(crate::error::postgres_summary(&e)),
                         })
                     }
                     Err(apply::CopyError::Postgres(e)) => return Err(classify(e)),
