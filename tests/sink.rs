@@ -486,7 +486,7 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
     );
     let p = run(&cfg);
     wait_streaming(&src, "s_preexist");
-    // One transaction, the first batch holding rows 1..2500: rows 1..6 come before
+    // One transaction, the first batch holding rows 1..2500 or more: rows 1..6 come before
     // the conflicting key, and the batch's COPY (over 128 KiB) goes in several pieces,
     // so the server refuses it while more are still being sent.
     src.sql(

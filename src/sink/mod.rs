@@ -57,6 +57,35 @@ use target::{Mapping, TargetTable};
 const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const ASSIGNMENT_REFRESH: Duration = Duration::from_secs(5);
+
+/// What a batch may still take: events and bytes of key and value.
+#[derive(Clone, Copy)]
+struct Room {
+    events: usize,
+    bytes: usize,
+}
+
+impl Room {
+    fn whole(sink: &crate::config::Sink) -> Room {
+        Room {
+            events: sink.batch_max_events,
+            bytes: sink.batch_max_bytes,
+        }
+    }
+
+    /// The room `batch` leaves.
+    fn left(sink: &crate::config::Sink, batch: &[(Item, Decoded)]) -> Room {
+        let bytes: usize = batch.iter().map(|(i, _)| i.size()).sum();
+        Room {
+            events: sink.batch_max_events.saturating_sub(batch.len()),
+            bytes: sink.batch_max_bytes.saturating_sub(bytes),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events == 0 || self.bytes == 0
+    }
+}
 /// How long the sink's consumer may read nothing while events wait before that is
 /// reported, and again before the consumer is replaced.
 const CONSUMER_STALL: Duration = Duration::from_secs(30);
@@ -75,6 +104,13 @@ struct Item {
     headers: Vec<decode::Header>,
     /// The message's Kafka timestamp (ms since the epoch; when pgferry produced it).
     timestamp_ms: Option<i64>,
+}
+
+impl Item {
+    /// What counts against `batch_max_bytes`: key and value.
+    fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)
+    }
 }
 
 /// Why a batch did not commit. The one place where target errors become policies:
@@ -416,13 +452,16 @@ impl SinkStage {
                 let w = self.owner(&item.topic, item.partition);
                 shares[w].push((item, event));
             }
+            let done = Arc::new(tokio::sync::Notify::new());
             let applying: Vec<_> = std::mem::take(&mut self.appliers)
                 .into_iter()
                 .zip(shares)
                 .map(|(mut applier, share)| {
                     let stop = shutdown.clone();
+                    let done = done.clone();
                     tokio::spawn(async move {
                         let applied = applier.apply_decoded(&share, &stop).await;
+                        done.notify_one();
                         (applier, applied)
                     })
                 })
@@ -433,7 +472,31 @@ impl SinkStage {
             tokio::task::yield_now().await;
             // Whatever the reading gives, every applier comes home first: no
             // transaction is left behind.
-            let next = self.reader.next_batch(shutdown).await;
+            let mut next = self
+                .reader
+                .next_batch(shutdown, Room::whole(self.sink()), None)
+                .await;
+            // While the appliers still work, a batch that is not full goes on
+            // gathering. Under a backlog batches then fill to their limits instead of
+            // stopping at what the consumer had prefetched (about 1 MiB), and fewer,
+            // larger target transactions spend less on each commit, ledger row and
+            // checkpoint; under a light load the appliers finish first and nothing
+            // waits longer than it did.
+            while applying.iter().any(|t| !t.is_finished()) {
+                let Ok(Some(batch)) = &mut next else { break };
+                let room = Room::left(self.sink(), batch);
+                if room.is_empty() {
+                    break;
+                }
+                match self.reader.next_batch(shutdown, room, Some(&done)).await {
+                    Ok(Some(more)) => batch.extend(more),
+                    Ok(None) => break,
+                    Err(e) => {
+                        next = Err(e);
+                        break;
+                    }
+                }
+            }
             let mut outcome = Ok(true);
             for task in applying {
                 let (applier, applied) = task
@@ -806,9 +869,11 @@ impl Reader {
     async fn next_batch(
         &mut self,
         shutdown: &CancellationToken,
+        room: Room,
+        until: Option<&tokio::sync::Notify>,
     ) -> Result<Option<Vec<(Item, Decoded)>>, Error> {
         let batch = tokio::select! {
-            b = self.collect() => b?,
+            b = self.collect(room, until) => b?,
             _ = shutdown.cancelled() => return Ok(None),
         };
         let started = Instant::now();
@@ -847,15 +912,15 @@ impl Reader {
         Ok(Some(decoded))
     }
 
-    /// Gather a batch: up to the count and byte limits, waiting at most the linger
-    /// after the first message (and at most the assignment refresh for the first).
-    async fn collect(&mut self) -> Result<Vec<Item>, Error> {
-        let sink = self.sink();
-        let (max_events, max_bytes, linger) = (
-            sink.batch_max_events,
-            sink.batch_max_bytes,
-            sink.batch_linger,
-        );
+    /// Gather a batch: up to the count and byte limits of `room`, waiting at most the
+    /// linger after the first message (and at most the assignment refresh for the
+    /// first), or until `until` is notified (between two messages: none is lost).
+    async fn collect(
+        &mut self,
+        room: Room,
+        until: Option<&tokio::sync::Notify>,
+    ) -> Result<Vec<Item>, Error> {
+        let (max_events, max_bytes, linger) = (room.events, room.bytes, self.sink().batch_linger);
         let mut batch = Vec::new();
         let mut bytes = 0;
         let started = Instant::now();
@@ -870,6 +935,12 @@ impl Reader {
                 biased;
                 m = self.consumer.recv() => m,
                 _ = tokio::time::sleep_until(deadline) => break,
+                _ = async {
+                    match until {
+                        Some(done) => done.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => break,
             };
             let m = match msg {
                 Ok(m) => m,
@@ -922,8 +993,7 @@ impl Reader {
                 headers,
                 timestamp_ms: m.timestamp().to_millis(),
             };
-            bytes +=
-                item.key.as_ref().map_or(0, Vec::len) + item.value.as_ref().map_or(0, Vec::len);
+            bytes += item.size();
             if batch.is_empty() {
                 deadline = tokio::time::Instant::now() + linger;
             }
