@@ -513,6 +513,80 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
+/// While a batch is applied the next goes on gathering, up to `batch_max_events`
+/// (10000 by default). It used to take only what had arrived when the applier started,
+/// and then wait idle: under a steady stream and a slow target every batch stayed
+/// small, and each paid for a commit, a ledger row and a checkpoint.
+#[test]
+fn a_batch_gathers_while_the_one_before_is_applied() {
+    let (src, tgt) = databases("fullbatch");
+    src.sql("create table p (id int primary key, v text)");
+    tgt.sql("create table p (id int primary key, v text)");
+    let (cfg, _) = pipeline_config(
+        &src,
+        &tgt,
+        "s_fullbatch",
+        "",
+        "[[tables]]\nsource = \"public.p\"\n",
+    );
+    let p = run(&cfg);
+    wait_streaming(&src, "s_fullbatch");
+    src.sql("insert into p values (0, 'first')");
+    wait_for("the first row in the target", T, || {
+        (tgt.value("select count(*) from p").as_deref() == Some("1")).then_some(())
+    });
+    // The next batch's applier waits on this lock while 20,000 rows arrive, 500 at a
+    // time.
+    let url = tgt.url.clone();
+    let lock = std::thread::spawn(move || {
+        common::sql(
+            &url,
+            "begin; lock table p in access exclusive mode; select pg_sleep(12); commit;",
+        )
+    });
+    wait_for("the lock on the target table", T, || {
+        (tgt.value(
+            "select count(*) from pg_locks l join pg_class c on c.oid = l.relation \
+             where c.relname = 'p' and l.mode = 'AccessExclusiveLock' and l.granted",
+        )
+        .as_deref()
+            == Some("1"))
+        .then_some(())
+    });
+    for k in 0..40 {
+        src.sql(&format!(
+            "insert into p select g, repeat('x', 300) || g from generate_series({}, {}) g",
+            k * 500 + 1,
+            (k + 1) * 500
+        ));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lock.join().expect("the locking session");
+    wait_equal(&cfg, &p);
+    assert_eq!(
+        tgt.value("select count(*) from p").as_deref(),
+        Some("20001")
+    );
+    // One ledger row per batch, with its events by table and op: the first held row 0,
+    // the second what had arrived when the lock stopped it, and the third what
+    // arrived meanwhile, up to the limit.
+    let sizes = tgt.sql(
+        "select (counts -> 'public.p' ->> 'c') from pgferry.ledger where consumer = 'test' order by seq",
+    );
+    let sizes: Vec<u64> = sizes
+        .iter()
+        .map(|r| r[0].as_deref().unwrap_or("0").parse().unwrap())
+        .collect();
+    assert_eq!(sizes.iter().sum::<u64>(), 20_001, "{sizes:?}");
+    assert_eq!(
+        sizes.get(2),
+        Some(&10_000),
+        "batch sizes {sizes:?}: the batch gathered while its predecessor waited is not full"
+    );
+    let (code, out, err) = common::run(&["verify", "--config", cfg.to_str().unwrap(), "--ledger"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
 /// Two upserts of one table (same width, one staging table) in one target
 /// transaction, a delete between them: the second must not apply the first's rows
 /// again, which would bring the deleted row back.
