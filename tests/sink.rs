@@ -514,7 +514,7 @@ fn inserts_meeting_rows_already_in_the_target_are_upserted() {
 }
 
 /// While a batch is applied the next goes on gathering, up to `batch_max_events`
-/// (10000 by default). It used to take only what had arrived when the applier started,
+/// (10000 here, with room in bytes). It used to take only what had arrived when the applier started,
 /// and then wait idle: under a steady stream and a slow target every batch stayed
 /// small, and each paid for a commit, a ledger row and a checkpoint.
 #[test]
@@ -526,7 +526,7 @@ fn a_batch_gathers_while_the_one_before_is_applied() {
         &src,
         &tgt,
         "s_fullbatch",
-        "",
+        "batch_max_events = 10000\nbatch_max_bytes = 16777216",
         "[[tables]]\nsource = \"public.p\"\n",
     );
     let p = run(&cfg);

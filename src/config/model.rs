@@ -327,15 +327,16 @@ fn default_sink_workers() -> usize {
     1
 }
 fn default_batch_events() -> usize {
-    // Two batches are in memory at once (one applied, the next gathered while it is).
-    // Against 2500 events and 4 MiB, 10000 and 8 MiB took the snapshot benchmark's
-    // 1M rows from about 18.8 to 16.5 s and cost the target 1.5 CPU-s less (fewer
-    // commits, ledger rows and checkpoint writes), for a peak RSS of 82-90 MB
-    // instead of 49: worth it for a daemon whose batches fill only under a backlog.
-    10_000
+    // Two batches are in memory at once (one applied, the next gathered while it is),
+    // and memory grows with their events. In the snapshot benchmark (1M rows) 10000
+    // took pgferry from about 18.8 s (2500) to 16.5 s and the target's CPU from about
+    // 8 to 6.3 s, but its peak RSS from 47-52 to 82-90 MB, and the end-to-end drain
+    // of tests/memory.rs to 82 MiB in CI against its bound of 80. 5000 halves the
+    // per-batch work (commit, ledger row, checkpoint) of 2500 at 61-64 MB.
+    5_000
 }
 fn default_batch_bytes() -> usize {
-    8 << 20
+    4 << 20
 }
 fn default_linger() -> Duration {
     Duration::ZERO
