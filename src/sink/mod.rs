@@ -58,34 +58,6 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const ASSIGNMENT_REFRESH: Duration = Duration::from_secs(5);
 
-/// What a batch may still take: events and bytes of key and value.
-#[derive(Clone, Copy)]
-struct Room {
-    events: usize,
-    bytes: usize,
-}
-
-impl Room {
-    fn whole(sink: &crate::config::Sink) -> Room {
-        Room {
-            events: sink.batch_max_events,
-            bytes: sink.batch_max_bytes,
-        }
-    }
-
-    /// The room `batch` leaves.
-    fn left(sink: &crate::config::Sink, batch: &[(Item, Decoded)]) -> Room {
-        let bytes: usize = batch.iter().map(|(i, _)| i.size()).sum();
-        Room {
-            events: sink.batch_max_events.saturating_sub(batch.len()),
-            bytes: sink.batch_max_bytes.saturating_sub(bytes),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.events == 0 || self.bytes == 0
-    }
-}
 /// How long the sink's consumer may read nothing while events wait before that is
 /// reported, and again before the consumer is replaced.
 const CONSUMER_STALL: Duration = Duration::from_secs(30);
@@ -110,6 +82,33 @@ impl Item {
     /// What counts against `batch_max_bytes`: key and value.
     fn size(&self) -> usize {
         self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// What a batch may still take: events and bytes of key and value.
+#[derive(Clone, Copy)]
+struct Room {
+    events: usize,
+    bytes: usize,
+}
+
+impl Room {
+    fn whole(sink: &crate::config::Sink) -> Room {
+        Room {
+            events: sink.batch_max_events,
+            bytes: sink.batch_max_bytes,
+        }
+    }
+
+    /// What is left after `items` are taken.
+    fn take(&mut self, items: &[(Item, Decoded)]) {
+        let bytes: usize = items.iter().map(|(i, _)| i.size()).sum();
+        self.events = self.events.saturating_sub(items.len());
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events == 0 || self.bytes == 0
     }
 }
 
@@ -482,14 +481,20 @@ impl SinkStage {
             // larger target transactions spend less on each commit, ledger row and
             // checkpoint; under a light load the appliers finish first and nothing
             // waits longer than it did.
+            let mut room = Room::whole(self.sink());
+            if let Ok(Some(batch)) = &next {
+                room.take(batch);
+            }
             while applying.iter().any(|t| !t.is_finished()) {
                 let Ok(Some(batch)) = &mut next else { break };
-                let room = Room::left(self.sink(), batch);
                 if room.is_empty() {
                     break;
                 }
                 match self.reader.next_batch(shutdown, room, Some(&done)).await {
-                    Ok(Some(more)) => batch.extend(more),
+                    Ok(Some(more)) => {
+                        room.take(&more);
+                        batch.extend(more);
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         next = Err(e);
