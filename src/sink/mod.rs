@@ -211,6 +211,8 @@ struct Reader {
     /// Topic names and header keys seen so far, shared by every message that carries
     /// them instead of copied into each (see [`intern`]).
     names: HashSet<Arc<str>>,
+    /// The header keys of the message before, by position.
+    keys: HeaderKeys,
     /// How long the reader has waited for a message since the last one came (time spent
     /// applying is not counted), and where each partition's next message is: what
     /// [`SinkStage::watch_consumer`] needs to tell a stalled consumer from an idle
@@ -235,6 +237,28 @@ fn intern(names: &mut HashSet<Arc<str>>, name: &str) -> Arc<str> {
         names.insert(n.clone());
     }
     n
+}
+
+/// The header keys of the last message, by position: pgferry's producer writes the
+/// same keys in the same order on every message, so a key is usually the one before
+/// it at that place, and one comparison finds it without hashing.
+#[derive(Default)]
+struct HeaderKeys(Vec<Arc<str>>);
+
+impl HeaderKeys {
+    fn intern(&mut self, i: usize, key: &str, names: &mut HashSet<Arc<str>>) -> Arc<str> {
+        match self.0.get(i) {
+            Some(k) if **k == *key => k.clone(),
+            _ => {
+                let k = intern(names, key);
+                self.0.truncate(i);
+                if self.0.len() == i {
+                    self.0.push(k.clone());
+                }
+                k
+            }
+        }
+    }
 }
 
 /// The applying half: owns one target connection; [`checkpoint::Applied`] is shared
@@ -338,6 +362,7 @@ impl SinkStage {
                 registry,
                 health: health.clone(),
                 names: HashSet::new(),
+                keys: HeaderKeys::default(),
                 idle: Duration::ZERO,
                 next_offsets: HashMap::new(),
                 checked: None,
@@ -930,6 +955,8 @@ impl Reader {
         let mut bytes = 0;
         let started = Instant::now();
         let mut deadline = tokio::time::Instant::now() + ASSIGNMENT_REFRESH;
+        // The topic, partition and next offset of the message before.
+        let mut last: Option<(Arc<str>, i32, i64)> = None;
         while batch.len() < max_events && bytes < max_bytes {
             if let Some(text) = self.consumer.context().failure() {
                 return Err(Error::fatal(text));
@@ -972,14 +999,14 @@ impl Reader {
                     continue;
                 }
             };
-            let names = &mut self.names;
             let headers = m
                 .headers()
                 .map(|h| {
                     h.iter()
-                        .map(|x| {
+                        .enumerate()
+                        .map(|(i, x)| {
                             (
-                                intern(names, x.key),
+                                self.keys.intern(i, x.key, &mut self.names),
                                 x.value.map(<[u8]>::to_vec).unwrap_or_default(),
                             )
                         })
@@ -987,10 +1014,20 @@ impl Reader {
                 })
                 .unwrap_or_default();
             self.idle = Duration::ZERO;
-            self.next_offsets
-                .insert((intern(names, m.topic()), m.partition()), m.offset() + 1);
+            let topic = match &last {
+                Some((t, _, _)) if **t == *m.topic() => t.clone(),
+                _ => intern(&mut self.names, m.topic()),
+            };
+            // Offsets are noted once per run of one partition's messages, not per
+            // message: the map is only read when the reader is idle.
+            if let Some((t, p, next)) = last.take() {
+                if *t != *topic || p != m.partition() {
+                    self.next_offsets.insert((t, p), next);
+                }
+            }
+            last = Some((topic.clone(), m.partition(), m.offset() + 1));
             let item = Item {
-                topic: intern(names, m.topic()),
+                topic,
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
@@ -1003,6 +1040,9 @@ impl Reader {
                 deadline = tokio::time::Instant::now() + linger;
             }
             batch.push(item);
+        }
+        if let Some((t, p, next)) = last {
+            self.next_offsets.insert((t, p), next);
         }
         if batch.is_empty() {
             self.idle += started.elapsed();
