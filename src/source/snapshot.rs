@@ -51,6 +51,9 @@ pub const SIGNAL_PREFIX: &str = "pgferry.signal";
 /// The most bytes of row text one incremental chunk holds in memory; a chunk of
 /// larger rows ends early.
 const CHUNK_MAX_BYTES: usize = 32 << 20;
+/// Rows a snapshot worker hands to the feed at once (under one lock); few enough that
+/// the other workers' rows interleave finely and memory does not notice.
+const FEED_ROWS: usize = 64;
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Session settings that make the text of every value what the walsender sends
@@ -302,47 +305,64 @@ struct FeedInner {
 }
 
 impl Feed {
+    /// Send `rows` in order, each marked `true` but the last, which is marked `last`.
+    /// One lock for the lot: taken per row, it cost more than the row's own send.
     async fn send(
         &self,
         state: &RelationState,
-        row: Row,
-        mut mark: SnapshotMark,
+        rows: impl ExactSizeIterator<Item = Row>,
+        last: SnapshotMark,
     ) -> Result<(), Error> {
+        let count = rows.len();
+        if count == 0 {
+            return Ok(());
+        }
         let mut inner = self.inner.lock().await;
         let ordinal = inner.ordinals.entry(state.schema.oid).or_insert(0);
-        let this = *ordinal;
-        *ordinal = ordinal.checked_add(1).ok_or_else(|| {
-            Error::fatal(format!(
-                "table {} has more than {} rows: too many for one initial snapshot",
-                state.schema.name,
-                u32::MAX
-            ))
-        })?;
-        if !inner.first_sent {
-            inner.first_sent = true;
-            if mark == SnapshotMark::True {
-                mark = SnapshotMark::First;
+        let first = *ordinal;
+        *ordinal = u32::try_from(count)
+            .ok()
+            .and_then(|c| ordinal.checked_add(c))
+            .ok_or_else(|| {
+                Error::fatal(format!(
+                    "table {} has more than {} rows: too many for one initial snapshot",
+                    state.schema.name,
+                    u32::MAX
+                ))
+            })?;
+        for (i, row) in rows.enumerate() {
+            let mut mark = if i + 1 == count {
+                last
+            } else {
+                SnapshotMark::True
+            };
+            if !inner.first_sent {
+                inner.first_sent = true;
+                if mark == SnapshotMark::True {
+                    mark = SnapshotMark::First;
+                }
             }
+            let event = Event::Snapshot(Change {
+                op: Op::Read,
+                table: state.schema.clone(),
+                xid: 0,
+                commit_lsn: self.position,
+                lsn: self.position,
+                ordinal: first + i as u32,
+                commit_ts: self.commit_ts,
+                prev_commit_end: self.position,
+                before: None,
+                after: Some(row),
+                snapshot: mark,
+            });
+            inner.budget.take(&event).await;
+            inner
+                .down_events
+                .send(event)
+                .await
+                .map_err(|_| Error::fatal("the Kafka stage stopped during the initial snapshot"))?;
         }
-        let event = Event::Snapshot(Change {
-            op: Op::Read,
-            table: state.schema.clone(),
-            xid: 0,
-            commit_lsn: self.position,
-            lsn: self.position,
-            ordinal: this,
-            commit_ts: self.commit_ts,
-            prev_commit_end: self.position,
-            before: None,
-            after: Some(row),
-            snapshot: mark,
-        });
-        inner.budget.take(&event).await;
-        inner
-            .down_events
-            .send(event)
-            .await
-            .map_err(|_| Error::fatal("the Kafka stage stopped during the initial snapshot"))
+        Ok(())
     }
 
     async fn mark(&self) -> Result<u64, Error> {
@@ -686,27 +706,31 @@ impl WorkerCtx {
                 if whole { "" } else { "only " },
                 name.quoted()
             );
-            // One row is held back so that the last row of the whole copy can say so.
-            let mut held: Option<Row> = None;
+            // Rows go to the feed a few at a time; one is always held back so that the
+            // last row of the whole copy can say so.
+            let mut pending: Vec<Row> = Vec::with_capacity(FEED_ROWS + 1);
             let mut n = 0u64;
             let context = |e: Error| e.context(format!("copying table {name}"));
             let mut lines = CopyLines::open(&self.client, &sql).await.map_err(context)?;
             while let Some(line) = lines.next().await.map_err(context)? {
                 let (_, row) = decode_row(state, &line, 0)?;
-                if let Some(prev) = held.replace(row) {
-                    self.feed.send(state, prev, SnapshotMark::True).await?;
+                pending.push(row);
+                if pending.len() > FEED_ROWS {
+                    let held = pending.pop();
+                    self.feed
+                        .send(state, pending.drain(..), SnapshotMark::True)
+                        .await?;
+                    pending.extend(held);
                 }
                 n += 1;
             }
             let last = self.remaining.fetch_sub(1, Ordering::AcqRel) == 1;
-            if let Some(row) = held {
-                let mark = if last {
-                    SnapshotMark::Last
-                } else {
-                    SnapshotMark::True
-                };
-                self.feed.send(state, row, mark).await?;
-            }
+            let mark = if last {
+                SnapshotMark::Last
+            } else {
+                SnapshotMark::True
+            };
+            self.feed.send(state, pending.drain(..), mark).await?;
             self.rows[chunk.table].fetch_add(n, Ordering::Relaxed);
             metrics()
                 .snapshot_rows
