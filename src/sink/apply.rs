@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use tokio_postgres::Transaction;
 
 use super::copy_binary::{self, Wire};
-use super::decode::{SinkEvent, SinkValue};
+use super::decode::{Row, SinkEvent, SinkValue};
 use super::target::{Mapping, TargetTable};
 use crate::event::{quote_ident, Op, TableName};
 
@@ -115,7 +115,7 @@ pub fn plan<'a>(
             }
         }
         let key = &target.key;
-        let key_of = |row: &'a [(std::sync::Arc<str>, SinkValue)]| -> Vec<Cell<'a>> {
+        let key_of = |row: &'a Row| -> Vec<Cell<'a>> {
             key.iter()
                 .map(|k| {
                     row.iter()
@@ -142,11 +142,11 @@ pub fn plan<'a>(
                 // The new key matters only to an update in place or a moved key.
                 let new_key = (partial || event.before.is_some()).then(|| key_of(after));
                 let old_key =
-                    event.before.as_ref().map(|b| key_of(b)).filter(|old| {
+                    event.before.as_ref().map(key_of).filter(|old| {
                         old.iter().all(Option::is_some) && Some(old) != new_key.as_ref()
                     });
                 let mut values = Vec::with_capacity(after.len());
-                for (_, v) in after {
+                for (_, v) in after.iter() {
                     match v {
                         SinkValue::Unchanged => {}
                         SinkValue::Null => values.push(None),

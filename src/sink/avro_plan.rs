@@ -376,11 +376,11 @@ impl EnvelopePlan {
         (seen == (true, true, true, true)).then_some(EnvelopePlan { fields })
     }
 
-    /// Decode one datum. `columns` are the row's column names, in order.
+    /// Decode one datum. `names` are the row's column names, in order.
     pub fn decode(
         &self,
         datum: &[u8],
-        columns: &[(Arc<str>, Json)],
+        names: &Arc<Vec<Arc<str>>>,
     ) -> Result<Envelope, DecodeError> {
         let mut r = Reader { buf: datum };
         let mut op = None;
@@ -413,11 +413,11 @@ impl EnvelopePlan {
                     let row = match &branches[i] {
                         None => None,
                         Some(RowBranch::Row(convs)) => {
-                            let mut row = Vec::with_capacity(convs.len());
-                            for (conv, (column, _)) in convs.iter().zip(columns) {
-                                row.push((column.clone(), r.value(conv)?));
+                            let mut values = Vec::with_capacity(convs.len());
+                            for conv in convs.iter() {
+                                values.push(r.value(conv)?);
                             }
-                            Some(row)
+                            Some(Row::new(names.clone(), values))
                         }
                         Some(RowBranch::NotRow) => return Err(bad(format!("{name} is not a row"))),
                     };
@@ -953,7 +953,7 @@ mod tests {
         let datum = apache_avro::to_avro_datum(&avro, envelope("u", None, Some(2), None)).unwrap();
         let e = avro_envelope(&datum, &schema, None, (Lsn(1), 0)).unwrap();
         let after = e.after.unwrap();
-        let get = |c: &str| after.iter().find(|(n, _)| &**n == c).unwrap().1.clone();
+        let get = |c: &str| after.get(c).unwrap().clone();
         assert_eq!(get("l"), SinkValue::Text("Infinity".into()));
         assert_eq!(get("s"), SinkValue::Unchanged);
         assert_eq!(

@@ -43,8 +43,61 @@ pub struct SinkEvent {
     pub key: Arc<Vec<String>>,
 }
 
-/// A row image: column names and values, in source order.
-pub type Row = Vec<(Arc<str>, SinkValue)>;
+/// A row image: column names and values, in source order. The names are the writer
+/// schema's, shared by every row decoded with it: one reference count per row, not one
+/// per column.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Row {
+    names: Arc<Vec<Arc<str>>>,
+    values: Vec<SinkValue>,
+}
+
+impl Row {
+    /// `names` and `values` pair up by position; extra ones of either are ignored.
+    pub fn new(names: Arc<Vec<Arc<str>>>, mut values: Vec<SinkValue>) -> Row {
+        values.truncate(names.len());
+        Row { names, values }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Column names and values, in source order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &SinkValue)> + Clone {
+        self.names.iter().zip(&self.values)
+    }
+
+    /// The value of column `name`, if the row has it.
+    pub fn get(&self, name: &str) -> Option<&SinkValue> {
+        self.iter().find(|(n, _)| &***n == name).map(|(_, v)| v)
+    }
+
+    /// Set column `name` to `value`, adding the column when the row lacks it.
+    pub fn set(&mut self, name: &str, value: SinkValue) {
+        match self.names.iter().position(|n| &**n == name) {
+            Some(i) => self.values[i] = value,
+            None => {
+                Arc::make_mut(&mut self.names).push(Arc::from(name));
+                self.values.push(value);
+            }
+        }
+    }
+}
+
+impl FromIterator<(Arc<str>, SinkValue)> for Row {
+    fn from_iter<I: IntoIterator<Item = (Arc<str>, SinkValue)>>(iter: I) -> Row {
+        let (names, values) = iter.into_iter().unzip();
+        Row {
+            names: Arc::new(names),
+            values,
+        }
+    }
+}
 
 /// A message that cannot be decoded: the reason (never a value).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +141,8 @@ pub struct WriterSchema {
     reader: apache_avro::GenericSingleObjectReader,
     /// Of a value schema: each row column's name and Avro type, in order.
     columns: Vec<(Arc<str>, Json)>,
+    /// The same names, shared by every row decoded with this schema.
+    names: Arc<Vec<Arc<str>>>,
     /// Of a value schema: each column's name and PostgreSQL type (`pgferry.type`).
     types: Arc<Vec<(String, String)>>,
     /// Of a key schema: the key columns' names.
@@ -132,7 +187,9 @@ impl WriterSchema {
             .map(|fs| fs.iter().map(column_name).collect())
             .unwrap_or_default();
         let plan = EnvelopePlan::compile(&avro, &columns);
+        let names = Arc::new(columns.iter().map(|(n, _)| n.clone()).collect());
         Ok(WriterSchema {
+            names,
             plan,
             avro,
             reader,
@@ -154,7 +211,7 @@ pub fn avro_envelope(
     let Some(plan) = &schema.plan else {
         return avro_envelope_generic(datum, schema, key, position);
     };
-    let e = plan.decode(datum, &schema.columns)?;
+    let e = plan.decode(datum, &schema.names)?;
     Ok(SinkEvent {
         position,
         op: e.op,
@@ -500,8 +557,8 @@ pub fn connect_envelope(
     let mut after = row("after")?;
     if let (Some(after), Some(unchanged)) = (after.as_mut(), v["unchanged"].as_array()) {
         for u in unchanged.iter().filter_map(|u| u.as_str()) {
-            if let Some(cell) = after.iter_mut().find(|(c, _)| **c == *u) {
-                cell.1 = SinkValue::Unchanged;
+            if after.get(u).is_some() {
+                after.set(u, SinkValue::Unchanged);
             }
         }
     }
@@ -674,7 +731,7 @@ pub fn json_envelope(
     let mut after = row(&v["after"]);
     if let (Some(after), Some(unchanged)) = (after.as_mut(), v["unchanged"].as_array()) {
         for u in unchanged.iter().filter_map(|u| u.as_str()) {
-            after.push((Arc::from(u), SinkValue::Unchanged));
+            after.set(u, SinkValue::Unchanged);
         }
     }
     let key = key
@@ -777,9 +834,7 @@ mod tests {
             .unwrap();
             assert_eq!(*e.key, ["id"]);
             assert_eq!(e.op, Op::Update);
-            let text = |r: &[(Arc<str>, SinkValue)], c: &str| {
-                r.iter().find(|(n, _)| **n == *c).unwrap().1.clone()
-            };
+            let text = |r: &Row, c: &str| r.get(c).unwrap().clone();
             let t = |s: &str| SinkValue::Text(s.into());
             let after = e.after.unwrap();
             let before = e.before.unwrap();
