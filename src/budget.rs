@@ -58,9 +58,53 @@ impl ByteBudget {
         self.permits.add_permits(self.units(event) as usize);
     }
 
+    /// A tally for giving shares back in handfuls (see [`Returns`]).
+    pub fn returns(&self) -> Returns<'_> {
+        Returns {
+            budget: self,
+            units: 0,
+        }
+    }
+
     /// Bytes (in whole KiB) taken now.
     pub fn in_use(&self) -> usize {
         (self.total as usize - self.permits.available_permits()) * UNIT
+    }
+}
+
+/// Units a [`Returns`] holds before it gives them back.
+const HANDFUL: u32 = 64;
+
+/// Shares given back in handfuls: every return takes the semaphore's lock, and a
+/// snapshot sends a million small events. At most [`HANDFUL`] KiB are held back, and
+/// only while the holder is busy: it must [`Returns::settle`] before it waits for
+/// another event, or a sender waiting for room could be waiting on it.
+pub struct Returns<'a> {
+    budget: &'a ByteBudget,
+    units: u32,
+}
+
+impl Returns<'_> {
+    /// `event` is handled: its share is owed back.
+    pub fn give(&mut self, event: &Event) {
+        self.units = self.units.saturating_add(self.budget.units(event));
+        if self.units >= HANDFUL {
+            self.settle();
+        }
+    }
+
+    /// Give back everything owed.
+    pub fn settle(&mut self) {
+        if self.units > 0 {
+            self.budget.permits.add_permits(self.units as usize);
+            self.units = 0;
+        }
+    }
+}
+
+impl Drop for Returns<'_> {
+    fn drop(&mut self) {
+        self.settle();
     }
 }
 
@@ -93,5 +137,26 @@ mod tests {
         b.give(&begin());
         b.take(&begin()).await;
         assert_eq!(b.in_use(), 4 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn returns_are_held_until_a_handful_or_settled() {
+        let b = ByteBudget::new(256 * UNIT);
+        for _ in 0..HANDFUL + 2 {
+            b.take(&begin()).await;
+        }
+        let mut r = b.returns();
+        for _ in 0..HANDFUL - 1 {
+            r.give(&begin());
+        }
+        assert_eq!(b.in_use(), (HANDFUL as usize + 2) * UNIT, "held back");
+        r.give(&begin());
+        assert_eq!(b.in_use(), 2 * UNIT, "a handful goes back at once");
+        r.give(&begin());
+        r.settle();
+        assert_eq!(b.in_use(), UNIT);
+        r.give(&begin());
+        drop(r);
+        assert_eq!(b.in_use(), 0, "dropping settles");
     }
 }

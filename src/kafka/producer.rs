@@ -14,7 +14,7 @@
 //! events, so the bounded event channel fills and the source stops reading.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use prometheus::IntCounter;
@@ -57,6 +57,8 @@ struct Shared {
     /// The highest durable snapshot mark (see `Event::Mark`).
     marks: watch::Sender<u64>,
     failure: Mutex<Option<String>>,
+    /// Set once `failure` is: what the stage looks at per event, without the lock.
+    failed: AtomicBool,
     /// Woken on every delivery: room in the local queue, or a failure to report.
     delivered: Notify,
     /// `pgferry_kafka_produced_total` of each topic, by the index that travels in the
@@ -77,6 +79,14 @@ fn opaque(seq: u64, topic: usize) -> usize {
 }
 
 impl Shared {
+    /// Record the first failure (later ones are its consequences).
+    fn fail(&self, text: impl FnOnce() -> String) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert_with(text);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
     /// The index of `topic`'s produced counter, registered on first use (once per
     /// table version, never per message).
     fn topic_index(&self, topic: &str) -> usize {
@@ -113,9 +123,8 @@ struct AckContext(Arc<Shared>);
 impl ClientContext for AckContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if super::permanent_client_error(&error, reason) {
-            if let Ok(mut f) = self.0.failure.lock() {
-                f.get_or_insert(super::permanent_client_message(&error, reason));
-            }
+            self.0
+                .fail(|| super::permanent_client_message(&error, reason));
             self.0.delivered.notify_waiters();
         } else {
             tracing::warn!(%error, %reason, "Kafka client");
@@ -162,9 +171,7 @@ impl ProducerContext for AckContext {
                     msg.topic(),
                     msg.partition()
                 );
-                if let Ok(mut f) = self.0.failure.lock() {
-                    f.get_or_insert(text);
-                }
+                self.0.fail(|| text);
             }
         }
         self.0.delivered.notify_waiters();
@@ -246,6 +253,7 @@ impl KafkaStage {
             durable,
             marks: watch::channel(0).0,
             failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
             delivered: Notify::new(),
             produced: RwLock::new(Vec::new()),
             reports: AtomicU64::new(0),
@@ -325,20 +333,35 @@ impl KafkaStage {
         let mut open: Option<u64> = None;
         let shared = self.shared.clone();
         let stalls = tokio::spawn(watch_stalls(shared.clone(), self.producer.clone()));
+        let mut returns = budget.returns();
         let result = loop {
-            // Wake on deliveries too: a failed delivery must stop the stage even when
-            // no further event arrives.
-            let delivered = shared.delivered.notified();
-            tokio::pin!(delivered);
-            delivered.as_mut().enable();
             if let Err(e) = self.check_failure() {
                 break Err(e);
             }
-            let event = tokio::select! {
-                event = events.recv() => event,
-                _ = &mut delivered => continue,
+            let event = match events.try_recv() {
+                Ok(event) => event,
+                Err(mpsc::error::TryRecvError::Disconnected) => break Ok(()),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // About to wait: give back every share first, so no sender waiting
+                    // for room waits on this stage.
+                    returns.settle();
+                    // Wake on deliveries too: a failed delivery must stop the stage
+                    // even when no further event arrives. Registered before the
+                    // failure is looked at again, so none slips in between.
+                    let delivered = shared.delivered.notified();
+                    tokio::pin!(delivered);
+                    delivered.as_mut().enable();
+                    if let Err(e) = self.check_failure() {
+                        break Err(e);
+                    }
+                    let event = tokio::select! {
+                        event = events.recv() => event,
+                        _ = &mut delivered => continue,
+                    };
+                    let Some(event) = event else { break Ok(()) };
+                    event
+                }
             };
-            let Some(event) = event else { break Ok(()) };
             let step = match &event {
                 Event::Begin(_) => {
                     // A Begin while a transaction is open means the source reconnected
@@ -377,11 +400,12 @@ impl KafkaStage {
                 }
             };
             // Produced: its bytes are in librdkafka's own bounded queue now.
-            budget.give(&event);
+            returns.give(&event);
             if let Err(e) = step {
                 break Err(e);
             }
         };
+        drop(returns);
         stalls.abort();
         let producer = self.producer.clone();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT)).await;
@@ -415,6 +439,9 @@ impl KafkaStage {
     }
 
     fn check_failure(&self) -> Result<(), Error> {
+        if !self.shared.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let failure = self.shared.failure.lock().ok().and_then(|f| f.clone());
         match failure {
             Some(text) => Err(Error::fatal(text).with_hint(
