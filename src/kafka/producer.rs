@@ -56,6 +56,8 @@ struct Shared {
     durable: watch::Sender<Lsn>,
     /// The highest durable snapshot mark (see `Event::Mark`).
     marks: watch::Sender<u64>,
+    /// The highest mark given to `marks` so far.
+    marks_published: AtomicU64,
     failure: Mutex<Option<String>>,
     /// Set once `failure` is: what the stage looks at per event, without the lock.
     failed: AtomicBool,
@@ -110,11 +112,14 @@ impl Shared {
         if let Some(lsn) = moved {
             self.durable.send_replace(lsn);
         }
-        self.marks.send_if_modified(|m| {
-            let up = mark > *m;
-            *m = (*m).max(mark);
-            up
-        });
+        // Most deliveries move no mark: the atomic spares them the watch's write lock.
+        if self.marks_published.fetch_max(mark, Ordering::AcqRel) < mark {
+            self.marks.send_if_modified(|m| {
+                let up = mark > *m;
+                *m = (*m).max(mark);
+                up
+            });
+        }
     }
 }
 
@@ -252,6 +257,7 @@ impl KafkaStage {
             tracker: Mutex::new(AckTracker::new()),
             durable,
             marks: watch::channel(0).0,
+            marks_published: AtomicU64::new(0),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             delivered: Notify::new(),
