@@ -730,8 +730,21 @@ pub fn parse_numeric_scaled(s: &str, scale: u32) -> Result<Numeric, TextError> {
 /// so such values come out in exponent form (`123e-20000`): compact rather than a
 /// gigabyte of zeros, and PostgreSQL rejects it instead of silently rounding.
 pub fn format_decimal(unscaled: &[u8], scale: u32) -> String {
-    let (negative, magnitude) = twos_complement_to_magnitude(unscaled);
-    let digits = magnitude_to_decimal(&magnitude);
+    // Up to 16 bytes (every `numeric` a row is likely to hold) fit an i128: its digits
+    // come without the big-number division and its four allocations.
+    let mut small = StackText::<40>::new();
+    let (negative, big);
+    let digits: &str = if unscaled.len() <= 16 {
+        let v = small_unscaled(unscaled);
+        negative = v < 0;
+        push_digits_u128(&mut small, v.unsigned_abs());
+        &small
+    } else {
+        let (n, magnitude) = twos_complement_to_magnitude(unscaled);
+        negative = n;
+        big = magnitude_to_decimal(&magnitude);
+        &big
+    };
     let sign = if negative { "-" } else { "" };
     let scale_len = scale as usize;
     if scale_len > NUMERIC_MAX_SCALE {
@@ -740,7 +753,7 @@ pub fn format_decimal(unscaled: &[u8], scale: u32) -> String {
     let mut out = String::with_capacity(digits.len() + scale_len + 3);
     out.push_str(sign);
     if scale_len == 0 {
-        out.push_str(&digits);
+        out.push_str(digits);
     } else if digits.len() > scale_len {
         // `digits` is ASCII, so any byte index is a character boundary.
         let (int, frac) = digits.split_at(digits.len() - scale_len);
@@ -750,8 +763,42 @@ pub fn format_decimal(unscaled: &[u8], scale: u32) -> String {
     } else {
         out.push_str("0.");
         out.extend(std::iter::repeat_n('0', scale_len - digits.len()));
-        out.push_str(&digits);
+        out.push_str(digits);
     }
+    out
+}
+
+/// A big-endian two's complement of at most 16 bytes (none is zero).
+fn small_unscaled(b: &[u8]) -> i128 {
+    let negative = b.first().is_some_and(|&x| x & 0x80 != 0);
+    b.iter().fold(if negative { -1 } else { 0 }, |v: i128, &x| {
+        (v << 8) | i128::from(x)
+    })
+}
+
+/// The decimal digits of `n`, at least one.
+fn push_digits_u128(out: &mut impl std::fmt::Write, mut n: u128) {
+    let mut buf = [b'0'; 39];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = out.write_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+}
+
+/// PostgreSQL's text of a whole number (what `to_string` gives, without the
+/// formatting machinery).
+pub fn format_integer(n: i64) -> String {
+    let mut out = String::with_capacity(20);
+    if n < 0 {
+        out.push('-');
+    }
+    push_digits(&mut out, n.unsigned_abs(), 1);
     out
 }
 
@@ -1863,6 +1910,35 @@ mod tests {
             panic!()
         };
         assert_eq!(format_decimal(&unscaled, scale), "-1.5000");
+    }
+
+    #[test]
+    fn small_decimals_read_as_the_big_number_path_reads_them() {
+        let mut rng = Rng(11);
+        for i in 0..20_000 {
+            // Every length up to 16 bytes, minimal or not, both signs.
+            let len = i % 17;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let (negative, magnitude) = twos_complement_to_magnitude(&bytes);
+            let big = magnitude_to_decimal(&magnitude);
+            let v = small_unscaled(&bytes);
+            assert_eq!(v < 0, negative, "{bytes:?}");
+            let mut small = String::new();
+            push_digits_u128(&mut small, v.unsigned_abs());
+            assert_eq!(small, big, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn integers_print_as_to_string_does() {
+        let mut rng = Rng(13);
+        for n in [0, 1, -1, 9, 10, -10, i64::MAX, i64::MIN, i64::MIN + 1] {
+            assert_eq!(format_integer(n), n.to_string());
+        }
+        for _ in 0..10_000 {
+            let n = (rng.next_u64() as i64) >> (rng.next_u64() % 64);
+            assert_eq!(format_integer(n), n.to_string());
+        }
     }
 
     #[test]

@@ -584,10 +584,10 @@ impl<'a> Reader<'a> {
                     )),
                 }
             }
-            Conv::Int => self.int()?.to_string(),
+            Conv::Int => pgtext::format_integer(i64::from(self.int()?)),
             Conv::IntDate => pgtext::format_date(self.int()?),
             Conv::IntTimeMillis => pgtext::format_time(i64::from(self.int()?) * 1000),
-            Conv::Long => self.long()?.to_string(),
+            Conv::Long => pgtext::format_integer(self.long()?),
             Conv::LongTimestampMillis => {
                 pgtext::format_timestamp(self.long()?.saturating_mul(1000))
             }
