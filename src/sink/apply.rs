@@ -93,8 +93,18 @@ pub fn plan<'a>(
 ) -> Vec<Run<'a>> {
     let mut runs: Vec<Run<'a>> = Vec::new();
     let mut stretch: Option<(&TableName, &'static str, u64)> = None;
+    // The last table looked up: consecutive events are mostly of one table.
+    let mut last: Option<(&TableName, Option<&(Mapping, TargetTable)>)> = None;
     for event in events {
-        let Some((mapping, target)) = tables.get(&event.table) else {
+        let found = match last {
+            Some((t, found)) if *t == event.table => found,
+            _ => {
+                let found = tables.get(&event.table);
+                last = Some((&event.table, found));
+                found
+            }
+        };
+        let Some((mapping, target)) = found else {
             continue;
         };
         let op_label = match event.op {

@@ -1386,22 +1386,32 @@ impl Applier {
         }
         // Skip what was already applied: Kafka may hold re-sent events.
         // Keyed by the shared topic name: no allocation per event.
-        let mut next: HashMap<(Arc<str>, i32), Checkpoint> = HashMap::new();
+        // A batch holds a few partitions, in runs: a short list searched from its end
+        // finds the entry without hashing the topic for every event.
+        let mut next: Vec<((Arc<str>, i32), Checkpoint)> = Vec::new();
         let mut fresh = Vec::new();
         let mut entry = ledger::Entry::default();
+        // The last table looked up in `self.tables`, and whether it was there.
+        let mut known: Option<(&TableName, bool)> = None;
         for (item, event) in items {
             if dead_lettered && event.is_none() {
                 entry.dead_lettered(&self.table_of_topic(&item.topic), &item.headers);
             }
-            let k = (item.topic.clone(), item.partition);
-            let cp = next.entry(k).or_insert_with(|| {
-                self.checkpoints
+            let at = next
+                .iter()
+                .rposition(|((t, p), _)| *p == item.partition && t == &item.topic);
+            let at = at.unwrap_or_else(|| {
+                let cp = self
+                    .checkpoints
                     .get(&item.topic, item.partition)
                     .unwrap_or(Checkpoint {
                         next_offset: 0,
                         position: (crate::lsn::Lsn::ZERO, 0),
-                    })
+                    });
+                next.push(((item.topic.clone(), item.partition), cp));
+                next.len() - 1
             });
+            let cp = &mut next[at].1;
             cp.next_offset = cp.next_offset.max(item.offset + 1);
             // Positions grow along a partition; one that does not is a re-send of
             // something already applied.
@@ -1410,7 +1420,15 @@ impl Applier {
                     cp.position = event.position;
                     fresh.push(*event);
                     // What `apply::plan` applies (and counts for the metrics).
-                    if self.tables.contains_key(&event.table) {
+                    let has = match known {
+                        Some((t, has)) if *t == event.table => has,
+                        _ => {
+                            let has = self.tables.contains_key(&event.table);
+                            known = Some((&event.table, has));
+                            has
+                        }
+                    };
+                    if has {
                         entry.applied(&item.headers, event);
                     }
                 } else {
@@ -1422,6 +1440,7 @@ impl Applier {
                 cp.position = cp.position.max(position);
             }
         }
+        let next: HashMap<(Arc<str>, i32), Checkpoint> = next.into_iter().collect();
         let mut counts = apply::Counts::new();
         let timer = Instant::now();
         let runs = apply::plan(&fresh, &self.tables, &mut counts);
