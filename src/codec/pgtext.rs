@@ -770,7 +770,7 @@ pub fn format_decimal(unscaled: &[u8], scale: u32) -> String {
     out
 }
 
-/// A big-endian two's complement of at most 16 bytes (none is zero).
+/// A big-endian two's complement of at most 16 bytes (empty: zero).
 fn small_unscaled(b: &[u8]) -> i128 {
     let negative = b.first().is_some_and(|&x| x & 0x80 != 0);
     b.iter().fold(if negative { -1 } else { 0 }, |v: i128, &x| {
@@ -778,20 +778,17 @@ fn small_unscaled(b: &[u8]) -> i128 {
     })
 }
 
-/// The decimal digits of `n`, at least one.
-fn push_digits_u128(out: &mut impl std::fmt::Write, mut n: u128) {
-    let mut buf = [b'0'; 39];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// The decimal digits of `n`, at least one: by [`push_digits`], 19 digits at a time
+/// (a `u128` division costs many `u64` ones).
+fn push_digits_u128(out: &mut impl std::fmt::Write, n: u128) {
+    const TEN_19: u128 = 10_000_000_000_000_000_000;
+    match u64::try_from(n) {
+        Ok(n) => push_digits(out, n, 1),
+        Err(_) => {
+            push_digits_u128(out, n / TEN_19);
+            push_digits(out, (n % TEN_19) as u64, 19);
         }
     }
-    // SAFETY: as in `push_digits`, only ASCII digits.
-    let _ = out.write_str(unsafe { std::str::from_utf8_unchecked(&buf[i..]) });
 }
 
 /// PostgreSQL's text of a whole number (what `to_string` gives, without the

@@ -355,12 +355,7 @@ impl Feed {
                 after: Some(row),
                 snapshot: mark,
             });
-            inner.budget.take(&event).await;
-            inner
-                .down_events
-                .send(event)
-                .await
-                .map_err(|_| Error::fatal("the Kafka stage stopped during the initial snapshot"))?;
+            inner.push(event).await?;
         }
         Ok(())
     }
@@ -368,15 +363,20 @@ impl Feed {
     async fn mark(&self) -> Result<u64, Error> {
         let inner = self.inner.lock().await;
         let m = inner.marks.fetch_add(1, Ordering::AcqRel) + 1;
-        let event = Event::Mark(m);
-        // Taken as every event is: the Kafka stage gives back what each weighs.
-        inner.budget.take(&event).await;
-        inner
-            .down_events
+        inner.push(Event::Mark(m)).await?;
+        Ok(m)
+    }
+}
+
+impl FeedInner {
+    /// Take the event's share of the byte budget (the Kafka stage gives back what each
+    /// weighs) and hand it on.
+    async fn push(&self, event: Event) -> Result<(), Error> {
+        self.budget.take(&event).await;
+        self.down_events
             .send(event)
             .await
-            .map_err(|_| Error::fatal("the Kafka stage stopped during the initial snapshot"))?;
-        Ok(m)
+            .map_err(|_| Error::fatal("the Kafka stage stopped during the initial snapshot"))
     }
 }
 
