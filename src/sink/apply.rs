@@ -84,6 +84,30 @@ impl Run<'_> {
 /// Applied counts for metrics: (source table, op) -> n.
 pub type Counts = HashMap<(String, &'static str), u64>;
 
+/// The answer of the last lookup by table, kept: a batch's events mostly come in runs
+/// of one table, and comparing two names costs less than hashing one.
+pub struct LastTable<'a, V>(Option<(&'a TableName, V)>);
+
+impl<V> Default for LastTable<'_, V> {
+    fn default() -> Self {
+        LastTable(None)
+    }
+}
+
+impl<'a, V: Copy> LastTable<'a, V> {
+    /// `look(table)`, or its answer for the same table the last time.
+    pub fn get(&mut self, table: &'a TableName, look: impl FnOnce(&TableName) -> V) -> V {
+        match self.0 {
+            Some((t, v)) if t == table => v,
+            _ => {
+                let v = look(table);
+                self.0 = Some((table, v));
+                v
+            }
+        }
+    }
+}
+
 /// Turn events into runs (in order). `tables` maps source tables to their mapping and
 /// target description.
 pub fn plan<'a>(
@@ -93,18 +117,9 @@ pub fn plan<'a>(
 ) -> Vec<Run<'a>> {
     let mut runs: Vec<Run<'a>> = Vec::new();
     let mut stretch: Option<(&TableName, &'static str, u64)> = None;
-    // The last table looked up: consecutive events are mostly of one table.
-    let mut last: Option<(&TableName, Option<&(Mapping, TargetTable)>)> = None;
+    let mut last = LastTable::default();
     for event in events {
-        let found = match last {
-            Some((t, found)) if *t == event.table => found,
-            _ => {
-                let found = tables.get(&event.table);
-                last = Some((&event.table, found));
-                found
-            }
-        };
-        let Some((mapping, target)) = found else {
+        let Some((mapping, target)) = last.get(&event.table, |t| tables.get(t)) else {
             continue;
         };
         let op_label = match event.op {

@@ -77,10 +77,16 @@ impl Row {
         self.iter().find(|(n, _)| &***n == name).map(|(_, v)| v)
     }
 
+    /// The value of column `name`, to change, if the row has it.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut SinkValue> {
+        let i = self.names.iter().position(|n| &**n == name)?;
+        self.values.get_mut(i)
+    }
+
     /// Set column `name` to `value`, adding the column when the row lacks it.
     pub fn set(&mut self, name: &str, value: SinkValue) {
-        match self.names.iter().position(|n| &**n == name) {
-            Some(i) => self.values[i] = value,
+        match self.get_mut(name) {
+            Some(v) => *v = value,
             None => {
                 Arc::make_mut(&mut self.names).push(Arc::from(name));
                 self.values.push(value);
@@ -557,8 +563,8 @@ pub fn connect_envelope(
     let mut after = row("after")?;
     if let (Some(after), Some(unchanged)) = (after.as_mut(), v["unchanged"].as_array()) {
         for u in unchanged.iter().filter_map(|u| u.as_str()) {
-            if after.get(u).is_some() {
-                after.set(u, SinkValue::Unchanged);
+            if let Some(v) = after.get_mut(u) {
+                *v = SinkValue::Unchanged;
             }
         }
     }

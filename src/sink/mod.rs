@@ -1386,13 +1386,13 @@ impl Applier {
         }
         // Skip what was already applied: Kafka may hold re-sent events.
         // Keyed by the shared topic name: no allocation per event.
-        // A batch holds a few partitions, in runs: a short list searched from its end
-        // finds the entry without hashing the topic for every event.
+        // A batch holds a few partitions, in runs: a short list (one entry per
+        // partition) searched from its end finds the entry without hashing the topic
+        // for every event.
         let mut next: Vec<((Arc<str>, i32), Checkpoint)> = Vec::new();
         let mut fresh = Vec::new();
         let mut entry = ledger::Entry::default();
-        // The last table looked up in `self.tables`, and whether it was there.
-        let mut known: Option<(&TableName, bool)> = None;
+        let mut known = apply::LastTable::default();
         for (item, event) in items {
             if dead_lettered && event.is_none() {
                 entry.dead_lettered(&self.table_of_topic(&item.topic), &item.headers);
@@ -1420,15 +1420,7 @@ impl Applier {
                     cp.position = event.position;
                     fresh.push(*event);
                     // What `apply::plan` applies (and counts for the metrics).
-                    let has = match known {
-                        Some((t, has)) if *t == event.table => has,
-                        _ => {
-                            let has = self.tables.contains_key(&event.table);
-                            known = Some((&event.table, has));
-                            has
-                        }
-                    };
-                    if has {
+                    if known.get(&event.table, |t| self.tables.contains_key(t)) {
                         entry.applied(&item.headers, event);
                     }
                 } else {
@@ -1440,7 +1432,6 @@ impl Applier {
                 cp.position = cp.position.max(position);
             }
         }
-        let next: HashMap<(Arc<str>, i32), Checkpoint> = next.into_iter().collect();
         let mut counts = apply::Counts::new();
         let timer = Instant::now();
         let runs = apply::plan(&fresh, &self.tables, &mut counts);
@@ -1485,8 +1476,8 @@ impl Applier {
             // for this transaction, is the truth about what is applied.
             // Only this batch's own partitions: locking a whole topic's rows made two
             // sinks that share a topic wait on (and re-plan against) each other.
-            let topics: Vec<String> = next.keys().map(|(t, _)| t.to_string()).collect();
-            let partitions: Vec<i32> = next.keys().map(|(_, p)| *p).collect();
+            let topics: Vec<String> = next.iter().map(|((t, _), _)| t.to_string()).collect();
+            let partitions: Vec<i32> = next.iter().map(|((_, p), _)| *p).collect();
             let rows = tx
                 .query(
                     "select topic, partition, next_offset, commit_lsn::text, ordinal from pgferry.checkpoints \
