@@ -19,33 +19,14 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// and the thread caches take the hot path), and freed pages returned within 200 ms by
 /// a background thread rather than kept for reuse. With its defaults (an arena per
 /// core, 10 s decay) the drain's peak RSS was 2-3 times the memory in use.
-/// `_RJEM_MALLOC_CONF` in the environment still overrides these.
-#[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: Option<&'static libc::c_char> = Some(unsafe {
+///
+/// jemalloc is built unprefixed (Cargo.toml), so these options also govern librdkafka's
+/// and OpenSSL's allocations, which go through `malloc` and `free`. `MALLOC_CONF` in
+/// the environment still overrides them.
+#[export_name = "malloc_conf"]
+pub static MALLOC_CONF: Option<&'static std::ffi::c_char> = Some(unsafe {
     &*c"narenas:1,background_thread:true,dirty_decay_ms:200,muzzy_decay_ms:0".as_ptr()
 });
-
-/// glibc malloc serves librdkafka (C). By default each of its threads may get an arena
-/// of its own, and buffers freed in the middle of one stay resident; and the mmap
-/// threshold rises to 32 MB after the first large free, so fetch and decompression
-/// buffers then come from those arenas too. One arena and a fixed 128 KiB threshold
-/// (large buffers are mapped and unmapped) took its share of the drain's peak RSS from
-/// about 40 MB to about 10. Called first in `main`, before any thread starts; an
-/// environment `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` is left to win.
-fn tune_glibc_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only sets allocator parameters; no other thread runs yet.
-        unsafe {
-            if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-                libc::mallopt(libc::M_ARENA_MAX, 1);
-            }
-            if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-            }
-        }
-    }
-}
 
 #[derive(Parser)]
 #[command(
@@ -171,7 +152,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tune_glibc_malloc();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

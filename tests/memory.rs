@@ -66,9 +66,9 @@ fn large_rows_behind_a_stalled_reader_keep_memory_bounded() {
 /// updated in one transaction. Before librdkafka's queues were bounded and the
 /// allocators gave freed memory back, such a drain peaked at 150-190 MiB. The goal,
 /// below 64 MiB, is measured in release builds by `cargo bench --bench drain` (53-61
-/// MiB). This debug build measured 54-64 MiB here, and 90-96 MiB with only the
-/// allocators' defaults restored through the environment (`_RJEM_MALLOC_CONF`,
-/// `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`): the bound lies between.
+/// MiB). This debug build measured 54-64 MiB here (63 since jemalloc serves librdkafka
+/// too), and 90-96 MiB with only the allocators' defaults restored through the
+/// environment (then jemalloc's and glibc's): the bound lies between.
 #[test]
 fn an_end_to_end_drain_keeps_its_peak_rss_bounded() {
     let src = TestDb::new("memdrain");
