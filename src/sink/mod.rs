@@ -459,22 +459,31 @@ impl SinkStage {
                 self.watch_consumer().await?;
                 last_refresh = Instant::now();
             }
-            // The barrier sees events in order, after everything before them applied,
-            // exactly as if nothing overlapped.
-            let mut batch = Vec::with_capacity(ready.len());
-            for (item, event) in ready.drain(..) {
-                if let Some(passed) = self.through_barrier(item, event)? {
-                    batch.push(passed);
-                }
-            }
             // Each worker applies its partitions' share of this batch on its own
             // task while this one reads and decodes the next: decoding, encoding the
-            // COPY and the target's work overlap.
-            let mut shares: Vec<Vec<(Item, Decoded)>> =
-                (0..self.appliers.len()).map(|_| Vec::new()).collect();
-            for (item, event) in batch {
-                let w = self.owner(&item.topic, item.partition);
-                shares[w].push((item, event));
+            // COPY and the target's work overlap. The barrier sees events in order,
+            // after everything before them applied, exactly as if nothing overlapped.
+            // (Events are moved once, into their share: a batch is a few MB of them.)
+            let workers = self.appliers.len();
+            let mut shares: Vec<Vec<(Item, Decoded)>> = (0..workers)
+                .map(|_| Vec::with_capacity(if workers == 1 { ready.len() } else { 0 }))
+                .collect();
+            // The worker of the event before, when it was of the same partition.
+            let mut last: Option<(Arc<str>, i32, usize)> = None;
+            for (item, event) in ready.drain(..) {
+                if let Some((item, event)) = self.through_barrier(item, event)? {
+                    let w = match &last {
+                        Some((t, p, w)) if *p == item.partition && Arc::ptr_eq(t, &item.topic) => {
+                            *w
+                        }
+                        _ => {
+                            let w = self.owner(&item.topic, item.partition);
+                            last = Some((item.topic.clone(), item.partition, w));
+                            w
+                        }
+                    };
+                    shares[w].push((item, event));
+                }
             }
             let done = Arc::new(tokio::sync::Notify::new());
             let applying: Vec<_> = std::mem::take(&mut self.appliers)
