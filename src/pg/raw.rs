@@ -37,8 +37,10 @@ pub(crate) async fn negotiate_tls(
     match answer[0] {
         b'S' => {
             let connector = tokio_rustls::TlsConnector::from(tls::client_config(url)?);
+            // Read ahead under TLS, as tokio-postgres's connections do (tls.rs).
+            let buffered = tokio::io::BufReader::with_capacity(tls::READ_AHEAD, tcp);
             let tls = connector
-                .connect(tls::server_name(&url.host)?, tcp)
+                .connect(tls::server_name(&url.host)?, buffered)
                 .await
                 .map_err(|e| {
                     Error::operator(format!("{url}: TLS handshake failed (sslmode)")).with_source(e)
