@@ -158,59 +158,84 @@ async fn wire_columns(
 }
 
 /// Split one line of `COPY … TO STDOUT` text format into a tuple. Fields without
-/// escapes share the line's buffer (no copy per field).
+/// escapes share the line's buffer (no copy per field). One pass finds both the field
+/// ends and the escapes (with SIMD, as a third of the snapshot's parsing went to
+/// scanning each field twice a byte at a time).
 pub fn parse_copy_line(whole: &Bytes) -> Result<Tuple, String> {
     let line = whole.strip_suffix(b"\n").unwrap_or(whole);
     let mut out = Vec::with_capacity(16);
-    for field in line.split(|&b| b == b'\t') {
-        if field == b"\\N" {
-            out.push(TupleValue::Null);
-            continue;
-        }
-        if !field.contains(&b'\\') {
-            out.push(TupleValue::Text(whole.slice_ref(field)));
-            continue;
-        }
-        let mut v = Vec::with_capacity(field.len());
-        let mut i = 0;
-        while i < field.len() {
-            let b = field[i];
-            if b != b'\\' {
-                v.push(b);
-                i += 1;
-                continue;
-            }
-            let Some(&next) = field.get(i + 1) else {
-                return Err("a COPY field ends in a lone backslash".into());
-            };
-            i += 2;
-            v.push(match next {
-                b'b' => 8,
-                b'f' => 12,
-                b'n' => b'\n',
-                b'r' => b'\r',
-                b't' => b'\t',
-                b'v' => 11,
-                b'0'..=b'7' => {
-                    // Up to three octal digits.
-                    let mut n = u32::from(next - b'0');
-                    for _ in 0..2 {
-                        match field.get(i) {
-                            Some(&d @ b'0'..=b'7') => {
-                                n = n * 8 + u32::from(d - b'0');
-                                i += 1;
-                            }
-                            _ => break,
-                        }
+    let mut start = 0;
+    loop {
+        let rest = &line[start..];
+        let (field, more) = match memchr::memchr2(b'\t', b'\\', rest) {
+            Some(i) if rest[i] == b'\t' => (&rest[..i], true),
+            None => (rest, false),
+            Some(_) => {
+                let end = memchr::memchr(b'\t', rest);
+                let field = &rest[..end.unwrap_or(rest.len())];
+                out.push(if field == b"\\N" {
+                    TupleValue::Null
+                } else {
+                    TupleValue::Text(Bytes::from(unescape_copy_field(field)?))
+                });
+                match end {
+                    Some(i) => {
+                        start += i + 1;
+                        continue;
                     }
-                    n as u8
+                    None => break,
                 }
-                other => other,
-            });
+            }
+        };
+        out.push(TupleValue::Text(whole.slice_ref(field)));
+        if !more {
+            break;
         }
-        out.push(TupleValue::Text(Bytes::from(v)));
+        start += field.len() + 1;
     }
     Ok(out)
+}
+
+/// A COPY text field with its backslash escapes resolved.
+fn unescape_copy_field(field: &[u8]) -> Result<Vec<u8>, String> {
+    let mut v = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let b = field[i];
+        if b != b'\\' {
+            v.push(b);
+            i += 1;
+            continue;
+        }
+        let Some(&next) = field.get(i + 1) else {
+            return Err("a COPY field ends in a lone backslash".into());
+        };
+        i += 2;
+        v.push(match next {
+            b'b' => 8,
+            b'f' => 12,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'v' => 11,
+            b'0'..=b'7' => {
+                // Up to three octal digits.
+                let mut n = u32::from(next - b'0');
+                for _ in 0..2 {
+                    match field.get(i) {
+                        Some(&d @ b'0'..=b'7') => {
+                            n = n * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                n as u8
+            }
+            other => other,
+        });
+    }
+    Ok(v)
 }
 
 /// The lines of a `COPY … TO STDOUT`, read as they arrive.
@@ -236,7 +261,7 @@ impl CopyLines {
     /// The next line, with its newline.
     async fn next(&mut self) -> Result<Option<Bytes>, Error> {
         loop {
-            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            if let Some(end) = memchr::memchr(b'\n', &self.pending) {
                 return Ok(Some(self.pending.split_to(end + 1).freeze()));
             }
             if self.ended {
@@ -248,7 +273,7 @@ impl CopyLines {
                     // The server sends one row per message: take it as it is.
                     if self.pending.is_empty()
                         && chunk.last() == Some(&b'\n')
-                        && !chunk[..chunk.len() - 1].contains(&b'\n')
+                        && memchr::memchr(b'\n', &chunk[..chunk.len() - 1]).is_none()
                     {
                         return Ok(Some(chunk));
                     }
@@ -1243,4 +1268,73 @@ pub async fn request(config: &Config, tables: &[String]) -> Result<Lsn, Error> {
     let lsn: String = row.get(0);
     lsn.parse()
         .map_err(|e| Error::fatal(format!("the request's LSN {lsn}")).with_source(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The straightforward reading of a COPY text line: split at tabs, then resolve
+    /// each field's escapes. [`parse_copy_line`] must agree with it on every line.
+    fn reference(whole: &Bytes) -> Result<Vec<Option<Vec<u8>>>, String> {
+        let line = whole.strip_suffix(b"\n").unwrap_or(whole);
+        line.split(|&b| b == b'\t')
+            .map(|field| match field {
+                b"\\N" => Ok(None),
+                _ => unescape_copy_field(field).map(Some),
+            })
+            .collect()
+    }
+
+    fn plain(tuple: Tuple) -> Vec<Option<Vec<u8>>> {
+        tuple
+            .into_iter()
+            .map(|v| match v {
+                TupleValue::Text(b) => Some(b.to_vec()),
+                TupleValue::Null => None,
+                other => panic!("a COPY line gave {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn copy_lines_split_and_unescape_as_the_plain_reading_does() {
+        for line in [
+            &b""[..],
+            b"\n",
+            b"1\tMargaret Smith\t\\N\n",
+            b"\t\t",
+            b"a\\tb\tc\\\\d\t\\N\t\\Nx\t\\101\\7\\0a\n",
+            b"ends in a lone backslash\\",
+        ] {
+            let whole = Bytes::copy_from_slice(line);
+            assert_eq!(
+                parse_copy_line(&whole).map(plain),
+                reference(&whole),
+                "{line:?}"
+            );
+        }
+        // Random lines over the bytes that matter (tab, backslash, N, digits, newline
+        // inside a field's escape) and a few others.
+        let alphabet = b"\t\\N017ntrbfvx \xc3\xa9";
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 24) as usize;
+            let mut line: Vec<u8> = (0..len)
+                .map(|i| alphabet[((state >> (i % 8 * 8)) as usize + i) % alphabet.len()])
+                .collect();
+            if state & 1 == 0 {
+                line.push(b'\n');
+            }
+            let whole = Bytes::from(line.clone());
+            assert_eq!(
+                parse_copy_line(&whole).map(plain),
+                reference(&whole),
+                "{line:?}"
+            );
+        }
+    }
 }
