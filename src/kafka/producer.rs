@@ -891,9 +891,9 @@ async fn watch_stalls(shared: Arc<Shared>, producer: ThreadedProducer<AckContext
 /// of the Avro value schema that describes the columns.
 fn headers(change: &Change, schema: Option<&str>) -> OwnedHeaders {
     // Formatted on the stack: these run for every change.
-    let commit_lsn = StackText::<24>::of(change.commit_lsn);
-    let ordinal = StackText::<12>::of(change.ordinal);
-    let xid = StackText::<12>::of(change.xid);
+    let commit_lsn = StackText::<24>::lsn(change.commit_lsn);
+    let ordinal = StackText::<12>::decimal(change.ordinal.into());
+    let xid = StackText::<12>::decimal(change.xid.into());
     let mut h = OwnedHeaders::new_with_capacity(5)
         .insert(Header {
             key: "pgferry.commit_lsn",
@@ -995,6 +995,20 @@ mod tests {
         let text = StackText::<24>::of(lsn);
         assert_eq!(&*text, lsn.to_string());
         assert_eq!(&*StackText::<12>::of(u32::MAX), "4294967295");
+        // What the headers use, against `Display`.
+        let mut state = 0x2545_F491_4F6C_DD1D_u64;
+        for shift in (0..64).chain([0; 2000]) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let lsn = Lsn(state >> shift);
+            assert_eq!(&*StackText::<24>::lsn(lsn), lsn.to_string());
+            let n = (state >> shift) as u32;
+            assert_eq!(&*StackText::<12>::decimal(n.into()), n.to_string());
+        }
+        for lsn in [Lsn(0), Lsn(u64::MAX), Lsn(1 << 32)] {
+            assert_eq!(&*StackText::<24>::lsn(lsn), lsn.to_string());
+        }
         // Too long for the buffer: nothing partial is claimed beyond what fit.
         let cut = StackText::<4>::of("abcdefgh");
         assert!(cut.len() <= 4);
