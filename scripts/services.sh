@@ -254,6 +254,23 @@ pg_running() { # data_dir
     run_pg "$(pg_bin_for "$1")/pg_ctl" status -D "$1" >/dev/null 2>&1
 }
 
+# Replication slots that nothing reads keep their WAL forever: slots of test runs
+# that were killed (their pgft_* databases) once held 61 GB on the EHR and filled the
+# disk. Say so at each start, with the command that frees it; never fail for it.
+pg_warn_stale_slots() { # name port
+    local name=$1 port=$2 rows slot size
+    rows=$(psql_admin "$port" -tA -F ' ' -c "select slot_name, pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn))
+        from pg_replication_slots
+        where not active and pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) > 1024 * 1024 * 1024
+        order by 1" 2>/dev/null) || return 0
+    [[ -n $rows ]] || return 0
+    log "warning: $name: replication slots that nothing reads hold more than 1 GB of WAL each (left by killed test runs?):"
+    while read -r slot size; do
+        log "  $slot: $size"
+    done <<<"$rows"
+    log "  if they are tests' (pgft_*), drop them: psql -h $STATE_DIR -p $port -U postgres -d postgres -c \"select pg_drop_replication_slot(slot_name) from pg_replication_slots where not active and slot_name like 'pgft%'\""
+}
+
 psql_admin() { # port, psql args...
     local port=$1 bin
     shift
@@ -1709,6 +1726,7 @@ cmd_up() {
     log "state dir $STATE_DIR"
     ensure_tls
     pg_up ehr "$EHR_PORT" ehr
+    pg_warn_stale_slots ehr "$EHR_PORT"
     pg_up hospital "$HOSPITAL_PORT" hospital
     pg_up plain "$PLAIN_PORT" plain replica
     broker_up
