@@ -167,31 +167,27 @@ pub fn parse_copy_line(whole: &Bytes) -> Result<Tuple, String> {
     let mut start = 0;
     loop {
         let rest = &line[start..];
-        let (field, more) = match memchr::memchr2(b'\t', b'\\', rest) {
-            Some(i) if rest[i] == b'\t' => (&rest[..i], true),
-            None => (rest, false),
-            Some(_) => {
-                let end = memchr::memchr(b'\t', rest);
-                let field = &rest[..end.unwrap_or(rest.len())];
-                out.push(if field == b"\\N" {
-                    TupleValue::Null
-                } else {
-                    TupleValue::Text(Bytes::from(unescape_copy_field(field)?))
-                });
-                match end {
-                    Some(i) => {
-                        start += i + 1;
-                        continue;
-                    }
-                    None => break,
-                }
-            }
+        // The first tab or backslash: a backslash means this field has escapes, and
+        // its end is the next tab after it.
+        let first = memchr::memchr2(b'\t', b'\\', rest);
+        let escaped = first.is_some_and(|i| rest[i] == b'\\');
+        let end = if escaped {
+            memchr::memchr(b'\t', rest)
+        } else {
+            first
         };
-        out.push(TupleValue::Text(whole.slice_ref(field)));
-        if !more {
-            break;
+        let field = &rest[..end.unwrap_or(rest.len())];
+        out.push(if !escaped {
+            TupleValue::Text(whole.slice_ref(field))
+        } else if field == b"\\N" {
+            TupleValue::Null
+        } else {
+            TupleValue::Text(Bytes::from(unescape_copy_field(field)?))
+        });
+        match end {
+            Some(i) => start += i + 1,
+            None => break,
         }
-        start += field.len() + 1;
     }
     Ok(out)
 }
