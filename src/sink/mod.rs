@@ -1447,7 +1447,9 @@ impl Applier {
         let plan_us = timer.elapsed().as_micros() as u64;
         let consumer_name = self.sink().consumer.clone();
         let self_group = self.sink().group.is_some();
-        let write_ledger = self.sink().ledger && !entry.is_empty();
+        // Every transaction that commits gets its row, one of only tombstones too (with
+        // empty counts): an auditor finds every checkpoint's writer in the ledger.
+        let write_ledger = self.sink().ledger;
         self.target().await?;
         let tables = &self.tables;
         let client = self.client.as_mut().expect("connected");
