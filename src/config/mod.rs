@@ -316,7 +316,7 @@ fn durability_property(key: &str) -> Option<&'static str> {
     Some(match key {
         "acks" | "request.required.acks" => "every event must be acknowledged by all in-sync replicas (acks=all) before the slot is confirmed",
         "enable.idempotence" | "enable.gapless.guarantee" => "idempotence keeps retries from reordering or doubling events within a partition",
-        "max.in.flight.requests.per.connection" | "max.in.flight" => "per-key order under retries depends on it",
+        "max.in.flight.requests.per.connection" | "max.in.flight" => "with more than one request in flight, a failed request on a partition new to the producer can be overtaken, and librdkafka then reports its messages delivered though the broker never wrote them",
         "message.timeout.ms" | "delivery.timeout.ms" | "message.send.max.retries" | "retries" => "a message is retried until the brokers take it; giving up would drop it",
         "enable.auto.commit" | "enable.auto.offset.store" | "auto.commit.interval.ms" => "the sink's position lives in the target, committed with the rows",
         "auto.offset.reset" => "an offset that is out of range must stop the sink, never skip to another place",

@@ -5,9 +5,17 @@
 //! Durability: rdkafka runs with idempotence and `acks=all`; a transaction's end LSN
 //! becomes durable only when every message of it and of all earlier transactions is
 //! acknowledged (see [`super::acks`]). Retriable errors are retried by librdkafka
-//! without reordering (idempotence keeps order with up to 5 requests in flight);
-//! `message.timeout.ms = 0` makes it wait for brokers indefinitely. A delivery that
-//! fails anyway is fatal: the stage stops and the slot stays unconfirmed.
+//! without reordering; `message.timeout.ms = 0` makes it wait for brokers
+//! indefinitely. A delivery that fails anyway is fatal: the stage stops and the slot
+//! stays unconfirmed.
+//!
+//! One produce request in flight per broker, not idempotence's usual 5: a request
+//! that fails on a partition the broker holds no state of this producer for (a topic
+//! just created, or any partition after a restart of pgferry) can be overtaken by the
+//! next one, which the broker then takes whatever its sequence number; librdkafka
+//! takes that success as proof the failed messages were written too ("implicitly
+//! acked") and reports them delivered. They are not in the log. A report of success
+//! without an offset (how such an implicit ack arrives) is a failure here.
 //!
 //! Backpressure: librdkafka's local queue is bounded (`queue.buffering.max.kbytes`).
 //! When it is full, this stage waits for deliveries to free room and stops taking
@@ -148,6 +156,19 @@ impl ProducerContext for AckContext {
         m.kafka_in_flight.dec();
         self.0.reports.fetch_add(1, Ordering::Relaxed);
         match result {
+            // With acks=all a written message has its offset; librdkafka reports one
+            // it only inferred to be written without (see the module doc).
+            Ok(msg) if msg.offset() < 0 => {
+                m.kafka_delivery_errors.inc();
+                m.errors.with_label_values(&["kafka", "fatal"]).inc();
+                let text = format!(
+                    "delivery to topic {} partition {} was reported without an offset: librdkafka \
+                     inferred it from a later message's success, and it may be missing from the log",
+                    msg.topic(),
+                    msg.partition()
+                );
+                self.0.fail(|| text);
+            }
             Ok(_) => {
                 if let Some((_, c)) = self
                     .0
@@ -235,6 +256,8 @@ pub fn client_config(config: &Config) -> ClientConfig {
         // still over 100 ms of the fastest drain measured.
         .set("queue.buffering.max.messages", "10000")
         .set("linger.ms", "5")
+        // See the module doc: a later request must never overtake a failed one.
+        .set("max.in.flight.requests.per.connection", "1")
         .set(
             "message.max.bytes",
             config.kafka.max_message_bytes.to_string(),
