@@ -331,6 +331,55 @@ fn verify_ledger_names_a_changed_and_a_deleted_row() {
     );
 }
 
+/// A batch of only a tombstone (one event per batch here, so a delete's tombstone is
+/// always alone) moves its checkpoint in a transaction the ledger names, with empty
+/// `txs` and `counts`; the chain stays intact. Before, such a batch wrote no ledger row.
+#[test]
+fn a_batch_of_only_a_tombstone_has_its_ledger_row() {
+    let src = TestDb::new("ledgertomb");
+    let tgt = TestDb::on(&target_url(), "ledgertomb_t");
+    src.sql("create table t (id int primary key, v text)");
+    let cfg = pipeline_config(
+        &src,
+        &tgt,
+        "s_ltomb",
+        "create_tables = true\nbatch_max_events = 1",
+        "[[tables]]\nsource = \"public.t\"\n",
+        "",
+    );
+    let p = run(&cfg);
+    wait_streaming(&src, "s_ltomb");
+    src.sql("insert into t values (1, 'a'), (2, 'b'), (3, 'c')");
+    src.sql("delete from t where id = 2");
+    wait_ledger(&tgt, 4, &p);
+    // The tombstone after the delete: its own batch, so its own row.
+    wait_for("the tombstone's ledger row", T, || {
+        (tgt.value("select count(*) from pgferry.ledger where counts = '{}' and txs = '[]'")
+            .as_deref()
+            == Some("1"))
+        .then_some(())
+    });
+    assert_eq!(
+        tgt.value(
+            "select count(*) from pgferry.checkpoints where xmin::text::bigint not in \
+             (select target_xid % 4294967296 from pgferry.ledger)"
+        )
+        .as_deref(),
+        Some("0"),
+        "every checkpoint was written by a transaction the ledger names"
+    );
+    // Its checkpoint is past the tombstone: the topic's 5 messages (3 inserts, the
+    // delete, the tombstone) are all checkpointed.
+    assert_eq!(
+        tgt.value("select max(next_offset) from pgferry.checkpoints where consumer = 'test'")
+            .as_deref(),
+        Some("5")
+    );
+    let (code, out) = verify_ledger(&cfg, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("chain intact"), "{out}");
+}
+
 /// Item 3: kill -9 of `pgferry run` twice during N single-row transactions: the
 /// ledger counts exactly N inserts, and names every source transaction exactly once.
 #[test]
