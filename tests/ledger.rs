@@ -119,6 +119,11 @@ const SQL_CHAIN_CHECK: &str = "select count(*),
  from (select l.*, lag(hash) over w as prev, lag(seq) over w as prev_seq
        from pgferry.ledger l where consumer = 'test' window w as (order by seq)) c";
 
+/// Checkpoint rows written by a target transaction that no ledger row names (0).
+const CHECKPOINTS_NOT_IN_LEDGER: &str =
+    "select count(*) from pgferry.checkpoints where xmin::text::bigint \
+     not in (select target_xid % 4294967296 from pgferry.ledger)";
+
 fn map(pairs: &[(&str, &str, i64)]) -> BTreeMap<(String, String), i64> {
     pairs
         .iter()
@@ -241,7 +246,7 @@ fn ledger_counts_the_workload_and_its_chain_recomputes_in_sql() {
     for q in [
         "select count(*) from a where xmin::text::bigint not in (select target_xid % 4294967296 from pgferry.ledger)",
         "select count(*) from b where xmin::text::bigint not in (select target_xid % 4294967296 from pgferry.ledger)",
-        "select count(*) from pgferry.checkpoints where xmin::text::bigint not in (select target_xid % 4294967296 from pgferry.ledger)",
+        CHECKPOINTS_NOT_IN_LEDGER,
     ] {
         assert_eq!(tgt.value(q).as_deref(), Some("0"), "{q}");
     }
@@ -360,11 +365,7 @@ fn a_batch_of_only_a_tombstone_has_its_ledger_row() {
         .then_some(())
     });
     assert_eq!(
-        tgt.value(
-            "select count(*) from pgferry.checkpoints where xmin::text::bigint not in \
-             (select target_xid % 4294967296 from pgferry.ledger)"
-        )
-        .as_deref(),
+        tgt.value(CHECKPOINTS_NOT_IN_LEDGER).as_deref(),
         Some("0"),
         "every checkpoint was written by a transaction the ledger names"
     );

@@ -155,21 +155,21 @@ impl ProducerContext for AckContext {
         let m = metrics();
         m.kafka_in_flight.dec();
         self.0.reports.fetch_add(1, Ordering::Relaxed);
-        match result {
-            // With acks=all a written message has its offset; librdkafka reports one
-            // it only inferred to be written without (see the module doc).
-            Ok(msg) if msg.offset() < 0 => {
-                m.kafka_delivery_errors.inc();
-                m.errors.with_label_values(&["kafka", "fatal"]).inc();
-                let text = format!(
-                    "delivery to topic {} partition {} was reported without an offset: librdkafka \
-                     inferred it from a later message's success, and it may be missing from the log",
-                    msg.topic(),
-                    msg.partition()
-                );
-                self.0.fail(|| text);
-            }
-            Ok(_) => {
+        // With acks=all a written message has its offset; librdkafka reports one it only
+        // inferred to be written without (see the module doc).
+        let failure = match result {
+            Ok(msg) if msg.offset() >= 0 => None,
+            Ok(msg) => Some((
+                msg.topic(),
+                msg.partition(),
+                "was reported without an offset: librdkafka inferred it from a later \
+                 message's success, and it may be missing from the log"
+                    .to_string(),
+            )),
+            Err((e, msg)) => Some((msg.topic(), msg.partition(), format!("failed: {e}"))),
+        };
+        match failure {
+            None => {
                 if let Some((_, c)) = self
                     .0
                     .produced
@@ -189,15 +189,11 @@ impl ProducerContext for AckContext {
                     self.0.publish(moved, mark);
                 }
             }
-            Err((e, msg)) => {
+            Some((topic, partition, what)) => {
                 m.kafka_delivery_errors.inc();
                 m.errors.with_label_values(&["kafka", "fatal"]).inc();
-                let text = format!(
-                    "delivery to topic {} partition {} failed: {e}",
-                    msg.topic(),
-                    msg.partition()
-                );
-                self.0.fail(|| text);
+                self.0
+                    .fail(|| format!("delivery to topic {topic} partition {partition} {what}"));
             }
         }
         self.0.delivered.notify_waiters();
