@@ -13,6 +13,8 @@
 //!   missing INSERT grant) stops the sink quickly, with nothing dead-lettered;
 //! - no row value reaches the log (at the default level) or a dead-letter header,
 //!   whatever way the event fails;
+//! - an event whose schema never appears on the schema topic stalls the sink (never
+//!   skipped, never dead-lettered), and after half a minute an error names it;
 //! - a checkpoint beyond the end of a re-created topic stops the sink;
 //! - topics that appear, and partitions added, after the sink started are consumed, and
 //!   the sink is not ready while a configured table's topic does not exist.
@@ -962,6 +964,84 @@ fn row_values_of_undecodable_events_never_reach_logs_or_dlq_headers() {
         !stderr.contains(MARKER),
         "a row value in the log:\n{stderr}"
     );
+}
+
+/// An event naming a schema that is not on `<prefix>._schemas` (here: its fingerprint
+/// altered; in life, a schema topic deleted or re-created) is neither skipped nor
+/// dead-lettered, even with `on_error = "dlq"`: the sink waits, applies nothing after
+/// it, and after half a minute says so once at error level, naming the fingerprint,
+/// the event's place and what to do.
+#[test]
+fn an_event_whose_schema_never_comes_stalls_the_sink_with_an_error_naming_it() {
+    let src = TestDb::new("noschema");
+    let tgt = TestDb::on(&target_url(), "noschema_t");
+    src.sql("create table x (id int primary key, name text)");
+    tgt.sql("create table x (id int primary key, name text)");
+    let (cfg, prefix) = pipeline_config(
+        &src,
+        &tgt.url,
+        "s_noschema",
+        "",
+        "on_error = \"dlq\"",
+        "[[tables]]\nsource = \"public.x\"\n",
+    );
+    let topic = format!("{prefix}.public.x");
+    let mut p = InfoRun::spawn(&cfg);
+    wait_streaming(&src, "s_noschema");
+    src.sql("insert into x values (1, 'one')");
+    let deadline = Instant::now() + T;
+    while tgt.value(&format!("{IDS} x")).as_deref() != Some("1") {
+        p.assert_running();
+        assert!(Instant::now() < deadline, "{}", p.stderr_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A copy of that event whose single-object header names another fingerprint
+    // (bytes 2..10 after the C3 01 marker), then a new row behind it.
+    let original = consume(&brokers(), &topic, 1, T).remove(0);
+    let mut value = original.value.clone().unwrap();
+    assert_eq!(&value[..2], &[0xC3, 0x01], "single-object framing");
+    value[2..10].copy_from_slice(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x08]);
+    let stalled_at = messages_in(&topic);
+    produce(&topic, 0, &original, &value);
+    src.sql("insert into x values (2, 'two')");
+
+    // The fingerprint as the schema topic's key spells it (u64 of the LE bytes).
+    let fingerprint = "0877665544332211";
+    let deadline = Instant::now() + T;
+    let alert = loop {
+        p.assert_running();
+        let stderr = p.stderr_text();
+        if let Some(line) = stderr
+            .lines()
+            .find(|l| l.contains("ERROR") && l.contains("has waited"))
+        {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no error after {T:?}:\n{stderr}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for part in [
+        fingerprint,
+        &format!("{prefix}._schemas"),
+        &format!("offset={stalled_at}"),
+        "restarting the source publishes the schemas it uses again",
+        "never skips",
+    ] {
+        assert!(alert.contains(part), "{part:?} not in {alert}");
+    }
+    // Said once, not on every retry.
+    std::thread::sleep(Duration::from_secs(15));
+    p.assert_running();
+    let stderr = p.stderr_text();
+    assert_eq!(stderr.matches("has waited").count(), 1, "{stderr}");
+    // Nothing passed the stalled event: not the row behind it, not the checkpoint, and
+    // nothing went to the dead-letter topic.
+    assert_eq!(tgt.value(&format!("{IDS} x")).as_deref(), Some("1"));
+    assert_eq!(
+        next_offset(&tgt, &topic, 0).as_deref(),
+        Some(stalled_at.to_string().as_str())
+    );
+    assert_eq!(messages_in(&format!("{topic}.dlq")), 0);
 }
 
 // ---- 6. Offsets ---------------------------------------------------------------------------

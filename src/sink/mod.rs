@@ -64,6 +64,9 @@ const CONSUMER_STALL: Duration = Duration::from_secs(30);
 /// Reads of the schema topic, half a second apart, before an unknown fingerprint is
 /// reported (and waited for with backoff).
 const SCHEMA_ATTEMPTS: usize = 6;
+/// How long one event may wait to be decoded (its schema not on the schema topic, the
+/// registry unreachable) before that is logged as an error with its hint, once.
+const DECODE_WAIT_ALERT: Duration = Duration::from_secs(30);
 
 /// One consumed message, owned.
 #[derive(Debug, Clone)]
@@ -920,12 +923,24 @@ impl Reader {
         let mut decoded = Vec::with_capacity(batch.len());
         for item in batch {
             let mut backoff = BACKOFF_START;
+            let mut waiting_since = None;
+            let mut escalated = false;
             let event = loop {
                 match self.decode(&item).await {
                     Ok(event) => break event,
                     Err(e) if e.is_transient() => {
                         self.health.set_sink_streaming(false);
                         record_error("sink", &e);
+                        let waited = waiting_since.get_or_insert_with(Instant::now).elapsed();
+                        if waited >= DECODE_WAIT_ALERT && !escalated {
+                            // Once, louder: what was "not yet" may be "never".
+                            escalated = true;
+                            tracing::error!(error = %e, hint = e.hint().unwrap_or(""),
+                                topic = %item.topic, partition = item.partition,
+                                offset = item.offset, waited_s = waited.as_secs(),
+                                "the sink has waited {} s to decode this event and applies \
+                                 nothing after it until it can", waited.as_secs());
+                        }
                         tracing::warn!(error = %e, topic = %item.topic, partition = item.partition,
                             offset = item.offset, retry_in_ms = backoff.as_millis() as u64,
                             "cannot decode the event yet; waiting");
@@ -1148,7 +1163,14 @@ impl Reader {
                     "the schema with fingerprint {} is not on {}._schemas (yet)",
                     crate::kafka::producer::fingerprint_hex(&fp),
                     self.config.kafka.topic_prefix
-                )))
+                ))
+                .with_hint(
+                    "pgferry's source publishes a schema before the first event that uses it, \
+                     so a schema that never comes was lost (the schema topic deleted or \
+                     re-created, or given a time retention) or the event was not written by \
+                     pgferry; restarting the source publishes the schemas it uses again; the \
+                     sink never skips the event",
+                ))
             }
         }
     }
