@@ -50,6 +50,16 @@ impl<const N: usize> StackText<N> {
         t
     }
 
+    /// Append ASCII bytes (the caller's guarantee); like `write_str`, nothing of them
+    /// when they do not fit.
+    pub(crate) fn push_ascii(&mut self, bytes: &[u8]) {
+        debug_assert!(bytes.is_ascii());
+        if let Some(room) = self.buf.get_mut(self.len..self.len + bytes.len()) {
+            room.copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+    }
+
     fn push_hex(&mut self, n: u32) {
         const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
         let mut buf = [0u8; 8];

@@ -511,6 +511,20 @@ pub fn format_timestamp(micros: i64) -> String {
 /// The text is formatted on the stack: this runs for every timestamptz value streamed.
 pub fn timestamptz_to_iso(s: &str) -> Result<StackText<40>, TextError> {
     let mut out = StackText::new();
+    if let Some(utc) = Utc::of(s.as_bytes(), b' ', b"+00") {
+        // What PostgreSQL writes with TimeZone = UTC (as pgferry's sessions set it).
+        let mut frac = *b".000000";
+        frac[1..=utc.frac.len()].copy_from_slice(utc.frac);
+        for part in [utc.date, b"T", utc.time, &frac, b"Z"] {
+            out.push_ascii(part);
+        }
+        return Ok(out);
+    }
+    timestamptz_to_iso_general(s, out)
+}
+
+/// [`timestamptz_to_iso`] of any text PostgreSQL reads (offsets, BC, long years).
+fn timestamptz_to_iso_general(s: &str, mut out: StackText<40>) -> Result<StackText<40>, TextError> {
     match infinity(s) {
         Some(true) => {
             let _ = out.write_str("infinity");
@@ -549,6 +563,14 @@ pub fn timestamptz_to_iso(s: &str) -> Result<StackText<40>, TextError> {
 ///
 /// Instants from 294247-01-10 04:00:54.775807 UTC on do not fit and are rejected.
 pub fn parse_timestamptz(s: &str) -> Result<i64, TextError> {
+    if let Some(utc) = Utc::of(s.as_bytes(), b' ', b"+00") {
+        return Ok(utc.unix_micros());
+    }
+    parse_timestamptz_general(s)
+}
+
+/// [`parse_timestamptz`] of any text PostgreSQL reads (offsets, BC, long years).
+fn parse_timestamptz_general(s: &str) -> Result<i64, TextError> {
     match infinity(s) {
         Some(true) => return Ok(i64::MAX),
         Some(false) => return Ok(i64::MIN),
@@ -563,6 +585,30 @@ pub fn parse_timestamptz(s: &str) -> Result<i64, TextError> {
 /// Also accepts a space for `T`, an explicit `+` on the year and numeric offsets instead
 /// of `Z` (converted to UTC), since other producers write those.
 pub fn iso_to_timestamptz(s: &str) -> Result<String, TextError> {
+    if let Some(utc) = Utc::of(s.as_bytes(), b'T', b"Z") {
+        // What pgferry's source writes: PostgreSQL's text of it trims the fraction.
+        let frac = &utc.frac[..utc
+            .frac
+            .iter()
+            .rposition(|&d| d != b'0')
+            .map_or(0, |i| i + 1)];
+        let mut out = Vec::with_capacity(30);
+        out.extend_from_slice(utc.date);
+        out.push(b' ');
+        out.extend_from_slice(utc.time);
+        if !frac.is_empty() {
+            out.push(b'.');
+            out.extend_from_slice(frac);
+        }
+        out.extend_from_slice(b"+00");
+        // SAFETY: `Utc::of` accepted only ASCII digits and separators.
+        return Ok(unsafe { String::from_utf8_unchecked(out) });
+    }
+    iso_to_timestamptz_general(s)
+}
+
+/// [`iso_to_timestamptz`] of any ISO-8601 text it reads (offsets, signs, long years).
+fn iso_to_timestamptz_general(s: &str) -> Result<String, TextError> {
     match infinity(s) {
         Some(true) => return Ok("infinity".to_owned()),
         Some(false) => return Ok("-infinity".to_owned()),
@@ -570,6 +616,75 @@ pub fn iso_to_timestamptz(s: &str) -> Result<String, TextError> {
     }
     let micros = parse_iso(s)?;
     Ok(format_pg_datetime(micros, "+00"))
+}
+
+/// The common shape of a UTC timestamp's text, taken apart without arithmetic:
+/// `YYYY-MM-DD<sep>HH:MM:SS[.f{1,6}]<suffix>`, year 1 to 9999, a real calendar day,
+/// hours to 23 and seconds to 59. Anything else (other offsets, BC, leap seconds,
+/// `24:00:00`, long years) is `None` and goes the general way, which stays the
+/// reference: for what this accepts both give the same text (tested below).
+struct Utc<'a> {
+    date: &'a [u8],
+    time: &'a [u8],
+    /// The fraction's digits, possibly none.
+    frac: &'a [u8],
+}
+
+impl<'a> Utc<'a> {
+    fn of(b: &'a [u8], sep: u8, suffix: &[u8]) -> Option<Utc<'a>> {
+        let body = b.strip_suffix(suffix)?;
+        if body.len() < 19 || body[10] != sep {
+            return None;
+        }
+        let (date, rest) = body.split_at(10);
+        let (time, frac) = rest[1..].split_at(8);
+        let frac = match frac {
+            [] => frac,
+            [b'.', digits @ ..] if (1..=6).contains(&digits.len()) => digits,
+            _ => return None,
+        };
+        let shape_ok = date[4] == b'-'
+            && date[7] == b'-'
+            && time[2] == b':'
+            && time[5] == b':'
+            && [0, 1, 2, 3, 5, 6, 8, 9]
+                .iter()
+                .all(|&i| date[i].is_ascii_digit())
+            && [0, 1, 3, 4, 6, 7].iter().all(|&i| time[i].is_ascii_digit())
+            && frac.iter().all(u8::is_ascii_digit);
+        if !shape_ok {
+            return None;
+        }
+        let n = |d: &[u8]| {
+            d.iter()
+                .fold(0u32, |acc, &c| acc * 10 + u32::from(c - b'0'))
+        };
+        let (year, month, day) = (n(&date[..4]), n(&date[5..7]), n(&date[8..]));
+        let valid = year >= 1
+            && (1..=12).contains(&month)
+            && day >= 1
+            && day <= days_in_month(i64::from(year), month)
+            && n(&time[..2]) <= 23
+            && n(&time[3..5]) <= 59
+            && n(&time[6..]) <= 59;
+        valid.then_some(Utc { date, time, frac })
+    }
+
+    /// Microseconds since the Unix epoch (years 1-9999 always fit).
+    fn unix_micros(&self) -> i64 {
+        let n = |d: &[u8]| {
+            d.iter()
+                .fold(0i64, |acc, &c| acc * 10 + i64::from(c - b'0'))
+        };
+        let (d, t) = (self.date, self.time);
+        let days = days_from_civil(n(&d[..4]), n(&d[5..7]) as u32, n(&d[8..]) as u32);
+        let frac = n(self.frac) * 10i64.pow(6 - self.frac.len() as u32);
+        days * MICROS_PER_DAY
+            + n(&t[..2]) * MICROS_PER_HOUR
+            + n(&t[3..5]) * MICROS_PER_MINUTE
+            + n(&t[6..]) * MICROS_PER_SECOND
+            + frac
+    }
 }
 
 /// Unix microseconds of an ISO-8601 timestamp, range-checked against PostgreSQL's range.
@@ -2100,6 +2215,99 @@ mod tests {
             let _ = parse_numeric_scaled(&s, (rng.next_u64() % 20) as u32);
             let _ = parse_money(&s);
             let _ = format_decimal(&bytes, (rng.next_u64() % 20) as u32);
+        }
+    }
+
+    /// The UTC shortcut of [`timestamptz_to_iso`], [`iso_to_timestamptz`] and
+    /// [`parse_timestamptz`] gives the
+    /// general way's answer for everything: PostgreSQL's own text of random instants in
+    /// years 1-9999 (which the shortcut must take), and those texts with random bytes
+    /// changed (which it must take only where the general way agrees).
+    #[test]
+    fn the_utc_shortcut_answers_as_the_general_way() {
+        let mut rng = Rng(7);
+        let (lo, hi) = (
+            i128::from(days_from_civil(1, 1, 1)) * i128::from(MICROS_PER_DAY),
+            i128::from(days_from_civil(9999, 12, 31) + 1) * i128::from(MICROS_PER_DAY) - 1,
+        );
+        let alphabet = b"0123456789-: T.Z+BC\xc3";
+        let mut taken = 0;
+        for i in 0..200_000 {
+            let mut micros = rng.range(lo, hi);
+            // Whole seconds and short fractions too, not only six digits.
+            match i % 4 {
+                0 => micros -= micros.rem_euclid(1_000_000),
+                1 => micros -= micros.rem_euclid(1_000),
+                _ => {}
+            }
+            let pg = format_pg_datetime(micros, "+00");
+            assert_eq!(parse_timestamptz(&pg), Ok(micros as i64), "{pg}");
+            let iso = timestamptz_to_iso(&pg).unwrap();
+            assert!(Utc::of(pg.as_bytes(), b' ', b"+00").is_some(), "{pg}");
+            assert_eq!(
+                &*iso,
+                &*timestamptz_to_iso_general(&pg, StackText::new()).unwrap()
+            );
+            assert!(Utc::of(iso.as_bytes(), b'T', b"Z").is_some(), "{iso}");
+            assert_eq!(iso_to_timestamptz(&iso).unwrap(), pg);
+            assert_eq!(iso_to_timestamptz_general(&iso).unwrap(), pg);
+            // One to three bytes changed.
+            for text in [pg.clone(), iso.to_string()] {
+                let mut b = text.into_bytes();
+                for _ in 0..=rng.next_u64() % 3 {
+                    let at = (rng.next_u64() as usize) % b.len();
+                    b[at] = alphabet[(rng.next_u64() as usize) % alphabet.len()];
+                }
+                let Ok(s) = String::from_utf8(b) else {
+                    continue;
+                };
+                let fast = timestamptz_to_iso(&s).map(|t| t.to_string());
+                let general =
+                    timestamptz_to_iso_general(&s, StackText::new()).map(|t| t.to_string());
+                assert_eq!(fast, general, "{s:?}");
+                assert_eq!(
+                    iso_to_timestamptz(&s),
+                    iso_to_timestamptz_general(&s),
+                    "{s:?}"
+                );
+                assert_eq!(
+                    parse_timestamptz(&s),
+                    parse_timestamptz_general(&s),
+                    "{s:?}"
+                );
+                taken += usize::from(Utc::of(s.as_bytes(), b' ', b"+00").is_some());
+            }
+        }
+        // Mutants the shortcut took (a digit for a digit, mostly) were compared too.
+        assert!(taken > 10_000, "{taken}");
+        // The edges the shortcut leaves to the general way.
+        for s in [
+            "2024-02-29 10:00:00+00",
+            "2023-02-29 10:00:00+00",
+            "2024-04-31 10:00:00+00",
+            "2024-13-01 10:00:00+00",
+            "2024-00-10 10:00:00+00",
+            "2024-01-00 10:00:00+00",
+            "2024-01-01 24:00:00+00",
+            "2024-01-01 23:60:00+00",
+            "2024-01-01 23:59:60+00",
+            "0000-01-01 00:00:00+00",
+            "0001-01-01 00:00:00+00 BC",
+            "10000-01-01 00:00:00+00",
+            "2024-01-01 10:00:00+05",
+            "2024-01-01 10:00:00.1234567+00",
+            "2024-01-01 10:00:00.+00",
+            "2024-01-01 10:00:00.5+00",
+        ] {
+            let general = timestamptz_to_iso_general(s, StackText::new()).map(|t| t.to_string());
+            assert_eq!(timestamptz_to_iso(s).map(|t| t.to_string()), general, "{s}");
+            assert_eq!(parse_timestamptz(s), parse_timestamptz_general(s), "{s}");
+            let iso = s.replacen(' ', "T", 1).replace("+00", "Z");
+            assert_eq!(
+                iso_to_timestamptz(&iso),
+                iso_to_timestamptz_general(&iso),
+                "{iso}"
+            );
         }
     }
 }
