@@ -299,6 +299,15 @@ impl<'a> Cursor<'a> {
 /// Days since 1970-01-01 of a `date` (ISO: "2026-11-22", "0044-03-15 BC" = year -43 proleptic Gregorian, astronomical year numbering: 1 BC = year 0).
 /// "infinity" -> i32::MAX, "-infinity" -> i32::MIN.
 pub fn parse_date(s: &str) -> Result<i32, TextError> {
+    if let Some((year, month, day)) = plain_ymd(s.as_bytes()) {
+        // Years 1-9999 lie well inside PostgreSQL's date range and `i32`.
+        return Ok(days_from_civil(year, month, day) as i32);
+    }
+    parse_date_general(s)
+}
+
+/// [`parse_date`] of any text PostgreSQL reads (BC, long years, infinity).
+fn parse_date_general(s: &str) -> Result<i32, TextError> {
     match infinity(s) {
         Some(true) => return Ok(i32::MAX),
         Some(false) => return Ok(i32::MIN),
@@ -618,6 +627,29 @@ fn iso_to_timestamptz_general(s: &str) -> Result<String, TextError> {
     Ok(format_pg_datetime(micros, "+00"))
 }
 
+/// `(year, month, day)` of exactly `YYYY-MM-DD`, year 1 to 9999 and a real calendar
+/// day: the common shape of a date's text, for the shortcuts that leave the rest (BC,
+/// long years, infinity) to the general way.
+fn plain_ymd(date: &[u8]) -> Option<(i64, u32, u32)> {
+    let shape_ok = date.len() == 10
+        && date[4] == b'-'
+        && date[7] == b'-'
+        && [0, 1, 2, 3, 5, 6, 8, 9]
+            .iter()
+            .all(|&i| date[i].is_ascii_digit());
+    if !shape_ok {
+        return None;
+    }
+    let n = |d: &[u8]| {
+        d.iter()
+            .fold(0u32, |acc, &c| acc * 10 + u32::from(c - b'0'))
+    };
+    let (year, month, day) = (i64::from(n(&date[..4])), n(&date[5..7]), n(&date[8..]));
+    let valid =
+        year >= 1 && (1..=12).contains(&month) && day >= 1 && day <= days_in_month(year, month);
+    valid.then_some((year, month, day))
+}
+
 /// The common shape of a UTC timestamp's text, taken apart without arithmetic:
 /// `YYYY-MM-DD<sep>HH:MM:SS[.f{1,6}]<suffix>`, year 1 to 9999, a real calendar day,
 /// hours to 23 and seconds to 59. Anything else (other offsets, BC, leap seconds,
@@ -643,30 +675,16 @@ impl<'a> Utc<'a> {
             [b'.', digits @ ..] if (1..=6).contains(&digits.len()) => digits,
             _ => return None,
         };
-        let shape_ok = date[4] == b'-'
-            && date[7] == b'-'
-            && time[2] == b':'
+        plain_ymd(date)?;
+        let shape_ok = time[2] == b':'
             && time[5] == b':'
-            && [0, 1, 2, 3, 5, 6, 8, 9]
-                .iter()
-                .all(|&i| date[i].is_ascii_digit())
             && [0, 1, 3, 4, 6, 7].iter().all(|&i| time[i].is_ascii_digit())
             && frac.iter().all(u8::is_ascii_digit);
-        if !shape_ok {
-            return None;
-        }
         let n = |d: &[u8]| {
             d.iter()
                 .fold(0u32, |acc, &c| acc * 10 + u32::from(c - b'0'))
         };
-        let (year, month, day) = (n(&date[..4]), n(&date[5..7]), n(&date[8..]));
-        let valid = year >= 1
-            && (1..=12).contains(&month)
-            && day >= 1
-            && day <= days_in_month(i64::from(year), month)
-            && n(&time[..2]) <= 23
-            && n(&time[3..5]) <= 59
-            && n(&time[6..]) <= 59;
+        let valid = shape_ok && n(&time[..2]) <= 23 && n(&time[3..5]) <= 59 && n(&time[6..]) <= 59;
         valid.then_some(Utc { date, time, frac })
     }
 
@@ -2218,11 +2236,11 @@ mod tests {
         }
     }
 
-    /// The UTC shortcut of [`timestamptz_to_iso`], [`iso_to_timestamptz`] and
-    /// [`parse_timestamptz`] gives the
-    /// general way's answer for everything: PostgreSQL's own text of random instants in
-    /// years 1-9999 (which the shortcut must take), and those texts with random bytes
-    /// changed (which it must take only where the general way agrees).
+    /// The shortcuts of [`timestamptz_to_iso`], [`iso_to_timestamptz`],
+    /// [`parse_timestamptz`] and [`parse_date`] give the general way's answer for
+    /// everything: PostgreSQL's own text of random instants in years 1-9999 (which the
+    /// shortcuts must take), and those texts with random bytes changed (which they must
+    /// take only where the general way agrees).
     #[test]
     fn the_utc_shortcut_answers_as_the_general_way() {
         let mut rng = Rng(7);
@@ -2242,6 +2260,9 @@ mod tests {
             }
             let pg = format_pg_datetime(micros, "+00");
             assert_eq!(parse_timestamptz(&pg), Ok(micros as i64), "{pg}");
+            let date = &pg[..10];
+            assert_eq!(parse_date(date), parse_date_general(date), "{date}");
+            assert!(plain_ymd(date.as_bytes()).is_some(), "{date}");
             let iso = timestamptz_to_iso(&pg).unwrap();
             assert!(Utc::of(pg.as_bytes(), b' ', b"+00").is_some(), "{pg}");
             assert_eq!(
@@ -2275,6 +2296,9 @@ mod tests {
                     parse_timestamptz_general(&s),
                     "{s:?}"
                 );
+                for date in [s.get(..10), s.get(..11), s.get(..9)].into_iter().flatten() {
+                    assert_eq!(parse_date(date), parse_date_general(date), "{date:?}");
+                }
                 taken += usize::from(Utc::of(s.as_bytes(), b' ', b"+00").is_some());
             }
         }
@@ -2302,6 +2326,14 @@ mod tests {
             let general = timestamptz_to_iso_general(s, StackText::new()).map(|t| t.to_string());
             assert_eq!(timestamptz_to_iso(s).map(|t| t.to_string()), general, "{s}");
             assert_eq!(parse_timestamptz(s), parse_timestamptz_general(s), "{s}");
+            for date in [
+                &s[..10],
+                s.split(' ').next().unwrap(),
+                "0001-01-01",
+                "9999-12-31",
+            ] {
+                assert_eq!(parse_date(date), parse_date_general(date), "{date}");
+            }
             let iso = s.replacen(' ', "T", 1).replace("+00", "Z");
             assert_eq!(
                 iso_to_timestamptz(&iso),
