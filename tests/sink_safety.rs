@@ -913,35 +913,70 @@ fn row_values_refused_by_the_target_never_reach_logs_or_dlq_headers() {
     );
 }
 
-#[test]
-fn row_values_of_undecodable_events_never_reach_logs_or_dlq_headers() {
-    let src = TestDb::new("phidec");
-    let tgt = TestDb::on(&target_url(), "phidec_t");
-    src.sql("create table x (id int primary key, name text, seen timestamptz)");
-    tgt.sql("create table x (id int primary key, name text, seen timestamptz)");
+/// A running `on_error = "dlq"` pipeline of table `x` (`columns`, the same in source
+/// and target) at the default log level, with the row `values` (id 1) applied; its
+/// Kafka message is returned to be copied in altered forms.
+struct OneRow {
+    src: TestDb,
+    tgt: TestDb,
+    prefix: String,
+    topic: String,
+    p: InfoRun,
+    original: Record,
+}
+
+fn one_row_applied(tag: &str, columns: &str, values: &str) -> OneRow {
+    let src = TestDb::new(tag);
+    let tgt = TestDb::on(&target_url(), &format!("{tag}_t"));
+    src.sql(&format!("create table x ({columns})"));
+    tgt.sql(&format!("create table x ({columns})"));
+    let slot = format!("s_{tag}");
     let (cfg, prefix) = pipeline_config(
         &src,
         &tgt.url,
-        "s_phidec",
+        &slot,
         "",
         "on_error = \"dlq\"",
         "[[tables]]\nsource = \"public.x\"\n",
     );
     let topic = format!("{prefix}.public.x");
     let mut p = InfoRun::spawn(&cfg);
-    wait_streaming(&src, "s_phidec");
-    src.sql(&format!(
-        "insert into x values (1, '{MARKER} x', '2026-11-22 01:02:03.123456+00')"
-    ));
+    wait_streaming(&src, &slot);
+    src.sql(&format!("insert into x values ({values})"));
     let deadline = Instant::now() + T;
     while tgt.value(&format!("{IDS} x")).as_deref() != Some("1") {
         p.assert_running();
         assert!(Instant::now() < deadline, "{}", p.stderr_text());
         std::thread::sleep(Duration::from_millis(200));
     }
+    let original = consume(&brokers(), &topic, 1, T).remove(0);
+    OneRow {
+        src,
+        tgt,
+        prefix,
+        topic,
+        p,
+        original,
+    }
+}
+
+#[test]
+fn row_values_of_undecodable_events_never_reach_logs_or_dlq_headers() {
+    // The databases are bound so that they live (and are dropped) with the test.
+    let OneRow {
+        src: _src,
+        tgt: _tgt,
+        prefix: _,
+        topic,
+        mut p,
+        original,
+    } = one_row_applied(
+        "phidec",
+        "id int primary key, name text, seen timestamptz",
+        &format!("1, '{MARKER} x', '2026-11-22 01:02:03.123456+00'"),
+    );
     // Two corrupted copies of that event: invalid UTF-8 right after the marker in a
     // text value, and the marker as the text of a timestamptz value.
-    let original = consume(&brokers(), &topic, 1, T).remove(0);
     let value = original.value.clone().unwrap();
     let mut invalid = format!("{MARKER} ").into_bytes();
     invalid.push(0xff);
@@ -973,31 +1008,16 @@ fn row_values_of_undecodable_events_never_reach_logs_or_dlq_headers() {
 /// the event's place and what to do.
 #[test]
 fn an_event_whose_schema_never_comes_stalls_the_sink_with_an_error_naming_it() {
-    let src = TestDb::new("noschema");
-    let tgt = TestDb::on(&target_url(), "noschema_t");
-    src.sql("create table x (id int primary key, name text)");
-    tgt.sql("create table x (id int primary key, name text)");
-    let (cfg, prefix) = pipeline_config(
-        &src,
-        &tgt.url,
-        "s_noschema",
-        "",
-        "on_error = \"dlq\"",
-        "[[tables]]\nsource = \"public.x\"\n",
-    );
-    let topic = format!("{prefix}.public.x");
-    let mut p = InfoRun::spawn(&cfg);
-    wait_streaming(&src, "s_noschema");
-    src.sql("insert into x values (1, 'one')");
-    let deadline = Instant::now() + T;
-    while tgt.value(&format!("{IDS} x")).as_deref() != Some("1") {
-        p.assert_running();
-        assert!(Instant::now() < deadline, "{}", p.stderr_text());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let OneRow {
+        src,
+        tgt,
+        prefix,
+        topic,
+        mut p,
+        original,
+    } = one_row_applied("noschema", "id int primary key, name text", "1, 'one'");
     // A copy of that event whose single-object header names another fingerprint
     // (bytes 2..10 after the C3 01 marker), then a new row behind it.
-    let original = consume(&brokers(), &topic, 1, T).remove(0);
     let mut value = original.value.clone().unwrap();
     assert_eq!(&value[..2], &[0xC3, 0x01], "single-object framing");
     value[2..10].copy_from_slice(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x08]);
