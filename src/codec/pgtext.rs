@@ -519,21 +519,22 @@ pub fn format_timestamp(micros: i64) -> String {
 /// Unlike [`parse_timestamptz`] this covers PostgreSQL's whole range, up to 294276.
 /// The text is formatted on the stack: this runs for every timestamptz value streamed.
 pub fn timestamptz_to_iso(s: &str) -> Result<StackText<40>, TextError> {
-    let mut out = StackText::new();
     if let Some(utc) = Utc::of(s.as_bytes(), b' ', b"+00") {
         // What PostgreSQL writes with TimeZone = UTC (as pgferry's sessions set it).
         let mut frac = *b".000000";
         frac[1..=utc.frac.len()].copy_from_slice(utc.frac);
+        let mut out = StackText::new();
         for part in [utc.date, b"T", utc.time, &frac, b"Z"] {
             out.push_ascii(part);
         }
         return Ok(out);
     }
-    timestamptz_to_iso_general(s, out)
+    timestamptz_to_iso_general(s)
 }
 
 /// [`timestamptz_to_iso`] of any text PostgreSQL reads (offsets, BC, long years).
-fn timestamptz_to_iso_general(s: &str, mut out: StackText<40>) -> Result<StackText<40>, TextError> {
+fn timestamptz_to_iso_general(s: &str) -> Result<StackText<40>, TextError> {
+    let mut out = StackText::new();
     match infinity(s) {
         Some(true) => {
             let _ = out.write_str("infinity");
@@ -627,6 +628,13 @@ fn iso_to_timestamptz_general(s: &str) -> Result<String, TextError> {
     Ok(format_pg_datetime(micros, "+00"))
 }
 
+/// The number a run of ASCII digits spells (the caller checked them, and their count).
+fn ascii_number(digits: &[u8]) -> u32 {
+    digits
+        .iter()
+        .fold(0, |acc, &c| acc * 10 + u32::from(c - b'0'))
+}
+
 /// `(year, month, day)` of exactly `YYYY-MM-DD`, year 1 to 9999 and a real calendar
 /// day: the common shape of a date's text, for the shortcuts that leave the rest (BC,
 /// long years, infinity) to the general way.
@@ -640,10 +648,7 @@ fn plain_ymd(date: &[u8]) -> Option<(i64, u32, u32)> {
     if !shape_ok {
         return None;
     }
-    let n = |d: &[u8]| {
-        d.iter()
-            .fold(0u32, |acc, &c| acc * 10 + u32::from(c - b'0'))
-    };
+    let n = ascii_number;
     let (year, month, day) = (i64::from(n(&date[..4])), n(&date[5..7]), n(&date[8..]));
     let valid =
         year >= 1 && (1..=12).contains(&month) && day >= 1 && day <= days_in_month(year, month);
@@ -660,6 +665,9 @@ struct Utc<'a> {
     time: &'a [u8],
     /// The fraction's digits, possibly none.
     frac: &'a [u8],
+    /// The numbers of `date` and `time`, as checked.
+    ymd: (i64, u32, u32),
+    hms: [u32; 3],
 }
 
 impl<'a> Utc<'a> {
@@ -675,32 +683,34 @@ impl<'a> Utc<'a> {
             [b'.', digits @ ..] if (1..=6).contains(&digits.len()) => digits,
             _ => return None,
         };
-        plain_ymd(date)?;
+        let ymd = plain_ymd(date)?;
         let shape_ok = time[2] == b':'
             && time[5] == b':'
             && [0, 1, 3, 4, 6, 7].iter().all(|&i| time[i].is_ascii_digit())
             && frac.iter().all(u8::is_ascii_digit);
-        let n = |d: &[u8]| {
-            d.iter()
-                .fold(0u32, |acc, &c| acc * 10 + u32::from(c - b'0'))
-        };
-        let valid = shape_ok && n(&time[..2]) <= 23 && n(&time[3..5]) <= 59 && n(&time[6..]) <= 59;
-        valid.then_some(Utc { date, time, frac })
+        if !shape_ok {
+            return None;
+        }
+        let hms = [&time[..2], &time[3..5], &time[6..]].map(ascii_number);
+        let valid = hms[0] <= 23 && hms[1] <= 59 && hms[2] <= 59;
+        valid.then_some(Utc {
+            date,
+            time,
+            frac,
+            ymd,
+            hms,
+        })
     }
 
     /// Microseconds since the Unix epoch (years 1-9999 always fit).
     fn unix_micros(&self) -> i64 {
-        let n = |d: &[u8]| {
-            d.iter()
-                .fold(0i64, |acc, &c| acc * 10 + i64::from(c - b'0'))
-        };
-        let (d, t) = (self.date, self.time);
-        let days = days_from_civil(n(&d[..4]), n(&d[5..7]) as u32, n(&d[8..]) as u32);
-        let frac = n(self.frac) * 10i64.pow(6 - self.frac.len() as u32);
-        days * MICROS_PER_DAY
-            + n(&t[..2]) * MICROS_PER_HOUR
-            + n(&t[3..5]) * MICROS_PER_MINUTE
-            + n(&t[6..]) * MICROS_PER_SECOND
+        let (year, month, day) = self.ymd;
+        let [h, m, sec] = self.hms.map(i64::from);
+        let frac = i64::from(ascii_number(self.frac)) * 10i64.pow(6 - self.frac.len() as u32);
+        days_from_civil(year, month, day) * MICROS_PER_DAY
+            + h * MICROS_PER_HOUR
+            + m * MICROS_PER_MINUTE
+            + sec * MICROS_PER_SECOND
             + frac
     }
 }
@@ -2265,10 +2275,7 @@ mod tests {
             assert!(plain_ymd(date.as_bytes()).is_some(), "{date}");
             let iso = timestamptz_to_iso(&pg).unwrap();
             assert!(Utc::of(pg.as_bytes(), b' ', b"+00").is_some(), "{pg}");
-            assert_eq!(
-                &*iso,
-                &*timestamptz_to_iso_general(&pg, StackText::new()).unwrap()
-            );
+            assert_eq!(&*iso, &*timestamptz_to_iso_general(&pg).unwrap());
             assert!(Utc::of(iso.as_bytes(), b'T', b"Z").is_some(), "{iso}");
             assert_eq!(iso_to_timestamptz(&iso).unwrap(), pg);
             assert_eq!(iso_to_timestamptz_general(&iso).unwrap(), pg);
@@ -2283,8 +2290,7 @@ mod tests {
                     continue;
                 };
                 let fast = timestamptz_to_iso(&s).map(|t| t.to_string());
-                let general =
-                    timestamptz_to_iso_general(&s, StackText::new()).map(|t| t.to_string());
+                let general = timestamptz_to_iso_general(&s).map(|t| t.to_string());
                 assert_eq!(fast, general, "{s:?}");
                 assert_eq!(
                     iso_to_timestamptz(&s),
@@ -2323,7 +2329,7 @@ mod tests {
             "2024-01-01 10:00:00.+00",
             "2024-01-01 10:00:00.5+00",
         ] {
-            let general = timestamptz_to_iso_general(s, StackText::new()).map(|t| t.to_string());
+            let general = timestamptz_to_iso_general(s).map(|t| t.to_string());
             assert_eq!(timestamptz_to_iso(s).map(|t| t.to_string()), general, "{s}");
             assert_eq!(parse_timestamptz(s), parse_timestamptz_general(s), "{s}");
             for date in [
