@@ -16,10 +16,11 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::Transaction;
+use tokio_postgres::{Statement, Transaction};
 
 use super::copy_binary::{self, Wire};
 use super::decode::{Row, SinkEvent, SinkValue};
+use super::statements::Statements;
 use super::target::{Mapping, TargetTable};
 use crate::event::{quote_ident, Op, TableName};
 
@@ -366,6 +367,7 @@ const PIECE: usize = 128 << 10;
 /// COPY `rows` into `table` (`columns`: its column list) in text format.
 async fn copy_rows(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     table: &str,
     columns: &str,
     width: usize,
@@ -384,15 +386,10 @@ async fn copy_rows(
         buf.extend_from_slice(b"\n");
         Ok::<_, tokio_postgres::Error>(())
     };
-    copy_in_pieces(
-        tx,
-        &format!("copy {table} ({columns}) from stdin"),
-        rows,
-        |_| {},
-        text_row,
-        |_| {},
-    )
-    .await
+    let statement = statements
+        .get(tx, &format!("copy {table} ({columns}) from stdin"))
+        .await?;
+    copy_in_pieces(tx, &statement, rows, |_| {}, text_row, |_| {}).await
 }
 
 /// Run the COPY `statement` with `rows` written by `row` between `start` and `end`,
@@ -400,7 +397,7 @@ async fn copy_rows(
 /// unfinished COPY, which sends CopyFail: nothing of it stays.
 async fn copy_in_pieces<'a, E: From<tokio_postgres::Error>>(
     tx: &Transaction<'_>,
-    statement: &str,
+    statement: &Statement,
     rows: &[Vec<Cell<'a>>],
     start: impl FnOnce(&mut bytes::BytesMut),
     mut row: impl FnMut(&mut bytes::BytesMut, &[Cell<'a>]) -> Result<(), E>,
@@ -468,6 +465,7 @@ fn copy_escape(buf: &mut bytes::BytesMut, text: &str) {
 /// every batch cost the target as much as a third of the COPY itself.
 pub async fn copy_inserts(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     run: &Run<'_>,
     binary: bool,
 ) -> Result<u64, CopyError> {
@@ -476,13 +474,13 @@ pub async fn copy_inserts(
     };
     let table = run.table().quoted();
     let wires = if binary {
-        live_wires(tx, &table, columns).await?
+        live_wires(tx, statements, &table, columns).await?
     } else {
         None
     };
     let format = match wires {
         Some(wires) => {
-            copy_binary_rows(tx, &table, columns, &wires, rows)
+            copy_binary_rows(tx, statements, &table, columns, &wires, rows)
                 .await
                 .map_err(|e| match e {
                     CopyError::Postgres(e) if binary_may_be_at_fault(&e) => CopyError::Refused(e),
@@ -492,7 +490,15 @@ pub async fn copy_inserts(
         }
         None => {
             let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-            copy_rows(tx, &table, &list.join(", "), columns.len(), rows).await?;
+            copy_rows(
+                tx,
+                statements,
+                &table,
+                &list.join(", "),
+                columns.len(),
+                rows,
+            )
+            .await?;
             "text"
         }
     };
@@ -543,19 +549,23 @@ impl From<tokio_postgres::Error> for CopyError {
 /// through `double`, which a binary `float4` would not.
 async fn live_wires(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     table: &str,
     columns: &[String],
 ) -> Result<Option<Vec<Wire>>, tokio_postgres::Error> {
-    tx.batch_execute(&format!("lock table {table} in row exclusive mode"))
-        .await?;
-    let rows = tx
-        .query(
+    let types = statements
+        .get(
+            tx,
             "select a.attname::text, a.atttypid, current_setting('server_version_num')::int \
              from pg_attribute a \
              where a.attrelid = $1::text::regclass and a.attnum > 0 and not a.attisdropped",
-            &[&table],
         )
         .await?;
+    // One round trip: the server runs them in the order sent, the lock first.
+    let lock = format!("lock table {table} in row exclusive mode");
+    let ((), rows) =
+        futures_util::future::try_join(tx.batch_execute(&lock), tx.query(&types, &[&table]))
+            .await?;
     if rows.first().is_none_or(|r| r.get::<_, i32>(2) < 120_000) {
         return Ok(None);
     }
@@ -569,18 +579,25 @@ async fn live_wires(
 /// [`copy_rows`] in binary format, `wires` giving each column's encoding.
 async fn copy_binary_rows(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     table: &str,
     columns: &[String],
     wires: &[Wire],
     rows: &[Vec<Cell<'_>>],
 ) -> Result<(), CopyError> {
     let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let statement = statements
+        .get(
+            tx,
+            &format!(
+                "copy {table} ({}) from stdin (format binary)",
+                list.join(", ")
+            ),
+        )
+        .await?;
     copy_in_pieces(
         tx,
-        &format!(
-            "copy {table} ({}) from stdin (format binary)",
-            list.join(", ")
-        ),
+        &statement,
         rows,
         copy_binary::header,
         |buf, row| {
@@ -622,6 +639,7 @@ impl From<tokio_postgres::Error> for ApplyError {
 /// tables this transaction has filled so far (start each transaction with an empty set).
 pub async fn execute(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     run: &Run<'_>,
     target: &TargetTable,
     staged: &mut std::collections::HashSet<usize>,
@@ -719,7 +737,7 @@ pub async fn execute(
                 .map(|i| format!("c{i}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            copy_rows(tx, &stage, &stage_columns, columns.len(), rows).await?;
+            copy_rows(tx, statements, &stage, &stage_columns, columns.len(), rows).await?;
             let non_key: Vec<&String> =
                 columns.iter().filter(|c| !target.key.contains(c)).collect();
             let casts: Vec<String> = columns
@@ -753,7 +771,11 @@ pub async fn execute(
                 casts.join(", "),
             );
             tracing::debug!(%sql, rows = rows.len(), "upsert");
-            Ok(tx.execute(&sql, &[]).await?)
+            // Prepared once: it has no parameters, so its plan (a scan of the staging
+            // table) is the one a fresh statement would get. The deletes and updates
+            // above are not: their plans depend on how many keys they are given.
+            let upsert = statements.get(tx, &sql).await?;
+            Ok(tx.execute(&upsert, &[]).await?)
         }
     }
 }

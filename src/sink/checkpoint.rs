@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, Statement, Transaction};
 
 use crate::error::Error;
 use crate::lsn::Lsn;
@@ -96,8 +96,18 @@ pub async fn load(
         .collect())
 }
 
+/// The statement [`save`] runs, for [`super::statements::Statements`].
+pub const SAVE: &str =
+    "insert into pgferry.checkpoints (consumer, topic, partition, next_offset, commit_lsn, ordinal, updated_at)
+     values ($1, $2, $3, $4, $5::text::pg_lsn, $6, now())
+     on conflict (consumer, topic, partition) do update
+     set next_offset = excluded.next_offset, commit_lsn = excluded.commit_lsn,
+         ordinal = excluded.ordinal, updated_at = now()";
+
+/// Store `cp` with `save`, the prepared [`SAVE`].
 pub async fn save(
     tx: &Transaction<'_>,
+    save: &Statement,
     consumer: &str,
     topic: &str,
     partition: i32,
@@ -105,12 +115,15 @@ pub async fn save(
 ) -> Result<(), tokio_postgres::Error> {
     let lsn = cp.position.0.to_string();
     tx.execute(
-        "insert into pgferry.checkpoints (consumer, topic, partition, next_offset, commit_lsn, ordinal, updated_at)
-         values ($1, $2, $3, $4, $5::text::pg_lsn, $6, now())
-         on conflict (consumer, topic, partition) do update
-         set next_offset = excluded.next_offset, commit_lsn = excluded.commit_lsn,
-             ordinal = excluded.ordinal, updated_at = now()",
-        &[&consumer, &topic, &partition, &cp.next_offset, &lsn, &(cp.position.1 as i32)],
+        save,
+        &[
+            &consumer,
+            &topic,
+            &partition,
+            &cp.next_offset,
+            &lsn,
+            &(cp.position.1 as i32),
+        ],
     )
     .await
     .map(|_| ())

@@ -33,6 +33,7 @@ use crate::lsn::Lsn;
 use crate::timestamp::PgTimestamp;
 
 use super::decode::SinkEvent;
+use super::statements::Statements;
 
 pub const DDL: &str = "begin; select pg_advisory_xact_lock(7012202611);
 create schema if not exists pgferry;
@@ -194,41 +195,43 @@ impl Entry {
 /// Append `entry` to `consumer`'s chain inside the batch's transaction.
 pub async fn write(
     tx: &Transaction<'_>,
+    statements: &mut Statements,
     consumer: &str,
     entry: &Entry,
 ) -> Result<(), tokio_postgres::Error> {
+    static INSERT: OnceLock<String> = OnceLock::new();
+    let insert = INSERT.get_or_init(|| {
+        format!(
+            "with prev as (
+               select seq, hash from pgferry.ledger where consumer = $1 order by seq desc limit 1
+             ), rec as (
+               select $1::text as consumer, coalesce((select seq from prev), 0) + 1 as seq,
+                      $2::text as run_id, $3::text::jsonb as txs, $4::text::jsonb as counts,
+                      $5::bigint as skipped, txid_current() as target_xid,
+                      clock_timestamp() as applied_at,
+                      coalesce((select hash from prev), '{GENESIS}') as prev_hash
+             )
+             insert into pgferry.ledger
+               (consumer, seq, run_id, txs, counts, skipped, target_xid, applied_at, prev_hash, hash)
+             select consumer, seq, run_id, txs, counts, skipped, target_xid, applied_at, prev_hash, {}
+             from rec",
+            hash_expr()
+        )
+    });
     // Held to commit: the next row of this chain waits for this one.
-    tx.execute(
-        "select pg_advisory_xact_lock(hashtextextended('pgferry.ledger/' || $1, 0))",
-        &[&consumer],
-    )
-    .await?;
+    let lock = statements
+        .get(
+            tx,
+            "select pg_advisory_xact_lock(hashtextextended('pgferry.ledger/' || $1, 0))",
+        )
+        .await?;
+    let insert = statements.get(tx, insert).await?;
     let skipped = entry.skipped as i64;
-    let sql = format!(
-        "with prev as (
-           select seq, hash from pgferry.ledger where consumer = $1 order by seq desc limit 1
-         ), rec as (
-           select $1::text as consumer, coalesce((select seq from prev), 0) + 1 as seq,
-                  $2::text as run_id, $3::text::jsonb as txs, $4::text::jsonb as counts,
-                  $5::bigint as skipped, txid_current() as target_xid,
-                  clock_timestamp() as applied_at,
-                  coalesce((select hash from prev), '{GENESIS}') as prev_hash
-         )
-         insert into pgferry.ledger
-           (consumer, seq, run_id, txs, counts, skipped, target_xid, applied_at, prev_hash, hash)
-         select consumer, seq, run_id, txs, counts, skipped, target_xid, applied_at, prev_hash, {}
-         from rec",
-        hash_expr()
-    );
-    tx.execute(
-        &sql,
-        &[
-            &consumer,
-            &run_id(),
-            &entry.txs_json(),
-            &entry.counts_json(),
-            &skipped,
-        ],
+    let (txs, counts) = (entry.txs_json(), entry.counts_json());
+    // One round trip: the server takes the lock before it reads the chain's last row.
+    futures_util::future::try_join(
+        tx.execute(&lock, &[&consumer]),
+        tx.execute(&insert, &[&consumer, &run_id(), &txs, &counts, &skipped]),
     )
     .await
     .map(|_| ())

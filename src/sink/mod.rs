@@ -31,6 +31,7 @@ mod copy_binary;
 pub mod decode;
 pub mod latency;
 pub mod ledger;
+mod statements;
 pub mod target;
 
 use std::collections::{HashMap, HashSet};
@@ -271,6 +272,8 @@ struct Applier {
     worker: usize,
     config: Arc<Config>,
     client: Option<Client>,
+    /// Prepared on `client`: cleared whenever it is replaced.
+    statements: statements::Statements,
     checkpoints: checkpoint::Applied,
     tables: HashMap<TableName, (Mapping, TargetTable)>,
     /// Target tables whose copied reads or inserts met keys already there: upserted,
@@ -347,6 +350,7 @@ impl SinkStage {
                 // The others connect at their first batch: one connection told
                 // that the target is reachable.
                 client: client.take(),
+                statements: statements::Statements::default(),
                 checkpoints: applied.clone(),
                 tables: HashMap::new(),
                 upsert_inserts: HashSet::new(),
@@ -1331,6 +1335,7 @@ impl Applier {
             let client = crate::pg::connect(&url, "sink target")
                 .await
                 .map_err(Failure::of)?;
+            self.statements.clear();
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("just connected"))
@@ -1475,7 +1480,14 @@ impl Applier {
         self.target().await?;
         let tables = &self.tables;
         let client = self.client.as_mut().expect("connected");
+        let statements = &mut self.statements;
+        statements.begin();
+        let statement_lost = statements.lost();
         let classify = |e: tokio_postgres::Error| match e.code().map(|c| sqlstate_kind(c.code())) {
+            // Not the batch's fault: a pooling proxy lost a prepared statement.
+            _ if statement_lost(&e) => {
+                Failure::Transient(Error::postgres("applying a batch to the target", e))
+            }
             None | Some(ErrorKind::Transient) => {
                 Failure::Transient(Error::postgres("applying a batch to the target", e))
             }
@@ -1551,7 +1563,7 @@ impl Applier {
                 .expect("planned runs only name prepared tables");
             if run.is_keyed_inserts(target) && !self.upsert_inserts.contains(run.table()) {
                 let binary = !self.text_copies.contains(run.table());
-                match apply::copy_inserts(&tx, run, binary).await {
+                match apply::copy_inserts(&tx, statements, run, binary).await {
                     Ok(_) => continue,
                     // Dropping `tx` rolls the whole batch back.
                     Err(apply::CopyError::Postgres(e)) if apply::is_key_conflict(&e) => {
@@ -1572,24 +1584,33 @@ impl Applier {
                     Err(apply::CopyError::Postgres(e)) => return Err(classify(e)),
                 }
             }
-            apply::execute(&tx, run, target, &mut staged)
+            apply::execute(&tx, statements, run, target, &mut staged)
                 .await
                 .map_err(classify_apply)?;
         }
-        for ((topic, partition), cp) in &next {
-            checkpoint::save(&tx, &consumer_name, topic, *partition, cp)
-                .await
-                .map_err(classify)?;
-        }
         let rows_us = rows_started.elapsed().as_micros() as u64;
-        let ledger_started = Instant::now();
-        if write_ledger {
-            // Last: its per-consumer lock is held only from here to the commit.
-            ledger::write(&tx, &consumer_name, &entry)
-                .await
-                .map_err(classify)?;
-        }
-        let ledger_us = ledger_started.elapsed().as_micros() as u64;
+        let checkpoints_started = Instant::now();
+        let save = statements
+            .get(&tx, checkpoint::SAVE)
+            .await
+            .map_err(classify)?;
+        // The checkpoints and the ledger row in one round trip, sent in this order.
+        let saves =
+            futures_util::future::try_join_all(next.iter().map(|((topic, partition), cp)| {
+                checkpoint::save(&tx, &save, &consumer_name, topic, *partition, cp)
+            }));
+        let ledger = async {
+            if write_ledger {
+                // Last: its per-consumer lock is held only from here to the commit.
+                ledger::write(&tx, statements, &consumer_name, &entry).await
+            } else {
+                Ok(())
+            }
+        };
+        futures_util::future::try_join(saves, ledger)
+            .await
+            .map_err(classify)?;
+        let checkpoints_us = checkpoints_started.elapsed().as_micros() as u64;
         let commit_started = Instant::now();
         tx.commit().await.map_err(classify)?;
         tracing::debug!(
@@ -1597,7 +1618,7 @@ impl Applier {
             runs = runs.len(),
             plan_us,
             rows_us,
-            ledger_us,
+            checkpoints_us,
             commit_us = commit_started.elapsed().as_micros() as u64,
             "batch committed"
         );
