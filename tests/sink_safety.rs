@@ -17,7 +17,10 @@
 //!   skipped, never dead-lettered), and after half a minute an error names it;
 //! - a checkpoint beyond the end of a re-created topic stops the sink;
 //! - topics that appear, and partitions added, after the sink started are consumed, and
-//!   the sink is not ready while a configured table's topic does not exist.
+//!   the sink is not ready while a configured table's topic does not exist;
+//! - prepared statements that vanish from the target session (as behind a pooling
+//!   proxy) make the sink retry and prepare per batch, with nothing lost or
+//!   dead-lettered.
 
 mod common;
 mod kafka_support;
@@ -1232,4 +1235,78 @@ fn a_partition_added_to_a_topic_later_is_consumed() {
     );
     let rows = "select string_agg(id || ':' || v, ',' order by id) from a";
     assert_eq!(tgt.value(rows), src.value(rows));
+}
+
+// ---- 8. Prepared statements lost from the target session ---------------------------------
+
+/// The sink prepares its statements once per connection. A proxy that pools the
+/// target's sessions by transaction (PgBouncer in transaction mode) can hand the next
+/// batch a server session that never saw them, and the target answers `26000`. That is
+/// not the batch's fault: it must be retried (never judged poison, never dead-lettered),
+/// and the applier must prepare per transaction from then on. Simulated here on the real
+/// target by a trigger that runs `DEALLOCATE ALL` in the sink's own session, once.
+#[test]
+fn prepared_statements_lost_from_the_target_session_are_prepared_again_and_nothing_is_lost() {
+    let src = TestDb::new("dealloc");
+    let tgt = TestDb::on(&target_url(), "dealloc_t");
+    src.sql("create table d (id int primary key, v text, n int not null default 0)");
+    tgt.sql(
+        "create table d (id int primary key, v text, n int not null default 0);
+         create table fired (done bool not null);
+         insert into fired values (false);
+         create function forget_statements() returns trigger language plpgsql as $$
+         begin
+           update fired set done = true where not done;
+           if found then execute 'deallocate all'; end if;
+           return null;
+         end $$;",
+    );
+    let (cfg, prefix) = pipeline_config(
+        &src,
+        &tgt.url,
+        "s_dealloc",
+        "",
+        "on_error = \"dlq\"\nbatch_max_events = 50",
+        "[[tables]]\nsource = \"public.d\"\n",
+    );
+    let mut p = spawn(&cfg, None);
+    streaming(&src, "s_dealloc", &mut p);
+    // Batches that cache every statement first: copies, upserts, updates, deletes.
+    let workload = |from: i32| {
+        src.sql(&format!(
+            "insert into d (id, v) select g, 'row ' || g from generate_series({from}, {from} + 199) g;
+             update d set n = n + 1, v = v || '!' where id % 3 = 0;
+             delete from d where id % 10 = 7;
+             insert into d (id, v) values ({from} + 100000, 'late') on conflict (id) do update set n = d.n + 1;"
+        ))
+    };
+    workload(1);
+    let rows = "select count(*) || ':' || sum(id) || ':' || sum(n) || ':' || md5(string_agg(v, ',' order by id)) from d";
+    wait_value(&tgt, rows, &src.value(rows).unwrap(), &mut p);
+    // From the next row the sink writes, its session has no prepared statement left.
+    tgt.sql(
+        "create trigger forget after insert or update on d
+         for each statement execute function forget_statements()",
+    );
+    for round in 0..5 {
+        workload(2000 + round * 300);
+    }
+    wait_value(&tgt, rows, &src.value(rows).unwrap(), &mut p);
+    assert_eq!(tgt.value("select done from fired").as_deref(), Some("t"));
+    let stderr = p.stderr_text();
+    assert_eq!(
+        stderr
+            .matches("statements are prepared per batch from now on")
+            .count(),
+        1,
+        "the loss is reported once:\n{stderr}"
+    );
+    assert_eq!(
+        messages_in(&format!("{prefix}.public.d.dlq")),
+        0,
+        "nothing was dead-lettered:\n{stderr}"
+    );
+    let (code, out, err) = run(&["verify", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(p.terminate().success(), "{}", p.stderr_text());
 }
