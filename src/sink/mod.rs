@@ -1523,13 +1523,17 @@ impl Applier {
             // sinks that share a topic wait on (and re-plan against) each other.
             let topics: Vec<String> = next.iter().map(|((t, _), _)| t.to_string()).collect();
             let partitions: Vec<i32> = next.iter().map(|((_, p), _)| *p).collect();
-            let rows = tx
-                .query(
+            let lock = statements
+                .get(
+                    &tx,
                     "select topic, partition, next_offset, commit_lsn::text, ordinal from pgferry.checkpoints \
                      where consumer = $1 and (topic, partition) in (select * from unnest($2::text[], $3::int[])) \
                      for update",
-                    &[&consumer_name, &topics, &partitions],
                 )
+                .await
+                .map_err(classify)?;
+            let rows = tx
+                .query(&lock, &[&consumer_name, &topics, &partitions])
                 .await
                 .map_err(classify)?;
             let mut stale = false;
