@@ -907,13 +907,16 @@ kafka_launch() { # node_dir max_heap
     local dir=$1 heap=$2 pid
     ensure_java
     : >"$dir/lifecycle.log"
+    # Its own temp dir, emptied here: each start unpacks lz4-java's native library
+    # there, and a killed JVM never removes it (hundreds piled up in /tmp).
+    rm -rf "$dir/tmp" && mkdir -p "$dir/tmp"
     printf '=== %s services.sh: starting Kafka %s\n' "$(date -Is)" "$KAFKA_VERSION" >>"$dir/kafka.out"
     (
         cd "$dir"
         exec env -u JAVA_TOOL_OPTIONS -u _JAVA_OPTIONS -u JDK_JAVA_OPTIONS -u CLASSPATH \
             setsid nohup "$JAVA" -Xms256m "-Xmx$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
             -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
-            -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+            -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true "-Djava.io.tmpdir=$dir/tmp" \
             -Dlog4j2.configurationFile="$dir/log4j2.properties" -Dkafka.logs.dir="$dir" \
             -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties"
     ) </dev/null >>"$dir/kafka.out" 2>&1 9>&- &
