@@ -118,10 +118,13 @@ fn unreachable_server_fails_with_a_hint() {
 }
 
 /// Roles are global to the server and tests run in parallel: every test gives a role
-/// the same password, so no test changes it under another.
+/// the same password, so no test changes it under another. One at a time (the lock
+/// lasts the statements' one transaction): two sessions altering one role at once
+/// fail with "tuple concurrently updated".
 fn ensure_role(db: &TestDb, role: &str, encryption: &str, password: &str) {
     db.sql(&format!(
-        "do $$ begin create role {role} login replication; exception when duplicate_object then null; end $$;
+        "select pg_advisory_xact_lock(hashtext('pgferry tests: roles'));
+         do $$ begin create role {role} login replication; exception when duplicate_object then null; end $$;
          set password_encryption = '{encryption}';
          alter role {role} password '{password}';"
     ));
