@@ -18,6 +18,7 @@
 //! cargo bench --bench latency                  # RATE=5000 SECS=60 TXN_ROWS=10
 //! RATE=2000 SECS=20 cargo bench --bench latency
 //! SINK_EXTRA='workers = 1' cargo bench --bench latency   # keys added to [sink]
+//! CONFIG_EXTRA=$'[kafka.properties]\n"linger.ms" = "1"' cargo bench --bench latency   # sections at the end
 //! ```
 //!
 //! Results: a readable table on stdout, and one JSON line per side appended to
@@ -236,12 +237,14 @@ fn pgferry(src: &TestDb, load: &Load) -> Result {
         "ferry",
         &format!(
             "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"lat{}\"\n[sink]\nurl = \"{}\"\nconsumer = \"lat\"\n{}\n\
-             [[tables]]\nsource = \"public.patients\"\n",
+             [[tables]]\nsource = \"public.patients\"\n{}\n",
             service_env("PGFERRY_BROKERS"),
             src.name,
             target.url,
             // Keys added to [sink], to try settings.
-            std::env::var("SINK_EXTRA").unwrap_or_default()
+            std::env::var("SINK_EXTRA").unwrap_or_default(),
+            // Sections added at the end, e.g. `[kafka.properties]` with librdkafka keys.
+            std::env::var("CONFIG_EXTRA").unwrap_or_default()
         ),
     );
     let text = std::fs::read_to_string(&cfg)
