@@ -1269,7 +1269,8 @@ fn prepared_statements_lost_from_the_target_session_are_prepared_again_and_nothi
         "on_error = \"dlq\"\nbatch_max_events = 50",
         "[[tables]]\nsource = \"public.d\"\n",
     );
-    let mut p = spawn(&cfg, None);
+    let port = free_port();
+    let mut p = spawn(&with_listen(&cfg, port), None);
     streaming(&src, "s_dealloc", &mut p);
     // Batches that cache every statement first: copies, upserts, updates, deletes.
     let workload = |from: i32| {
@@ -1305,6 +1306,16 @@ fn prepared_statements_lost_from_the_target_session_are_prepared_again_and_nothi
         messages_in(&format!("{prefix}.public.d.dlq")),
         0,
         "nothing was dead-lettered:\n{stderr}"
+    );
+    // Counted as the retry it is, not as a fatal error.
+    let (_, metrics) = http_get(port, "/metrics");
+    assert!(
+        metrics.contains("pgferry_errors_total{kind=\"transient\",stage=\"sink\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("pgferry_errors_total{kind=\"fatal\",stage=\"sink\"}"),
+        "{metrics}"
     );
     let (code, out, err) = run(&["verify", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");

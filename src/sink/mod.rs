@@ -1483,11 +1483,13 @@ impl Applier {
         let statements = &mut self.statements;
         statements.begin();
         let statement_lost = statements.lost();
-        let classify = |e: tokio_postgres::Error| match e.code().map(|c| sqlstate_kind(c.code())) {
-            // Not the batch's fault: a pooling proxy lost a prepared statement.
-            _ if statement_lost(&e) => {
-                Failure::Transient(Error::postgres("applying a batch to the target", e))
-            }
+        let classify = |e: tokio_postgres::Error| {
+            match e.code().map(|c| sqlstate_kind(c.code())) {
+            // Not the batch's fault: a pooling proxy lost a prepared statement. Counted
+            // as transient (SQLSTATE class 26 alone would say fatal).
+            _ if statement_lost(&e) => Failure::Transient(Error::transient(
+                "applying a batch to the target: a statement prepared on this connection is gone (SQLSTATE 26000)",
+            )),
             None | Some(ErrorKind::Transient) => {
                 Failure::Transient(Error::postgres("applying a batch to the target", e))
             }
@@ -1498,6 +1500,7 @@ impl Applier {
                 tracing::debug!(error = %e, "the target refused a batch (full text; may carry values)");
                 Failure::Rejected(0, crate::error::postgres_summary(&e))
             }
+        }
         };
         let classify_apply = |e: apply::ApplyError| {
             match e {
