@@ -1597,6 +1597,8 @@ impl Applier {
         }
         let rows_us = rows_started.elapsed().as_micros() as u64;
         let checkpoints_started = Instant::now();
+        // Prepared here, not in `checkpoint::save`: `ledger::write` holds the
+        // statements while the saves are in flight beside it.
         let save = statements
             .get(&tx, checkpoint::SAVE)
             .await
